@@ -1,0 +1,96 @@
+"""``margin_cross_entropy``: argument checks, backend choice, per-row inputs, reduction."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import BACKENDS, default_chunk_size, resolve
+from .head_function import head_statistics
+from .margins import ArcFace, MarginSpec
+from .reference import reference_row_losses
+from .rows import normalize, prepare_rows, target_cosine
+from .validation import check_head_inputs
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: MarginSpec = ArcFace(),
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -1,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Margin-softmax cross-entropy of ``embeddings`` against class centres ``weight``.
+
+    embeddings: (B, D) features, not normalized (float32, bfloat16 or float16).
+    weight: (C, D) class centres, not normalized, same dtype family.
+    labels: (B,) int64 in [0, C), or ``ignore_index`` for rows that do not count.
+    margin: a spec from :mod:`margin_ext.margins`.
+    reduction: "mean" over the rows that count, "sum", or "none" (a (B,) tensor,
+    0 for ignored rows).
+    backend: "auto", "cuda", "cpp", "triton", "torch" or "reference" (materializes
+    the full logits; for tests and reading).
+    chunk_size: classes per chunk of the chunked backends; None picks one from the
+    shapes and the free memory.
+    generator: draws the random margins of ElasticFace (on the CPU, in row order).
+    check_finite: raise if the embeddings hold NaN or inf (costs a device sync).
+
+    Returns a float32 loss; differentiable w.r.t. ``embeddings`` and ``weight``.
+    """
+    check_head_inputs(embeddings, weight, labels, margin, ignore_index=ignore_index,
+                      check_finite=check_finite)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is invalid: expected one of {REDUCTIONS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected an integer >= 1 or None")
+
+    valid = labels != ignore_index
+    rows = valid.nonzero().squeeze(1)
+    all_valid = rows.numel() == labels.numel()
+    x = embeddings if all_valid else embeddings[rows]
+    y = labels if all_valid else labels[rows]
+
+    if rows.numel() == 0:
+        # every row ignored: a zero loss that still reaches both inputs (zero gradients)
+        zero = (embeddings[:0].sum() + weight[:0].sum()).float()
+        return zero.expand(labels.shape[0]) if reduction == "none" else zero
+    if backend == "reference":
+        target_cos = target_cosine(normalize(x), weight[y]) if margin.needs_target_cos else None
+        row_margin = margin.row_margins(y.numel(), target_cos, generator)
+        row_losses = reference_row_losses(x, weight, y, margin, row_margin.to(x.device))
+    else:
+        kernels = resolve(backend, embeddings.device)
+        chunk = chunk_size or default_chunk_size(y.numel(), weight.shape[0], weight.device)
+        row_losses = _fused_row_losses(x, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator)
+
+    if reduction == "sum":
+        return row_losses.sum()
+    if reduction == "mean":
+        return row_losses.sum() / rows.numel()
+    if all_valid:
+        return row_losses
+    return row_losses.new_zeros(labels.shape[0]).index_put((rows,), row_losses)
+
+
+def _fused_row_losses(x, weight, y, margin, kernels, chunk_size, generator):
+    x_hat = normalize(x)
+    target_cos = target_centre = None
+    if margin.needs_target_cos:
+        target_centre = normalize(weight[y])
+        target_cos = (x_hat * target_centre).sum(dim=1)
+    row_inputs = prepare_rows(margin, x, y, target_cos, target_centre, generator)
+    lse, target_logit = head_statistics(x_hat, weight, row_inputs, margin.kernel_params(), kernels, chunk_size)
+    losses = lse - target_logit
+    extra = margin.extra_loss(target_cos) if target_cos is not None else None
+    return losses if extra is None else losses + extra

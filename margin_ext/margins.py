@@ -1,0 +1,492 @@
+"""Margin specs: one small frozen dataclass per loss.
+
+A spec says how the logit of the target class (and, for InterFace, of the other
+classes) is bent away from the plain scaled cosine. Each spec carries
+
+* its parameters, validated at construction;
+* ``target(cos_y, row_margin)``: the target logit divided by the scale, written as
+  readable torch so that the reference head differentiates it with autograd;
+* ``kernel_params()``: the same formula as a few numbers (:class:`MarginParams`)
+  that every fast backend reads (torch chunked, C++/CUDA, Triton);
+* ``row_margins(...)``: the per-row margin fed to the kernels (a constant, or the
+  random draw of ElasticFace).
+
+Notation: c = cos(theta) between the normalized feature and a class centre, y the
+target class, s the scale. Angles come from :func:`margin_ext.angles.clamped_acos`,
+whose derivative is clamped at cos = +-1 (see ``SIN_EPS`` there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .angles import clamped_acos
+
+
+class TargetKind(enum.IntEnum):
+    """How the kernels transform the target cosine (r is the per-row margin)."""
+
+    SUBTRACT = 0  # c - r
+    ANGULAR = 1  # cos(m1 * theta + r) - m3, with an optional fallback
+    SPHERE = 2  # (psi(theta) + lambda * c) / (1 + lambda), psi of A-Softmax with m = r
+
+
+class Fallback(enum.IntEnum):
+    """What ANGULAR does where theta + r would pass pi."""
+
+    NONE = 0  # cos(theta + r) as written
+    CLASSIC = 1  # c - r * sin(r) when c <= cos(pi - r) (InsightFace, pytorch-metric-learning)
+    EASY = 2  # c when c <= 0
+
+
+class NonTargetKind(enum.IntEnum):
+    COSINE = 0  # c
+    INTERFACE = 1  # cos(theta - mhat), mhat from the angle between target and class centres
+
+
+@dataclass(frozen=True)
+class MarginParams:
+    """The margin as the kernels see it. The per-row margin r travels separately."""
+
+    target: TargetKind
+    fallback: Fallback = Fallback.NONE
+    straight_through: bool = False  # d phi / d c taken as 1
+    m1: float = 1.0
+    m3: float = 0.0
+    sphere_lambda: float = 0.0
+    nontarget: NonTargetKind = NonTargetKind.COSINE
+    inter_mu: float = 0.0
+    inter_alpha: float = 0.0
+    inter_dynamic: bool = True
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def _check_scale(s) -> None:
+    _check("s", s, isinstance(s, (int, float)) and math.isfinite(s) and s > 0, "a finite number > 0")
+
+
+def _check_finite(name: str, value, low: float = -math.inf, high: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
+    _check(name, value, ok, f"a finite number in [{low}, {high}]")
+
+
+class MarginSpec:
+    """Behaviour shared by every spec; subclasses are frozen dataclasses."""
+
+    #: whether the loss needs cos(theta_y) outside the kernels (to order or draw margins,
+    #: for InterFace's detached theta_y, or for an extra per-row term)
+    needs_target_cos: bool = False
+    #: whether ``row_margins`` draws random numbers
+    is_random: bool = False
+
+    def kernel_params(self) -> MarginParams:
+        raise NotImplementedError
+
+    def margin_value(self) -> float:
+        """The per-row margin r handed to the kernels for a deterministic spec."""
+        raise NotImplementedError
+
+    def row_margins(self, num_rows: int, target_cos: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-row margins (float32, CPU) for ``num_rows`` non-ignored rows, in row order."""
+        return torch.full((num_rows,), float(self.margin_value()), dtype=torch.float32)
+
+    def row_scale(self, embeddings: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-row scale as a differentiable tensor, or None when it is the constant ``s``."""
+        return None
+
+    def target(self, cos_y: torch.Tensor, row_margin: torch.Tensor) -> torch.Tensor:
+        """Target logit / s, differentiable (used by the reference)."""
+        raise NotImplementedError
+
+    def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor,
+                  class_cos: Optional[torch.Tensor]) -> torch.Tensor:
+        """Non-target logits / s for a (rows x classes) block. Plain cosine by default.
+
+        ``target_cos`` is cos(theta_y) per row; ``class_cos`` the cosine between each
+        row's target centre and each class centre (only InterFace reads them).
+        """
+        return cos
+
+    def extra_loss(self, target_cos: torch.Tensor) -> Optional[torch.Tensor]:
+        """A per-row term added to the cross-entropy, or None."""
+        return None
+
+
+def _angular(cos_y, m1, m2, m3):
+    return torch.cos(m1 * clamped_acos(cos_y) + m2) - m3
+
+
+@dataclass(frozen=True)
+class ArcFace(MarginSpec):
+    """Additive angular margin (ArcFace, Deng et al., CVPR 2019, arXiv 1801.07698).
+
+    target / s = cos(theta_y + m)       if c_y > cos(pi - m)
+               = c_y - m * sin(m)       otherwise (theta_y + m would pass pi, where
+                                         cos stops decreasing; InsightFace's
+                                         ``th``/``mm`` rule, also pytorch-metric-learning)
+    With ``easy_margin``: cos(theta_y + m) if c_y > 0, else c_y.
+    With ``straight_through``: the same forward, but d target / d c_y = 1, as today's
+    insightface ``arcface_torch`` (CombinedMarginLoss computes the angle under
+    ``no_grad``), so its training runs can be reproduced exactly.
+    Defaults s = 64, m = 0.5 (the paper and insightface).
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+    easy_margin: bool = False
+    straight_through: bool = False
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+
+    def margin_value(self):
+        return self.m
+
+    def kernel_params(self):
+        fallback = Fallback.EASY if self.easy_margin else Fallback.CLASSIC
+        return MarginParams(TargetKind.ANGULAR, fallback=fallback, straight_through=self.straight_through)
+
+    def target(self, cos_y, row_margin):
+        m = row_margin
+        arc = torch.cos(clamped_acos(cos_y) + m)
+        if self.easy_margin:
+            value = torch.where(cos_y > 0, arc, cos_y)
+        else:
+            value = torch.where(cos_y > torch.cos(math.pi - m), arc, cos_y - m * torch.sin(m))
+        if self.straight_through:
+            # forward value of the margin, gradient of the identity
+            value = cos_y + (value - cos_y).detach()
+        return value
+
+
+@dataclass(frozen=True)
+class CosFace(MarginSpec):
+    """Additive cosine margin (CosFace, Wang et al., CVPR 2018, arXiv 1801.09414).
+
+    target / s = c_y - m. Defaults s = 64, m = 0.4 (insightface uses 0.4 for cosface
+    in ``arcface_torch``; the paper's best is 0.35).
+    """
+
+    s: float = 64.0
+    m: float = 0.4
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, 2.0)
+
+    def margin_value(self):
+        return self.m
+
+    def kernel_params(self):
+        return MarginParams(TargetKind.SUBTRACT)
+
+    def target(self, cos_y, row_margin):
+        return cos_y - row_margin
+
+
+@dataclass(frozen=True)
+class CombinedMargin(MarginSpec):
+    """InsightFace's combined margin (MXNet ``get_symbol``, the m1/m2/m3 form).
+
+    target / s = cos(m1 * theta_y + m2) - m3, with no fallback (as the MXNet code).
+    Presets: arcface (1, 0.5, 0), cosface (1, 0, 0.35), combined (1, 0.3, 0.2).
+    When m1 = 1 and m2 = 0 the angle is not formed at all (target = c_y - m3), so the
+    gradient is exactly 1 even at c_y = +-1.
+    """
+
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m1", self.m1, 1e-6, 10.0)
+        _check_finite("m2", self.m2, 0.0, math.pi)
+        _check_finite("m3", self.m3, 0.0, 2.0)
+
+    @property
+    def _is_cosine_only(self):
+        return self.m1 == 1.0 and self.m2 == 0.0
+
+    def margin_value(self):
+        return self.m3 if self._is_cosine_only else self.m2
+
+    def kernel_params(self):
+        if self._is_cosine_only:
+            return MarginParams(TargetKind.SUBTRACT)
+        return MarginParams(TargetKind.ANGULAR, m1=self.m1, m3=self.m3)
+
+    def target(self, cos_y, row_margin):
+        if self._is_cosine_only:
+            return cos_y - row_margin
+        return _angular(cos_y, self.m1, row_margin, self.m3)
+
+
+def sphereface_lambda(step: int, base: float = 1000.0, gamma: float = 0.12, power: float = 1.0,
+                      lambda_min: float = 5.0) -> float:
+    """A-Softmax's annealed lambda: max(base * (1 + gamma * step) ** -power, lambda_min).
+
+    Defaults from wy1iu/sphereface's prototxt (base 1000, gamma 0.12, power 1, min 5).
+    Use ``dataclasses.replace(spec, lambda_=sphereface_lambda(step))`` each step.
+    """
+    if step < 0:
+        raise ValueError(f"step={step!r} is invalid: expected an integer >= 0")
+    return max(base * (1.0 + gamma * step) ** (-power), lambda_min)
+
+
+@dataclass(frozen=True)
+class SphereFace(MarginSpec):
+    """Multiplicative angular margin (A-Softmax, SphereFace, Liu et al., CVPR 2017).
+
+    psi(theta) = (-1)^k cos(m * theta) - 2k, k = floor(m * theta / pi)   (monotonic in theta)
+    target / s = (psi(theta_y) + lambda * c_y) / (1 + lambda)
+    ``s=None``: the original A-Softmax of wy1iu/sphereface: the scale is the feature
+    norm |x_i| (features are not normalized, weights are), and the gradient flows
+    through |x_i| too. ``s=float``: normalized features with a fixed scale, as
+    OpenSphere's SphereFace (s = 30, m = 1.7; a non-integer m is allowed there).
+    ``lambda_`` is the annealing weight; :func:`sphereface_lambda` gives its schedule.
+    """
+
+    m: float = 4.0
+    s: Optional[float] = None
+    lambda_: float = 0.0
+
+    def __post_init__(self):
+        if self.s is not None:
+            _check_scale(self.s)
+        _check_finite("m", self.m, 1.0, 16.0)
+        _check_finite("lambda_", self.lambda_, 0.0, math.inf)
+
+    def margin_value(self):
+        return self.m
+
+    def kernel_params(self):
+        return MarginParams(TargetKind.SPHERE, sphere_lambda=self.lambda_)
+
+    def row_scale(self, embeddings):
+        if self.s is not None:
+            return None
+        features = embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+        return features.norm(dim=1)
+
+    def target(self, cos_y, row_margin):
+        m = row_margin
+        theta = clamped_acos(cos_y)
+        k = torch.floor(m * theta.detach() / math.pi)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+        psi = sign * torch.cos(m * theta) - 2.0 * k
+        return (psi + self.lambda_ * cos_y) / (1.0 + self.lambda_)
+
+
+@dataclass(frozen=True)
+class ElasticArcFace(MarginSpec):
+    """ArcFace with a random margin per row (ElasticFace, Boutros et al., CVPRW 2022).
+
+    target / s = cos(theta_y + m_i), m_i ~ N(m, std) drawn per call for every
+    non-ignored row (no fallback, as fdbtrs/ElasticFace ``utils/losses.py``).
+    ``plus=True`` (ElasticFace+): the drawn margins are sorted ascending and row i gets
+    ``sorted[argsort(c_y, descending)[i]]``, the official line as written (it indexes
+    the sorted margins by the rank order, it does not invert the permutation).
+    Defaults s = 64, m = 0.5, std = 0.05 (ElasticFace-Arc); the official plus uses
+    std = 0.0175.
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+    std: float = 0.05
+    plus: bool = False
+    is_random = True
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+        _check_finite("std", self.std, 0.0, 1.0)
+
+    @property
+    def needs_target_cos(self):
+        return self.plus
+
+    def row_margins(self, num_rows, target_cos=None, generator=None):
+        return _draw_elastic(self.m, self.std, self.plus, num_rows, target_cos, generator)
+
+    def kernel_params(self):
+        return MarginParams(TargetKind.ANGULAR)
+
+    def target(self, cos_y, row_margin):
+        return torch.cos(clamped_acos(cos_y) + row_margin)
+
+
+@dataclass(frozen=True)
+class ElasticCosFace(MarginSpec):
+    """CosFace with a random margin per row (ElasticFace-Cos): target / s = c_y - m_i.
+
+    Margins drawn as :class:`ElasticArcFace`. Defaults s = 64, m = 0.35, std = 0.05;
+    the official plus uses std = 0.02.
+    """
+
+    s: float = 64.0
+    m: float = 0.35
+    std: float = 0.05
+    plus: bool = False
+    is_random = True
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, 2.0)
+        _check_finite("std", self.std, 0.0, 1.0)
+
+    @property
+    def needs_target_cos(self):
+        return self.plus
+
+    def row_margins(self, num_rows, target_cos=None, generator=None):
+        return _draw_elastic(self.m, self.std, self.plus, num_rows, target_cos, generator)
+
+    def kernel_params(self):
+        return MarginParams(TargetKind.SUBTRACT)
+
+    def target(self, cos_y, row_margin):
+        return cos_y - row_margin
+
+
+def _draw_elastic(mean, std, plus, num_rows, target_cos, generator):
+    # Drawn on the CPU in row order so that a seed gives the same margins on every backend.
+    margins = torch.normal(mean, std, size=(num_rows,), generator=generator, dtype=torch.float32)
+    if plus:
+        if target_cos is None:
+            raise ValueError("ElasticFace plus needs the target cosines to order the margins")
+        order = torch.argsort(target_cos.detach().float().cpu(), descending=True)
+        margins = torch.sort(margins).values[order]
+    return margins
+
+
+@dataclass(frozen=True)
+class InterFace(MarginSpec):
+    """InterFace (Sang et al.): an ArcFace target plus a margin on every other class.
+
+    target / s     = cos(theta_y + m)   (no fallback)
+    non-target / s = cos(theta_j - mhat_yj),
+        mhat_yj = alpha * (exp(-mu / phi_yj) - exp(-theta_y / phi_yj)),
+        phi_yj  = angle(W_y, W_j) clamped to [0.01, pi]   (dynamic=True)
+    ``dynamic=False``: phi = pi / 2 and the first term is exp(-mu).
+    theta_y and phi are detached (no gradient flows through mhat), as the official
+    ``losses.py`` ("InterFace&dd" configuration). Needs cos(W_y, W_j) for every class:
+    the kernels form a second product per tile.
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+    mu: float = math.pi / 18
+    alpha: float = 0.1
+    dynamic: bool = True
+    needs_target_cos = True
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+        _check_finite("mu", self.mu, 0.0, math.pi)
+        _check_finite("alpha", self.alpha, 0.0, 10.0)
+
+    def margin_value(self):
+        return self.m
+
+    def kernel_params(self):
+        return MarginParams(TargetKind.ANGULAR, nontarget=NonTargetKind.INTERFACE,
+                            inter_mu=self.mu, inter_alpha=self.alpha, inter_dynamic=self.dynamic)
+
+    def target(self, cos_y, row_margin):
+        return torch.cos(clamped_acos(cos_y) + row_margin)
+
+    def nontarget(self, cos, target_cos, class_cos):
+        theta_y = torch.acos(target_cos.detach().clamp(-1, 1)).unsqueeze(1)
+        if self.dynamic:
+            phi = torch.acos(class_cos.detach().clamp(-1, 1)).clamp(0.01, math.pi)
+            first = torch.exp(-self.mu / phi)
+        else:
+            phi = torch.full_like(cos, math.pi / 2)
+            first = math.exp(-self.mu)
+        mhat = self.alpha * (first - torch.exp(-theta_y / phi))
+        return torch.cos(clamped_acos(cos) - mhat)
+
+
+@dataclass(frozen=True)
+class IntraLoss(MarginSpec):
+    """A base margin plus an intra-class gradient-enhancing term (after arXiv 2107.03352).
+
+    loss_i = base_loss_i + weight * theta_y_i
+
+    Only the paper's abstract is available to us, so this is our own term, not the
+    paper's: its derivative with respect to theta_y is the constant ``weight``, so the
+    pull of a sample towards its class centre does not vanish once the softmax term
+    saturates (p_y -> 1). Whether the paper's term has this form is unverified; no
+    published numbers are claimed for it. theta_y goes through the clamped acos.
+    """
+
+    base: MarginSpec = field(default_factory=ArcFace)
+    weight: float = 1.0
+    needs_target_cos = True
+
+    def __post_init__(self):
+        _check("base", self.base, isinstance(self.base, MarginSpec) and not isinstance(self.base, IntraLoss),
+               "a margin spec other than IntraLoss")
+        _check_finite("weight", self.weight, 0.0, math.inf)
+
+    @property
+    def s(self):
+        return self.base.s
+
+    @property
+    def is_random(self):
+        return self.base.is_random
+
+    def margin_value(self):
+        return self.base.margin_value()
+
+    def row_margins(self, num_rows, target_cos=None, generator=None):
+        return self.base.row_margins(num_rows, target_cos, generator)
+
+    def row_scale(self, embeddings):
+        return self.base.row_scale(embeddings)
+
+    def kernel_params(self):
+        return self.base.kernel_params()
+
+    def target(self, cos_y, row_margin):
+        return self.base.target(cos_y, row_margin)
+
+    def nontarget(self, cos, target_cos, class_cos):
+        return self.base.nontarget(cos, target_cos, class_cos)
+
+    def extra_loss(self, target_cos):
+        return self.weight * clamped_acos(target_cos)
+
+
+#: The specs by the name a command line uses for them.
+SPECS = {
+    "arcface": ArcFace,
+    "cosface": CosFace,
+    "combined": CombinedMargin,
+    "sphereface": SphereFace,
+    "elastic_arcface": ElasticArcFace,
+    "elastic_cosface": ElasticCosFace,
+    "interface": InterFace,
+    "intraloss": IntraLoss,
+}
+
+
+def replace(spec: MarginSpec, **changes) -> MarginSpec:
+    """``dataclasses.replace`` for specs (e.g. to anneal SphereFace's lambda)."""
+    return dataclasses.replace(spec, **changes)

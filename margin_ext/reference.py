@@ -1,0 +1,49 @@
+"""The reference head: every logit materialized, every gradient by autograd.
+
+Written to be read and to be trusted by the tests, never to be fast: it holds the
+whole (B x C) logits matrix. The margins' readable formulas in ``margins.py`` are
+differentiated by autograd here; the fast backends use hand-written derivatives.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .margins import MarginSpec, NonTargetKind
+from .rows import NORM_EPS
+
+
+def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         margin: MarginSpec, row_margin: torch.Tensor,
+                         compute_dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+    """Loss of each row (all rows must have a valid label), as float32.
+
+    ``compute_dtype=None`` computes in the inputs' own dtype: the naive low-precision
+    head whose error the tests use to set their tolerances.
+    """
+    dtype = compute_dtype or embeddings.dtype
+    if embeddings.dtype == torch.float64:
+        dtype = torch.float64
+    x = F.normalize(embeddings.to(dtype), dim=1, eps=NORM_EPS)
+    w = F.normalize(weight.to(dtype), dim=1, eps=NORM_EPS)
+    cos = x @ w.T
+    target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+    class_cos = None
+    if margin.kernel_params().nontarget == NonTargetKind.INTERFACE:
+        class_cos = w[labels] @ w.T  # cos(W_y, W_j) for every row and class
+    logits_over_s = margin.nontarget(cos, target_cos, class_cos)
+    target_over_s = margin.target(target_cos, row_margin.to(dtype))
+    logits_over_s = logits_over_s.scatter(1, labels.unsqueeze(1), target_over_s.unsqueeze(1))
+
+    scale = margin.row_scale(embeddings.to(dtype))
+    scale = margin.s if scale is None else scale.to(dtype).unsqueeze(1)
+    logits = logits_over_s * scale
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    extra = margin.extra_loss(target_cos)
+    if extra is not None:
+        loss = loss + extra
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))

@@ -1,0 +1,1 @@
+"""Face-recognition training support: datasets, backbones and verification."""

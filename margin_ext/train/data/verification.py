@@ -1,0 +1,210 @@
+"""InsightFace verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) and their protocol.
+
+A ``.bin`` file is a pickle of ``(bins, issame_list)``: ``bins`` holds the
+encoded images, two consecutive entries per pair, and ``issame_list`` one bool
+per pair. Accuracy follows InsightFace's ``verification.py``: L2-normalised
+embeddings, squared euclidean distance per pair, a pair is predicted "same"
+when its distance is below a threshold taken from ``np.arange(0, 4, 0.01)``,
+and 10-fold cross-validation without shuffling in which each fold's threshold
+is the best one on the other nine folds.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .decode import decode_image
+
+DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+def _as_bytes(entry) -> bytes:
+    # Old pickles may hold the encoded image as a numpy byte buffer.
+    if isinstance(entry, np.ndarray):
+        return entry.tobytes()
+    return bytes(entry)
+
+
+def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
+    """Load a verification ``.bin`` file.
+
+    Returns ``(images, issame)``: ``images`` is a 2P x C x H x W tensor where pair
+    ``i`` is ``(images[2 * i], images[2 * i + 1])``, float32 in [-1, 1] (or uint8
+    0..255 with ``as_uint8=True``, four times smaller for full-size sets), and
+    ``issame`` a P-element bool tensor. Images whose size differs from
+    ``image_size`` are resized bilinearly.
+    """
+    with open(path, "rb") as handle:
+        # encoding="bytes" reads the Python 2 pickles the public sets ship as.
+        bins, issame_list = pickle.load(handle, encoding="bytes")
+    if len(bins) != 2 * len(issame_list):
+        raise ValueError(
+            f"{path}: {len(bins)} images for {len(issame_list)} pairs; expected exactly 2 images per pair"
+        )
+    height, width = image_size
+    images = None
+    for position, entry in enumerate(bins):
+        image = decode_image(_as_bytes(entry))
+        if images is None:
+            images = torch.empty(len(bins), image.shape[2], height, width, dtype=torch.uint8)
+        elif image.shape[2] != images.shape[1]:
+            raise ValueError(
+                f"{path}: image {position} has {image.shape[2]} channels, earlier ones have {images.shape[1]}"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if tuple(tensor.shape[1:]) != (height, width):
+            resized = F.interpolate(tensor[None].float(), size=(height, width), mode="bilinear", align_corners=False)
+            tensor = resized[0].round().clamp(0, 255)
+        images[position] = tensor.to(torch.uint8)
+    if images is None:
+        images = torch.empty(0, 3, height, width, dtype=torch.uint8)
+    issame = torch.tensor([bool(flag) for flag in issame_list], dtype=torch.bool)
+    if as_uint8:
+        return images, issame
+    return (images.float() / 255.0 - 0.5) / 0.5, issame
+
+
+def write_verification_bin(path, images_bytes: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write a verification ``.bin`` file: ``images_bytes`` holds 2 encoded images per pair."""
+    images_bytes = [bytes(entry) for entry in images_bytes]
+    issame = [bool(flag) for flag in issame]
+    if len(images_bytes) != 2 * len(issame):
+        raise ValueError(f"{len(images_bytes)} images for {len(issame)} pairs; expected exactly 2 images per pair")
+    with open(path, "wb") as handle:
+        pickle.dump((images_bytes, issame), handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class VerificationResult(NamedTuple):
+    accuracy: float  # mean test-fold accuracy
+    std: float  # population std of the fold accuracies, as InsightFace reports it
+    threshold: float  # mean of the per-fold best thresholds (squared euclidean distance)
+    fold_accuracies: np.ndarray
+
+
+def kfold_splits(count: int, nfolds: int):
+    """(train, test) index arrays of unshuffled K-fold, same folds as sklearn's ``KFold``.
+
+    The first ``count % nfolds`` folds get one extra element. ``nfolds == 1``
+    trains and tests on everything, as InsightFace's ``LFold`` does.
+    """
+    if nfolds < 1:
+        raise ValueError(f"nfolds must be at least 1, got {nfolds}")
+    indices = np.arange(count)
+    if nfolds == 1:
+        return [(indices, indices)]
+    if count < nfolds:
+        raise ValueError(f"cannot split {count} pairs into {nfolds} folds")
+    sizes = np.full(nfolds, count // nfolds)
+    sizes[: count % nfolds] += 1
+    splits = []
+    start = 0
+    for size in sizes:
+        test = indices[start:start + size]
+        train = np.concatenate([indices[:start], indices[start + size:]])
+        splits.append((train, test))
+        start += size
+    return splits
+
+
+def _to_numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _l2_normalise(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.maximum(norms, 1e-12)
+
+
+def pair_distances(embeddings_a, embeddings_b, flipped_a=None, flipped_b=None) -> np.ndarray:
+    """Squared euclidean distance of each L2-normalised pair, in [0, 4].
+
+    With flipped embeddings, each side is the normalised sum of the embedding
+    of the image and of its mirror, as InsightFace's "Accuracy-Flip".
+    """
+    a = _to_numpy(embeddings_a)
+    b = _to_numpy(embeddings_b)
+    if (flipped_a is None) != (flipped_b is None):
+        raise ValueError("pass flipped embeddings for both sides of the pairs or for neither")
+    if flipped_a is not None:
+        a = a + _to_numpy(flipped_a)
+        b = b + _to_numpy(flipped_b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"embeddings must be two N x D arrays of equal shape, got {a.shape} and {b.shape}")
+    return np.sum(np.square(_l2_normalise(a) - _l2_normalise(b)), axis=1)
+
+
+def _accuracies(distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Accuracy of "same iff distance < threshold" for every threshold at once."""
+    predicted_same = distances[None, :] < thresholds[:, None]
+    return np.mean(predicted_same == issame[None, :], axis=1)
+
+
+def evaluate_verification(
+    embeddings_a,
+    embeddings_b,
+    issame,
+    nfolds: int = 10,
+    flipped_a=None,
+    flipped_b=None,
+    thresholds=None,
+) -> VerificationResult:
+    """Verification accuracy under InsightFace's 10-fold protocol.
+
+    ``embeddings_a[i]`` and ``embeddings_b[i]`` embed the two images of pair
+    ``i``; ``flipped_a``/``flipped_b`` optionally hold the embeddings of the
+    mirrored images (summed before normalising). Ties between thresholds go to
+    the smallest one, like ``np.argmax``.
+    """
+    distances = pair_distances(embeddings_a, embeddings_b, flipped_a, flipped_b)
+    issame = np.asarray(issame.cpu() if isinstance(issame, torch.Tensor) else issame, dtype=bool)
+    if issame.shape != distances.shape:
+        raise ValueError(f"{len(issame)} issame labels for {len(distances)} pairs")
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+
+    fold_accuracies = []
+    best_thresholds = []
+    for train, test in kfold_splits(len(distances), nfolds):
+        best = thresholds[np.argmax(_accuracies(distances[train], issame[train], thresholds))]
+        best_thresholds.append(best)
+        fold_accuracies.append(_accuracies(distances[test], issame[test], np.array([best]))[0])
+    fold_accuracies = np.array(fold_accuracies)
+    return VerificationResult(
+        accuracy=float(np.mean(fold_accuracies)),
+        std=float(np.std(fold_accuracies)),
+        threshold=float(np.mean(best_thresholds)),
+        fold_accuracies=fold_accuracies,
+    )
+
+
+@torch.no_grad()
+def compute_embeddings(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, flip: bool = False):
+    """Embed ``images`` in eval mode, batch by batch; restores the model's train/eval mode.
+
+    Returns ``embeddings`` or, with ``flip=True``, ``(embeddings, flipped)`` where
+    ``flipped`` embeds the horizontally mirrored images, ready for
+    :func:`evaluate_verification`'s ``flipped_a``/``flipped_b``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        outputs, mirrored = [], []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device)
+            outputs.append(model(batch).float().cpu())
+            if flip:
+                mirrored.append(model(torch.flip(batch, dims=(-1,))).float().cpu())
+    finally:
+        model.train(was_training)
+    embeddings = torch.cat(outputs) if outputs else torch.empty(0)
+    if flip:
+        return embeddings, (torch.cat(mirrored) if mirrored else torch.empty(0))
+    return embeddings
+
