@@ -2,6 +2,7 @@
 
 from .backends import BackendUnavailable
 from .functional import margin_cross_entropy
+from .monitoring import best_class, iter_cosines, top1_accuracy
 from .margins import (
     SPECS,
     ArcFace,
@@ -30,6 +31,9 @@ __all__ = [
     "MarginSpec",
     "SPECS",
     "SphereFace",
+    "best_class",
+    "iter_cosines",
     "margin_cross_entropy",
     "sphereface_lambda",
+    "top1_accuracy",
 ]

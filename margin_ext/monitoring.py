@@ -1,0 +1,57 @@
+"""Top-1 predictions and logits for monitoring, one chunk of classes at a time.
+
+A training script wants to watch accuracy, but the head never materializes the
+(B x C) logits; these helpers walk the classes in chunks like the kernels do, so at
+most (B x chunk_size) cosines exist at once. Everything here runs without gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from .backends import default_chunk_size
+from .rows import normalize
+
+
+@torch.no_grad()
+def iter_cosines(embeddings: torch.Tensor, weight: torch.Tensor,
+                 chunk_size: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield (first class, (B x chunk) float32 cosines) over the classes of ``weight``.
+
+    Multiply by the spec's scale for the plain logits (no margin: what inference sees).
+    """
+    x_hat = normalize(embeddings)
+    n_classes = weight.shape[0]
+    chunk = chunk_size or default_chunk_size(x_hat.shape[0], n_classes, weight.device)
+    for start in range(0, n_classes, chunk):
+        yield start, x_hat @ normalize(weight[start:start + chunk]).T
+
+
+@torch.no_grad()
+def best_class(embeddings: torch.Tensor, weight: torch.Tensor,
+               chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(max cosine, its class index) per row over the classes of ``weight``.
+
+    The sharded head combines these per shard (the shard with the larger cosine wins).
+    """
+    best_cos = torch.full((embeddings.shape[0],), -2.0, device=embeddings.device)
+    best_idx = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=embeddings.device)
+    for start, cos in iter_cosines(embeddings, weight, chunk_size):
+        value, idx = cos.max(dim=1)
+        better = value > best_cos
+        best_cos = torch.where(better, value, best_cos)
+        best_idx = torch.where(better, idx + start, best_idx)
+    return best_cos, best_idx
+
+
+@torch.no_grad()
+def top1_accuracy(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  ignore_index: int = -1, chunk_size: Optional[int] = None) -> float:
+    """Fraction of non-ignored rows whose nearest class centre is their label."""
+    valid = labels != ignore_index
+    if not valid.any():
+        return float("nan")
+    _, predicted = best_class(embeddings, weight, chunk_size)
+    return (predicted[valid] == labels[valid]).float().mean().item()
