@@ -1,0 +1,1 @@
+"""Benchmarks of the margin-softmax heads: ``python -m bench``."""

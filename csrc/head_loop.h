@@ -1,0 +1,275 @@
+// The chunk loop over the classes, shared by the CPU and CUDA glue (host compiler only).
+//
+// For each chunk of classes: normalize the centres (kernel), cos = x_hat @ w_hat^T
+// (at::mm: MKL/oneDNN on CPU, cuBLAS on CUDA), InterFace's class_cos = centre_y @ w_hat^T,
+// then the epilogue kernel. Only O(B x chunk) values exist at once. `Dev` supplies the
+// four kernels of one device (see ops_cpu.cpp, ops_cuda.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "kernel_args.h"
+
+namespace margin_ext {
+
+// The op's margin arguments, checked: they come straight from Python.
+inline MarginParams make_params(int64_t target_kind, int64_t fallback, bool straight_through, double m1,
+                                double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu,
+                                double inter_alpha, bool inter_dynamic) {
+  TORCH_CHECK(target_kind >= kSubtract && target_kind <= kSphere, "margin_ext: target_kind=", target_kind,
+              " is invalid: expected 0 (SUBTRACT), 1 (ANGULAR) or 2 (SPHERE)");
+  TORCH_CHECK(fallback >= kFallbackNone && fallback <= kFallbackEasy, "margin_ext: fallback=", fallback,
+              " is invalid: expected 0 (NONE), 1 (CLASSIC) or 2 (EASY)");
+  TORCH_CHECK(nontarget_kind == kCosine || nontarget_kind == kInterFace, "margin_ext: nontarget_kind=",
+              nontarget_kind, " is invalid: expected 0 (COSINE) or 1 (INTERFACE)");
+  MarginParams p;
+  p.target = static_cast<int>(target_kind);
+  p.fallback = static_cast<int>(fallback);
+  p.straight_through = straight_through;
+  p.m1 = m1;
+  p.m3 = m3;
+  p.sphere_lambda = sphere_lambda;
+  p.nontarget = static_cast<int>(nontarget_kind);
+  p.inter_mu = inter_mu;
+  p.inter_alpha = inter_alpha;
+  p.inter_dynamic = inter_dynamic;
+  return p;
+}
+
+inline WeightType weight_type(const at::Tensor& w) {
+  switch (w.scalar_type()) {
+    case at::kFloat: return WeightType::kFloat32;
+    case at::kDouble: return WeightType::kFloat64;
+    case at::kBFloat16: return WeightType::kBFloat16;
+    case at::kHalf: return WeightType::kFloat16;
+    default: TORCH_CHECK(false, "margin_ext: weight.dtype=", w.scalar_type(),
+                         " is not supported: expected float32, float64, bfloat16 or float16");
+  }
+}
+
+// The head's inputs, checked and made contiguous in the compute dtype (x_hat's).
+struct HeadInputs {
+  at::Tensor x_hat, weight, labels, scale, margin, theta_y, target_centre;
+  MarginParams params;
+  int64_t chunk_size;
+};
+
+inline void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& x_hat) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "margin_ext: ", name, " must have shape (", n, ",), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "margin_ext: ", name, ".dtype=", t.scalar_type(),
+              " is invalid: expected a floating dtype");
+  TORCH_CHECK(t.device() == x_hat.device(), "margin_ext: ", name, " is on ", t.device(), " but x_hat is on ",
+              x_hat.device());
+}
+
+inline void check_device_type(const at::Tensor& x_hat, c10::DeviceType device_type) {
+  TORCH_CHECK(x_hat.device().type() == device_type, "margin_ext: this is the ", c10::DeviceTypeName(device_type),
+              " implementation but x_hat is on ", x_hat.device());
+}
+
+inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
+                               const at::Tensor& scale, const at::Tensor& margin,
+                               const c10::optional<at::Tensor>& theta_y,
+                               const c10::optional<at::Tensor>& target_centre, MarginParams params,
+                               int64_t chunk_size) {
+  TORCH_CHECK(x_hat.dim() == 2, "margin_ext: x_hat must be (B, D), got shape ", x_hat.sizes());
+  TORCH_CHECK(x_hat.scalar_type() == at::kFloat || x_hat.scalar_type() == at::kDouble, "margin_ext: x_hat.dtype=",
+              x_hat.scalar_type(), " is invalid: the head computes in float32 (or float64); normalize in float32");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x_hat.size(1), "margin_ext: weight must be (C, ",
+              x_hat.size(1), ") to match x_hat, got shape ", weight.sizes());
+  TORCH_CHECK(weight.device() == x_hat.device(), "margin_ext: weight is on ", weight.device(),
+              " but x_hat is on ", x_hat.device());
+  weight_type(weight);
+  const int64_t b = x_hat.size(0);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == b, "margin_ext: labels must have shape (", b, ",), got ",
+              labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "margin_ext: labels.dtype=", labels.scalar_type(),
+              " is invalid: expected int64");
+  TORCH_CHECK(labels.device() == x_hat.device(), "margin_ext: labels is on ", labels.device(),
+              " but x_hat is on ", x_hat.device());
+  check_vector(scale, "scale", b, x_hat);
+  check_vector(margin, "margin", b, x_hat);
+  TORCH_CHECK(chunk_size >= 1, "margin_ext: chunk_size=", chunk_size, " is invalid: expected >= 1");
+
+  const auto acc = x_hat.scalar_type();
+  HeadInputs in;
+  in.x_hat = x_hat.contiguous();
+  in.weight = weight.contiguous();
+  in.labels = labels.contiguous();
+  in.scale = scale.to(acc).contiguous();
+  in.margin = margin.to(acc).contiguous();
+  in.params = params;
+  in.chunk_size = chunk_size;
+  if (params.nontarget == kInterFace) {
+    TORCH_CHECK(theta_y.has_value() && target_centre.has_value(),
+                "margin_ext: the InterFace non-target margin needs theta_y and target_centre");
+    check_vector(*theta_y, "theta_y", b, x_hat);
+    const at::Tensor& tc = *target_centre;
+    TORCH_CHECK(tc.dim() == 2 && tc.size(0) == b && tc.size(1) == x_hat.size(1),
+                "margin_ext: target_centre must have the shape of x_hat ", x_hat.sizes(), ", got ", tc.sizes());
+    TORCH_CHECK(at::isFloatingType(tc.scalar_type()), "margin_ext: target_centre.dtype=", tc.scalar_type(),
+                " is invalid: expected a floating dtype");
+    TORCH_CHECK(tc.device() == x_hat.device(), "margin_ext: target_centre is on ", tc.device(),
+                " but x_hat is on ", x_hat.device());
+    in.theta_y = theta_y->to(acc).contiguous();
+    in.target_centre = tc.to(acc).contiguous();
+  }
+  return in;
+}
+
+template <typename T>
+ChunkRows<T> chunk_rows(const HeadInputs& in, int64_t start, int64_t n_cols, const at::Tensor& class_cos) {
+  ChunkRows<T> rows;
+  rows.n_rows = in.x_hat.size(0);
+  rows.n_cols = n_cols;
+  rows.start = start;
+  rows.labels = in.labels.data_ptr<int64_t>();
+  rows.scale = in.scale.data_ptr<T>();
+  rows.margin = in.margin.data_ptr<T>();
+  rows.theta_y = in.theta_y.defined() ? in.theta_y.data_ptr<T>() : nullptr;
+  rows.class_cos = class_cos.defined() ? class_cos.data_ptr<T>() : nullptr;
+  rows.params = in.params;
+  return rows;
+}
+
+// Reused (B x chunk) and (chunk x D) buffers; chunk k views their first n elements as
+// contiguous matrices so that the kernels see leading dimension n.
+struct ChunkBuffers {
+  at::Tensor w_hat, norms, cos, class_cos, grad_w_hat;
+  int64_t rows, dim;
+
+  ChunkBuffers(const HeadInputs& in, int64_t chunk, bool backward) : rows(in.x_hat.size(0)), dim(in.x_hat.size(1)) {
+    const auto opts = in.x_hat.options();
+    w_hat = at::empty({chunk * dim}, opts);
+    norms = at::empty({chunk}, opts);
+    cos = at::empty({rows * chunk}, opts);
+    if (in.params.nontarget == kInterFace) class_cos = at::empty({rows * chunk}, opts);
+    if (backward) grad_w_hat = at::empty({chunk * dim}, opts);
+  }
+  static at::Tensor view(const at::Tensor& flat, int64_t r, int64_t c) {
+    return flat.narrow(0, 0, r * c).view({r, c});
+  }
+};
+
+// Normalizes chunk [start, start + n) and forms its cosines (and InterFace's class_cos).
+template <class Dev, typename T>
+void chunk_cosines(const HeadInputs& in, ChunkBuffers& buf, int64_t start, int64_t n, at::Tensor& w_hat,
+                   at::Tensor& cos, at::Tensor& class_cos) {
+  w_hat = ChunkBuffers::view(buf.w_hat, n, buf.dim);
+  Dev::template normalize_rows<T>(in.weight.narrow(0, start, n).data_ptr(), weight_type(in.weight), n, buf.dim,
+                                  w_hat.template data_ptr<T>(), buf.norms.template data_ptr<T>());
+  cos = ChunkBuffers::view(buf.cos, buf.rows, n);
+  at::mm_out(cos, in.x_hat, w_hat.t());
+  if (buf.class_cos.defined()) {
+    class_cos = ChunkBuffers::view(buf.class_cos, buf.rows, n);
+    at::mm_out(class_cos, in.target_centre, w_hat.t());
+  }
+}
+
+template <class Dev, typename T>
+std::tuple<at::Tensor, at::Tensor> forward_loop(const HeadInputs& in) {
+  const int64_t b = in.x_hat.size(0), c = in.weight.size(0);
+  const auto opts = in.x_hat.options();
+  at::Tensor run_max = at::full({b}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor run_sum = at::zeros({b}, opts);
+  at::Tensor target_logit = at::zeros({b}, opts);
+  if (b > 0 && c > 0) {
+    const int64_t chunk = std::min(in.chunk_size, c);
+    ChunkBuffers buf(in, chunk, /*backward=*/false);
+    for (int64_t start = 0; start < c; start += chunk) {
+      const int64_t n = std::min(chunk, c - start);
+      at::Tensor w_hat, cos, class_cos;
+      chunk_cosines<Dev, T>(in, buf, start, n, w_hat, cos, class_cos);
+      Dev::template forward_epilogue<T>(cos.data_ptr<T>(), chunk_rows<T>(in, start, n, class_cos),
+                                        run_max.data_ptr<T>(), run_sum.data_ptr<T>(), target_logit.data_ptr<T>());
+    }
+  }
+  return {run_sum.log().add_(run_max), target_logit};
+}
+
+template <class Dev, typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_loop(const HeadInputs& in, const at::Tensor& lse,
+                                                             const at::Tensor& grad_lse,
+                                                             const at::Tensor& grad_target) {
+  const int64_t b = in.x_hat.size(0), c = in.weight.size(0);
+  const auto opts = in.x_hat.options();
+  at::Tensor grad_x = at::zeros({b, in.x_hat.size(1)}, opts);
+  at::Tensor grad_w = at::empty(in.weight.sizes(), in.weight.options());
+  at::Tensor grad_scale = at::zeros({b}, opts);
+  if (c > 0) {
+    const int64_t chunk = std::min(in.chunk_size, c);
+    ChunkBuffers buf(in, chunk, /*backward=*/true);
+    for (int64_t start = 0; start < c; start += chunk) {
+      const int64_t n = std::min(chunk, c - start);
+      at::Tensor w_hat, cos, class_cos;
+      chunk_cosines<Dev, T>(in, buf, start, n, w_hat, cos, class_cos);
+      Dev::template backward_epilogue<T>(cos.data_ptr<T>(), chunk_rows<T>(in, start, n, class_cos),
+                                         lse.data_ptr<T>(), grad_lse.data_ptr<T>(), grad_target.data_ptr<T>(),
+                                         grad_scale.data_ptr<T>());
+      // cos now holds dLoss/dcos of the chunk
+      grad_x.addmm_(cos, w_hat);
+      at::Tensor grad_w_hat = ChunkBuffers::view(buf.grad_w_hat, n, buf.dim);
+      at::mm_out(grad_w_hat, cos.t(), in.x_hat);
+      Dev::template normalize_rows_backward<T>(grad_w_hat.data_ptr<T>(), w_hat.data_ptr<T>(),
+                                               buf.norms.data_ptr<T>(), n, buf.dim,
+                                               grad_w.narrow(0, start, n).data_ptr(), weight_type(in.weight));
+    }
+  }
+  return {grad_x, grad_w, grad_scale};
+}
+
+// The op entries of one device: checks, dtype dispatch, the loop.
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor> head_forward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
+    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
+    bool inter_dynamic, int64_t chunk_size) {
+  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
+                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
+  check_device_type(x_hat, Dev::kDeviceType);
+  typename Dev::Guard guard(x_hat.device());
+  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
+                                     chunk_size);
+  if (in.x_hat.scalar_type() == at::kDouble) return forward_loop<Dev, double>(in);
+  return forward_loop<Dev, float>(in);
+}
+
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
+    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
+    bool inter_dynamic, int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target) {
+  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
+                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
+  check_device_type(x_hat, Dev::kDeviceType);
+  typename Dev::Guard guard(x_hat.device());
+  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
+                                     chunk_size);
+  const int64_t b = in.x_hat.size(0);
+  check_vector(lse, "lse", b, in.x_hat);
+  check_vector(grad_lse, "grad_lse", b, in.x_hat);
+  check_vector(grad_target, "grad_target", b, in.x_hat);
+  const auto acc = in.x_hat.scalar_type();
+  const at::Tensor lse_c = lse.to(acc).contiguous();
+  const at::Tensor grad_lse_c = grad_lse.to(acc).contiguous();
+  const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
+  if (acc == at::kDouble) return backward_loop<Dev, double>(in, lse_c, grad_lse_c, grad_target_c);
+  return backward_loop<Dev, float>(in, lse_c, grad_lse_c, grad_target_c);
+}
+
+}  // namespace margin_ext

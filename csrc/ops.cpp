@@ -1,0 +1,35 @@
+// The op schemas, defined once for every device, and the Python module that loads them.
+//
+// The implementations register per device: ops_cpu.cpp (CPU), ops_cuda.cpp (CUDA, built
+// only with a CUDA torch). Fake implementations and autograd live in
+// margin_ext/backends/extension.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import margin_ext._C` runs the static registrations below; the module has no
+// Python functions of its own (the ops are torch.ops.margin_ext.*).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+// The margin arguments are margins.MarginParams field by field; tensors that only
+// InterFace reads are optional.
+#define MX_HEAD_ARGS                                                                                   \
+  "Tensor x_hat, Tensor weight, Tensor labels, Tensor scale, Tensor margin, Tensor? theta_y, "       \
+  "Tensor? target_centre, int target_kind, int fallback, bool straight_through, float m1, float m3, " \
+  "float sphere_lambda, int nontarget_kind, float inter_mu, float inter_alpha, bool inter_dynamic, "  \
+  "int chunk_size"
+
+TORCH_LIBRARY(margin_ext, m) {
+  m.set_python_module("margin_ext.backends.extension");
+  // (B,) log-sum-exp of the margin logits and target logit (0 where the target is not in weight)
+  m.def("head_forward(" MX_HEAD_ARGS ") -> (Tensor lse, Tensor target_logit)",
+        {at::Tag::pt2_compliant_tag});
+  // gradients w.r.t. x_hat (compute dtype), weight (its dtype) and scale, from the saved lse
+  m.def("head_backward(" MX_HEAD_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
+        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)",
+        {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,77 @@
+"""Process-group setup for single-process runs and for ``torchrun --nproc-per-node N``.
+
+torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; the group
+is initialised only when WORLD_SIZE > 1, so a plain ``python -m margin_ext.train``
+runs without torch.distributed at all. NCCL on CUDA, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, value):
+        """Rank 0's ``value`` on every rank."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (so that all ranks take the same branch)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([0 if flag else 1], dtype=torch.int32,
+                             device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(value)
+        return int(value.item()) == 0
+
+
+def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:
+    """Read torchrun's environment, pick the device, and join the process group if needed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch_device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = {"device_id": torch_device} if use_cuda else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    return DistributedContext(rank, world_size, local_rank, torch_device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

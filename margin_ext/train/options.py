@@ -1,0 +1,215 @@
+"""Command-line options of ``python -m margin_ext.train`` and the margin spec they describe."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+import margin_ext as mx
+from margin_ext.backends import BACKENDS
+
+BACKBONES = ("small", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+SCHEDULES = ("cosine", "step", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; the message names the option and the value."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="margin-ext-train",
+        description="Train a face-recognition backbone with a sharded margin-softmax head "
+                    "(single process, or under torchrun --nproc-per-node N).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    head = parser.add_argument_group("margin head")
+    head.add_argument("--margin", default="arcface", choices=sorted(mx.SPECS), help="margin spec")
+    head.add_argument("--scale", default=None, help="the spec's scale s ('none' for SphereFace's feature norm); "
+                      "default: the spec's own")
+    head.add_argument("--margin-m", type=float, default=None, help="the spec's margin m; default: the spec's own")
+    head.add_argument("--margin-arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other spec parameter, repeatable (e.g. easy_margin=true, m2=0.3, base=cosface)")
+    head.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC class sampling rate")
+    head.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "reference"],
+                      help="kernels of the head")
+    head.add_argument("--num-classes", type=int, default=None,
+                      help="number of identities; default: what the dataset declares (checked against it)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="small", choices=BACKBONES)
+    model.add_argument("--embedding-size", type=int, default=128)
+    model.add_argument("--dropout", type=float, default=0.0)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    optim.add_argument("--lr", type=float, default=0.1)
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=float, default=None,
+                       help="default: 5e-4 for SGD (InsightFace), 0.1 for AdamW")
+    optim.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES)
+    optim.add_argument("--warmup-steps", type=int, default=None,
+                       help="linear warm-up from 0; default: 5%% of the run")
+    optim.add_argument("--lr-milestones", default="0.6,0.85",
+                       help="step schedule: fractions of the run where the lr is multiplied by --lr-gamma")
+    optim.add_argument("--lr-gamma", type=float, default=0.1)
+    optim.add_argument("--clip-grad", type=float, default=5.0,
+                       help="clip the backbone's gradient norm to this (0: off), as InsightFace")
+    optim.add_argument("--amp", default="none", choices=AMP_MODES,
+                       help="autocast dtype of the backbone; fp16 adds a GradScaler")
+
+    run = parser.add_argument_group("run length")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="default: 6 on the synthetic set, else 20")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
+    run.add_argument("--batch-size", type=int, default=64, help="per process")
+    run.add_argument("--seed", type=int, default=0)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="synthetic",
+                      help="'synthetic', an image folder (one sub-folder per identity) or a .rec file (with its .idx)")
+    data.add_argument("--val", default="synthetic",
+                      help="'synthetic' (held-out identities), 'none', or comma-separated verification .bin files")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    data.add_argument("--synthetic-identities", type=int, default=500)
+    data.add_argument("--synthetic-samples", type=int, default=16, help="images per synthetic identity")
+    data.add_argument("--synthetic-val-identities", type=int, default=200)
+    data.add_argument("--synthetic-val-pairs", type=int, default=1000)
+    data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world")
+
+    out = parser.add_argument_group("output and checkpoints")
+    out.add_argument("--output", default="runs/train", help="run folder: logs, plot, checkpoints")
+    out.add_argument("--resume", default=None,
+                     help="a checkpoint folder, a run folder, or 'auto' (the latest checkpoint in --output, if any)")
+    out.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: at the end only)")
+    out.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    out.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    out.add_argument("--progress", default="auto", choices=("auto", "bar", "lines"),
+                     help="a tqdm bar (rank 0, when a terminal is attached) or log lines")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    out.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    out.add_argument("--stop-after-steps", type=int, default=None,
+                     help="exit after this step without the final checkpoint, evaluation or plot "
+                          "(simulates a killed run)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    options = build_parser().parse_args(argv)
+    check_options(options)
+    return options
+
+
+def check_options(options: argparse.Namespace) -> None:
+    positive = ["batch_size", "embedding_size", "synthetic_identities", "synthetic_samples",
+                "synthetic_val_identities", "synthetic_val_pairs", "log_every", "keep_checkpoints"]
+    for name in positive:
+        _require(options, name, getattr(options, name) >= 1, "an integer >= 1")
+    for name in ("epochs", "steps", "num_classes", "stop_after_steps"):
+        value = getattr(options, name)
+        _require(options, name, value is None or value >= 1, "an integer >= 1")
+    for name in ("checkpoint_every", "num_workers"):
+        _require(options, name, getattr(options, name) >= 0, "an integer >= 0")
+    _require(options, "sample_rate", 0.0 < options.sample_rate <= 1.0, "a number in (0, 1]")
+    _require(options, "lr", options.lr > 0, "a number > 0")
+    _require(options, "warmup_steps", options.warmup_steps is None or options.warmup_steps >= 0, "an integer >= 0")
+    _require(options, "dropout", 0.0 <= options.dropout < 1.0, "a number in [0, 1)")
+    milestones = lr_milestones(options)
+    _require(options, "lr_milestones", all(0.0 < f < 1.0 for f in milestones),
+             "comma-separated fractions of the run in (0, 1)")
+    margin_spec(options)  # raises on a bad margin parameter before anything is built
+
+
+def lr_milestones(options) -> list:
+    try:
+        return sorted(float(part) for part in options.lr_milestones.split(",") if part.strip())
+    except ValueError:
+        raise OptionError(f"--lr-milestones={options.lr_milestones!r} is invalid: "
+                          f"expected comma-separated fractions such as 0.6,0.85") from None
+
+
+def weight_decay(options) -> float:
+    if options.weight_decay is not None:
+        return options.weight_decay
+    return 5e-4 if options.optimizer == "sgd" else 0.1
+
+
+def _require(options, name, ok, expected):
+    if not ok:
+        flag = "--" + name.replace("_", "-")
+        raise OptionError(f"{flag}={getattr(options, name)!r} is invalid: expected {expected}")
+
+
+def margin_spec(options) -> mx.MarginSpec:
+    """The spec named by --margin with --scale, --margin-m and every --margin-arg applied.
+
+    For ``intraloss``, --scale and --margin-m go to its base spec (``base=NAME`` picks it).
+    """
+    spec_class = mx.SPECS[options.margin]
+    pairs = _key_values(options.margin_arg)
+    if spec_class is mx.IntraLoss:
+        base_name = pairs.pop("base", "arcface")
+        if base_name not in mx.SPECS or mx.SPECS[base_name] is mx.IntraLoss:
+            raise OptionError(f"--margin-arg base={base_name!r} is invalid: expected a margin name other than "
+                              f"intraloss, one of {sorted(set(mx.SPECS) - {'intraloss'})}")
+        base_class = mx.SPECS[base_name]
+        base_pairs = {}
+        intra_pairs = {}
+        intra_fields = {f.name for f in dataclasses.fields(spec_class)}
+        for key, value in pairs.items():
+            (intra_pairs if key in intra_fields else base_pairs)[key] = value
+        base = _build(base_class, base_name, base_pairs, options)
+        return _build(spec_class, options.margin, intra_pairs, None, base=base)
+    return _build(spec_class, options.margin, pairs, options)
+
+
+def _key_values(items) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--margin-arg {item!r} is invalid: expected KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _build(spec_class, name, pairs, options, **fixed):
+    fields = {f.name: f for f in dataclasses.fields(spec_class)}
+    hints = typing.get_type_hints(spec_class)
+    values = dict(fixed)
+    if options is not None:
+        if options.scale is not None:
+            pairs = {"s": options.scale, **pairs}
+        if options.margin_m is not None:
+            pairs = {"m": str(options.margin_m), **pairs}
+    for key, text in pairs.items():
+        if key not in fields:
+            flag = {"s": "--scale", "m": "--margin-m"}.get(key, f"--margin-arg {key}=...")
+            raise OptionError(f"{flag}: margin {name!r} has no parameter {key!r}; "
+                              f"its parameters are {sorted(fields)}")
+        values[key] = _convert(name, key, text, hints[key])
+    try:
+        return spec_class(**values)
+    except ValueError as error:
+        raise OptionError(f"margin {name!r}: {error}") from None
+
+
+def _convert(name, key, text, hint):
+    lowered = text.lower()
+    allows_none = type(None) in typing.get_args(hint)
+    if allows_none and lowered == "none":
+        return None
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    try:
+        if base is bool:
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if base is int:
+            return int(text)
+        return float(text)
+    except ValueError:
+        kind = "true or false" if base is bool else ("a number or none" if allows_none else "a number")
+        raise OptionError(f"margin {name!r} parameter {key}={text!r} is invalid: expected {kind}") from None

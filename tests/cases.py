@@ -1,0 +1,95 @@
+"""Shared test material: one instance of every spec variant, inputs, and tolerances."""
+
+import torch
+
+import margin_ext as mx
+
+# Every formula branch of every spec: plain, fallback options, random margins, scales.
+SPEC_CASES = {
+    "arcface": mx.ArcFace(),
+    "arcface_easy": mx.ArcFace(easy_margin=True),
+    "arcface_straight_through": mx.ArcFace(straight_through=True),
+    "cosface": mx.CosFace(),
+    "combined": mx.CombinedMargin(m1=1.0, m2=0.3, m3=0.2),
+    "combined_m1": mx.CombinedMargin(m1=1.35, m2=0.0, m3=0.0),
+    "combined_cosface_preset": mx.CombinedMargin(m1=1.0, m2=0.0, m3=0.35),
+    "sphereface_norm_scale": mx.SphereFace(m=4),
+    "sphereface_normalized": mx.SphereFace(m=1.7, s=30.0, lambda_=2.0),
+    "elastic_arcface": mx.ElasticArcFace(),
+    "elastic_arcface_plus": mx.ElasticArcFace(std=0.0175, plus=True),
+    "elastic_cosface_plus": mx.ElasticCosFace(std=0.02, plus=True),
+    "interface": mx.InterFace(),
+    "interface_static": mx.InterFace(dynamic=False),
+    "intraloss": mx.IntraLoss(),
+    "intraloss_cosface": mx.IntraLoss(base=mx.CosFace(), weight=0.5),
+}
+
+
+def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None):
+    """Features, class centres and labels; features get a varied norm (SphereFace reads it)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, dim, generator=g, dtype=torch.float64) * (0.5 + torch.rand(n_rows, 1, generator=g))
+    w = torch.randn(n_classes, dim, generator=g, dtype=torch.float64)
+    if labels is None:
+        labels = torch.randint(0, n_classes, (n_rows,), generator=g)
+    labels = torch.as_tensor(labels, dtype=torch.int64).clone()
+    for r in ignore_rows:
+        labels[r] = -1
+    # Pull each feature towards its centre so that margins and fallbacks all get exercised.
+    valid = labels >= 0
+    x[valid] += 1.5 * w[labels[valid]] / w[labels[valid]].norm(dim=1, keepdim=True) * x[valid].norm(dim=1, keepdim=True)
+    return x.to(dtype), w.to(dtype), labels
+
+
+def loss_and_grads(x, w, labels, spec, seed=0, **kwargs):
+    """Loss and d loss / d (x, w) of margin_cross_entropy with a fixed random-margin seed."""
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    loss = mx.margin_cross_entropy(x, w, labels, spec, generator=torch.Generator().manual_seed(seed), **kwargs)
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w), allow_unused=False)
+    return loss.detach(), gx, gw
+
+
+def reference_loss_and_grads(x, w, labels, spec, compute_dtype, seed=0, reduction="mean"):
+    """The reference head in ``compute_dtype`` (None: the inputs' own low precision)."""
+    from margin_ext.reference import reference_row_losses
+    from margin_ext.rows import normalize, target_cosine
+
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    valid = labels != -1
+    xv, yv = x[valid], labels[valid]
+    target_cos = target_cosine(normalize(xv.detach()), w.detach()[yv]) if spec.needs_target_cos else None
+    margins = spec.row_margins(int(valid.sum()), target_cos, torch.Generator().manual_seed(seed))
+    rows = reference_row_losses(xv, w, yv, spec, margins, compute_dtype=compute_dtype)
+    loss = rows.sum() / max(int(valid.sum()), 1) if reduction == "mean" else rows.sum()
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    return loss.detach(), gx, gw
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def logit_scale(spec, x):
+    """Largest logit magnitude: s, or the largest feature norm for SphereFace's norm scale."""
+    scale = spec.row_scale(x.double())
+    return float(spec.s) if scale is None else scale.max().item()
+
+
+def assert_within_reference_error(actual, ref, ref_lowp, what, scale, factor=2.0):
+    """Error of ``actual`` at most ``factor`` x the low-precision reference's own error.
+
+    Floor: a fused head forms the log-sum-exp (magnitude ~ ``scale``) and subtracts
+    the target logit from it, so float32 accumulation leaves a few ulps of ``scale``
+    in the loss and in the softmax probabilities, even where the full-logits reference
+    (whose log_softmax subtracts the exact max) happens to be more exact.
+    """
+    for name, a, r, lp in zip(("loss", "grad_x", "grad_w"), actual, ref, ref_lowp):
+        own = max_err(lp, r)
+        magnitude = max(r.double().abs().max().item(), 1.0)
+        floor = 4 * torch.finfo(torch.float32).eps * scale * magnitude
+        err = max_err(a, r)
+        assert err <= factor * own + floor, (
+            f"{what} {name}: error {err:.3g} exceeds {factor} x the reference's own "
+            f"low-precision error {own:.3g} + float32 floor {floor:.3g}")
