@@ -62,7 +62,8 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # the C++ standard is left to torch (it adds the one its headers need)
+    cxx_flags = ["-O3", "-fno-math-errno"]
     link_flags = []
     if _compiler_accepts("-fopenmp"):
         # at::parallel_for is an OpenMP region compiled into the caller
@@ -75,7 +76,7 @@ def _extensions():
             _cpu_sources() + _cuda_sources(),
             define_macros=[("MARGIN_EXT_WITH_CUDA", "1")],
             # no --use_fast_math: the margins need sinf/cosf/acosf at full precision
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,
         )
     else:
