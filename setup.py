@@ -74,7 +74,6 @@ def _extensions():
         ext = CUDAExtension(
             "margin_ext._C",
             _cpu_sources() + _cuda_sources(),
-            define_macros=[("MARGIN_EXT_WITH_CUDA", "1")],
             # no --use_fast_math: the margins need sinf/cosf/acosf at full precision
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,

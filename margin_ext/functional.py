@@ -56,6 +56,8 @@ def margin_cross_entropy(
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected an integer >= 1 or None")
 
     valid = labels != ignore_index
+    if torch.compiler.is_compiling() and backend != "reference":
+        return _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend, chunk_size, generator)
     rows = valid.nonzero().squeeze(1)
     all_valid = rows.numel() == labels.numel()
     x = embeddings if all_valid else embeddings[rows]
@@ -81,6 +83,26 @@ def margin_cross_entropy(
     if all_valid:
         return row_losses
     return row_losses.new_zeros(labels.shape[0]).index_put((rows,), row_losses)
+
+
+def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend, chunk_size, generator):
+    """The loss without data-dependent shapes, for torch.compile(fullgraph=True).
+
+    Every row goes through the kernels: an ignored row gets the label -1 (no target
+    among the classes) and its loss is masked to 0 afterwards, so it gets no gradient.
+    Random margins are drawn here for every row (eager draws them for the counted rows
+    only), so with ignored rows an ElasticFace draw differs from eager's.
+    """
+    kernels = resolve(backend, embeddings.device)
+    chunk = chunk_size or default_chunk_size(labels.shape[0], weight.shape[0], weight.device)
+    y = torch.where(valid, labels, -1)
+    row_losses = _fused_row_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator)
+    row_losses = torch.where(valid, row_losses, 0.0)
+    if reduction == "sum":
+        return row_losses.sum()
+    if reduction == "mean":
+        return row_losses.sum() / valid.sum().clamp_min(1)
+    return row_losses
 
 
 def _fused_row_losses(x, weight, y, margin, kernels, chunk_size, generator):

@@ -57,6 +57,11 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
 def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every label in [0, num_classes) or equal to ignore_index."""
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if torch.compiler.is_compiling():
+        # a compiled graph cannot branch on data: an asynchronous assert instead
+        torch._assert_async(~bad.any(), f"labels out of range: expected a class in [0, {num_classes}) "
+                                        f"or ignore_index={ignore_index}")
+        return
     if bad.any():
         row = bad.nonzero()[0].item()
         raise ValueError(f"labels[{row}]={labels[row].item()} is out of range: expected a class in "

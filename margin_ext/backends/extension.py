@@ -1,11 +1,153 @@
-"""The compiled extension's kernels ("cpp" on CPU tensors, "cuda" on CUDA tensors)."""
+"""The compiled extension's kernels: "cpp" on CPU tensors, "cuda" on CUDA tensors.
+
+The Python face of ``margin_ext._C`` (sources in ``csrc/``), which defines two ops:
+
+* ``torch.ops.margin_ext.head_forward(x_hat, weight, labels, scale, margin, theta_y,
+  target_centre, <margin params>, chunk_size) -> (lse, target_logit)``
+* ``torch.ops.margin_ext.head_backward(<the same>, lse, grad_lse, grad_target)
+  -> (grad_x, grad_weight, grad_scale)``
+
+The margin params are :class:`~margin_ext.margins.MarginParams` field by field. This
+module gives them fake implementations (shapes, for torch.compile), makes
+``head_forward`` differentiable (its backward is ``head_backward``) and wraps both in
+the :class:`~margin_ext.head_function.Kernels` contract for ``backends.resolve``.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Optional
+
 import torch
 
+from ..head_function import Kernels
+from ..margins import MarginParams
+from ..rows import RowInputs
 
-def load(name: str, device: torch.device):
+_MODULE = "margin_ext._C"
+_BUILD_HINT = ("build it from the source tree with `pip install --no-build-isolation -e .`; the CUDA kernels "
+               "need a CUDA build of torch and nvcc (MARGIN_EXT_CUDA=1 forces them, see csrc/README.md)")
+
+
+def _import_extension() -> Optional[str]:
+    """Loads the compiled ops; returns why not when the module is not built at all.
+
+    Only the compiled module's own absence counts as "not built": any other import
+    error (an undefined symbol, a torch ABI mismatch) is a broken build and surfaces.
+    """
+    try:
+        importlib.import_module(_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != _MODULE:
+            raise
+        return f"the compiled extension {_MODULE} is not built"
+    return None
+
+
+_MISSING = _import_extension()
+
+
+def is_built() -> bool:
+    """Whether the CPU kernels are built (they always are when the extension is)."""
+    return _MISSING is None
+
+
+def cuda_is_built() -> bool:
+    """Whether the extension was built with its CUDA kernels."""
+    return is_built() and torch._C._dispatch_has_kernel_for_dispatch_key("margin_ext::head_forward", "CUDA")
+
+
+def margin_args(params: MarginParams) -> tuple:
+    """The ops' margin arguments, in schema order."""
+    return (int(params.target), int(params.fallback), bool(params.straight_through), float(params.m1),
+            float(params.m3), float(params.sphere_lambda), int(params.nontarget), float(params.inter_mu),
+            float(params.inter_alpha), bool(params.inter_dynamic))
+
+
+def head_forward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+                 chunk_size: int):
+    """(lse, target_logit) per row; differentiable w.r.t. x_hat, weight and rows.scale."""
+    return torch.ops.margin_ext.head_forward(x_hat, weight, rows.labels, rows.scale, rows.margin, rows.theta_y,
+                                             rows.target_centre, *margin_args(params), chunk_size)
+
+
+def head_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+                  chunk_size: int, lse: torch.Tensor, grad_lse: torch.Tensor, grad_target: torch.Tensor):
+    """(grad_x_hat, grad_weight in the weight's dtype, grad_scale) from the saved lse."""
+    return torch.ops.margin_ext.head_backward(x_hat, weight, rows.labels, rows.scale, rows.margin, rows.theta_y,
+                                              rows.target_centre, *margin_args(params), chunk_size, lse,
+                                              grad_lse, grad_target)
+
+
+CPP_KERNELS = Kernels("cpp", head_forward, head_backward)
+CUDA_KERNELS = Kernels("cuda", head_forward, head_backward)
+
+
+def load(name: str, device) -> Kernels:
+    """The compiled kernels of backend ``name`` ("cpp" or "cuda") for tensors on ``device``."""
     from . import BackendUnavailable
 
-    raise BackendUnavailable(f"backend={name!r}: the compiled extension is not part of this build")
+    device = torch.device(device)
+    if name not in ("cpp", "cuda"):
+        raise ValueError(f"backend={name!r} is not a compiled backend: expected 'cpp' or 'cuda'")
+    if name == "cpp" and device.type != "cpu":
+        raise BackendUnavailable(f"backend='cpp' runs the compiled CPU kernels, but the tensors are on {device}: "
+                                 "use backend='cuda' (or 'auto') for CUDA tensors")
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailable(f"backend='cuda' runs the compiled CUDA kernels, but the tensors are on {device}: "
+                                 "use backend='cpp' (or 'auto') for CPU tensors")
+    if _MISSING is not None:
+        raise BackendUnavailable(f"backend={name!r}: {_MISSING}; {_BUILD_HINT}")
+    if name == "cuda" and not cuda_is_built():
+        raise BackendUnavailable(f"backend='cuda': {_MODULE} was built without its CUDA kernels "
+                                 f"(torch.version.cuda={torch.version.cuda}); {_BUILD_HINT}")
+    return CPP_KERNELS if name == "cpp" else CUDA_KERNELS
+
+
+# ---- fake implementations (torch.compile, meta tensors) and autograd ----
+
+def _head_forward_fake(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind, fallback,
+                       straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu, inter_alpha,
+                       inter_dynamic, chunk_size):
+    torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
+    torch._check(x_hat.shape[1] == weight.shape[1], lambda: "x_hat and weight must have the same D")
+    torch._check(labels.shape == (x_hat.shape[0],), lambda: "labels must be (B,)")
+    rows = x_hat.shape[0]
+    return x_hat.new_empty(rows), x_hat.new_empty(rows)
+
+
+def _head_backward_fake(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind, fallback,
+                        straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu, inter_alpha,
+                        inter_dynamic, chunk_size, lse, grad_lse, grad_target):
+    torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
+    torch._check(x_hat.shape[1] == weight.shape[1], lambda: "x_hat and weight must have the same D")
+    return (x_hat.new_empty(x_hat.shape), weight.new_empty(weight.shape),
+            x_hat.new_empty(x_hat.shape[0]))
+
+
+_TENSOR_INPUTS = 7  # x_hat, weight, labels, scale, margin, theta_y, target_centre
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], output[0])
+    ctx.other_args = tuple(inputs[_TENSOR_INPUTS:])  # margin params and chunk_size
+
+
+def _head_forward_backward(ctx, grad_lse, grad_target):
+    x_hat, weight, labels, scale, margin, theta_y, target_centre, lse = ctx.saved_tensors
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    grad_target = torch.zeros_like(lse) if grad_target is None else grad_target
+    grad_x, grad_w, grad_scale = torch.ops.margin_ext.head_backward(
+        x_hat, weight, labels, scale, margin, theta_y, target_centre, *ctx.other_args, lse, grad_lse, grad_target)
+    grads = [None] * (_TENSOR_INPUTS + len(ctx.other_args))
+    grads[0] = grad_x if ctx.needs_input_grad[0] else None
+    grads[1] = grad_w if ctx.needs_input_grad[1] else None
+    grads[3] = grad_scale.to(scale.dtype) if ctx.needs_input_grad[3] else None
+    return tuple(grads)
+
+
+if _MISSING is None:
+    torch.library.register_fake("margin_ext::head_forward", _head_forward_fake)
+    torch.library.register_fake("margin_ext::head_backward", _head_backward_fake)
+    torch.library.register_autograd("margin_ext::head_forward", _head_forward_backward,
+                                    setup_context=_setup_context)

@@ -1,0 +1,77 @@
+"""torch.compile(fullgraph=True) over the compiled ops, forward and backward, on the CPU.
+
+fullgraph=True turns any graph break into an error, so passing means the whole step,
+the custom ops included (through their fake implementations), is one graph.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import margin_ext as mx
+from margin_ext import functional
+from margin_ext.backends import extension as ext
+from cases import make_inputs
+
+
+class TinyModel(torch.nn.Module):
+    """A Linear backbone and a margin head over 37 classes."""
+
+    def __init__(self, spec, head):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Linear(12, 16)
+        self.weight = torch.nn.Parameter(torch.randn(37, 16))
+        self.spec, self.head = spec, head
+
+    def forward(self, x, labels):
+        return self.head(self.backbone(x), self.weight, labels, self.spec)
+
+
+def op_head(embeddings, weight, labels, spec):
+    """The loss straight from the op and its registered autograd."""
+    x_hat = F.normalize(embeddings, dim=1, eps=1e-12)
+    n = labels.shape[0]
+    lse, target = torch.ops.margin_ext.head_forward(
+        x_hat, weight, labels, torch.full((n,), spec.s), torch.full((n,), spec.margin_value()), None, None,
+        *ext.margin_args(spec.kernel_params()), 8)
+    return (lse - target).mean()
+
+
+def functional_head(embeddings, weight, labels, spec):
+    return mx.margin_cross_entropy(embeddings, weight, labels, spec, backend="cpp", chunk_size=8)
+
+
+def eager_and_compiled(model, x, labels, backend):
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend=backend)):
+        model.zero_grad()
+        loss = run(x, labels)
+        loss.backward()
+        results.append((loss.detach(), model.backbone.weight.grad.clone(), model.weight.grad.clone()))
+    return results
+
+
+def assert_same(eager, compiled):
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_op_with_its_autograd_compiles_with_inductor():
+    assert ext.is_built()
+    torch._dynamo.reset()
+    x, _, labels = make_inputs(6, 37, 12, torch.float32, seed=0, labels=[0, 7, 8, 36, 15, 16])
+    eager, compiled = eager_and_compiled(TinyModel(mx.ArcFace(), op_head), x, labels, backend="inductor")
+    assert_same(eager, compiled)
+
+
+@pytest.mark.xfail(not hasattr(functional, "_compiled_loss"), strict=True,
+                   reason="margin_cross_entropy branches on label values (check_labels, ignore_index rows): "
+                          "needs its data-independent path for torch.compile (functional._compiled_loss)")
+@pytest.mark.parametrize("spec", [mx.ArcFace(), mx.InterFace(), mx.SphereFace()], ids=repr)
+def test_margin_cross_entropy_compiles_without_graph_breaks(spec):
+    assert ext.is_built()
+    torch._dynamo.reset()
+    x, _, labels = make_inputs(6, 37, 12, torch.float32, seed=1, labels=[0, 7, -1, 36, 15, 16])
+    eager, compiled = eager_and_compiled(TinyModel(spec, functional_head), x, labels, backend="aot_eager")
+    assert_same(eager, compiled)
