@@ -1,8 +1,10 @@
 """margin_ext: fused, sharded margin-softmax heads for millions of classes."""
 
 from .backends import BackendUnavailable
+from .checkpoint import load_head, save_head
 from .functional import margin_cross_entropy
 from .monitoring import best_class, iter_cosines, top1_accuracy
+from .partial_fc import PartialFC
 from .margins import (
     SPECS,
     ArcFace,
@@ -29,11 +31,14 @@ __all__ = [
     "InterFace",
     "IntraLoss",
     "MarginSpec",
+    "PartialFC",
     "SPECS",
     "SphereFace",
     "best_class",
     "iter_cosines",
+    "load_head",
     "margin_cross_entropy",
+    "save_head",
     "sphereface_lambda",
     "top1_accuracy",
 ]

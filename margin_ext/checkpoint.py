@@ -1,0 +1,216 @@
+"""Checkpoints of the sharded head that load on any number of ranks.
+
+Built on ``torch.distributed.checkpoint`` (DCP). Each rank writes its shard of the
+centres as a ``ShardedTensor`` shard placed at the shard's global row offset, so the
+checkpoint describes the one (C x D) matrix, not R pieces of it; on load, each rank
+asks DCP for the rows of its new shard and DCP reads them from whichever files hold
+them. Optimizer state that has the centres' shape (SGD's momentum, Adam's moments) is
+saved the same way; the rest (Adam's step, the parameter groups) is replicated.
+
+Why ShardedTensor rather than DTensor: DTensor's Shard(0) places rows by
+``torch.chunk`` (ceil(C / R) per rank), while our shards are C // R + (r < C % R)
+rows (e.g. C = 37 on 3 ranks: 13, 12, 12 against 13, 13, 11); a ShardedTensor takes
+the offsets as they are. Without an initialised process group the head's single shard
+is the whole matrix and is saved as a plain tensor, which DCP treats the same way.
+
+Both functions are collectives: every rank of the head's process group calls them,
+with a ``directory`` on a filesystem all of them see.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from .partial_fc import PartialFC
+
+FORMAT_VERSION = 1
+_ROWS, _WHOLE, _OBJECT = "rows", "whole", "object"
+
+
+def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.Optimizer] = None,
+              *, extra: Optional[Dict[str, Any]] = None) -> None:
+    """Save ``head`` (and ``optimizer``, which must optimize only ``head.parameters()``).
+
+    extra: small state, the same on every rank, to keep beside it (a GradScaler's
+    state_dict, the step, ...); :func:`load_head` returns it. Pickled.
+    """
+    _check_head(head)
+    state: Dict[str, Any] = {
+        "head.weight": _by_rows(head, head.weight.detach()),
+        "head.meta": _blob({"format": FORMAT_VERSION, "num_classes": head.num_classes,
+                            "embedding_size": head.embedding_size, "world_size": head.world_size,
+                            "sampling_step": head.sampling_step, "margin": repr(head.margin)}),
+    }
+    if optimizer is not None:
+        names = _parameter_names(head, optimizer)
+        saved = optimizer.state_dict()
+        layout, objects = {}, {}
+        for index, per_param in saved["state"].items():
+            name, param = names[index], head.get_parameter(names[index])
+            for key, value in per_param.items():
+                fqn = f"optimizer.state.{name}.{key}"
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape:
+                    layout[fqn], state[fqn] = _ROWS, _by_rows(head, value)
+                elif isinstance(value, torch.Tensor):
+                    layout[fqn], state[fqn] = _WHOLE, value
+                else:
+                    layout[fqn], objects[fqn] = _OBJECT, value
+        groups = [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]
+        state["optimizer.meta"] = _blob({"type": type(optimizer).__name__, "layout": layout,
+                                         "objects": objects, "param_groups": groups})
+    if extra is not None:
+        state["extra"] = _blob(extra)
+    dcp = _dcp()
+    with _quiet():
+        # overwrite: saving again to the same directory (a "latest" checkpoint) is intended
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, overwrite=True),
+                 process_group=head.process_group, no_dist=_no_dist())
+
+
+def load_head(directory: str, head: PartialFC,
+              optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+    """Load a checkpoint of :func:`save_head` into ``head`` (and ``optimizer``).
+
+    The checkpoint may come from any number of ranks; the centres and the optimizer
+    state land bit for bit in this head's shards. Everything is checked before
+    anything changes. Returns the ``extra`` saved with it ({} if none).
+    """
+    _check_head(head)
+    names = _parameter_names(head, optimizer) if optimizer is not None else None
+    stored = _dcp().FileSystemReader(directory).read_metadata().state_dict_metadata
+    wanted = ["head.meta"] + [k for k in ("optimizer.meta", "extra") if k in stored]
+    small = _load(head, directory, {k: b"" for k in wanted})
+    meta = pickle.loads(small["head.meta"])
+    if meta["format"] > FORMAT_VERSION:
+        raise ValueError(f"the checkpoint in {directory!r} has format {meta['format']}, newer than this "
+                         f"margin_ext reads ({FORMAT_VERSION})")
+    for name in ("num_classes", "embedding_size"):
+        if meta[name] != getattr(head, name):
+            raise ValueError(f"the checkpoint in {directory!r} has {name}={meta[name]}, "
+                             f"the head has {name}={getattr(head, name)}")
+    optimizer_meta = None
+    if optimizer is not None:
+        if "optimizer.meta" not in small:
+            raise ValueError(f"the checkpoint in {directory!r} holds no optimizer state: "
+                             f"pass optimizer=None or a checkpoint saved with one")
+        optimizer_meta = pickle.loads(small["optimizer.meta"])
+        _check_optimizer(directory, optimizer, names, optimizer_meta)
+
+    tensors = {"head.weight": _by_rows(head, torch.empty_like(head.weight.detach()))}
+    for fqn, kind in (optimizer_meta["layout"].items() if optimizer_meta else ()):
+        saved = stored.get(fqn)
+        if kind == _ROWS:
+            local = torch.empty((head.num_local,) + tuple(saved.size[1:]), dtype=saved.properties.dtype,
+                                device=head.weight.device)
+            tensors[fqn] = _by_rows(head, local)
+        elif kind == _WHOLE:
+            tensors[fqn] = torch.empty(saved.size, dtype=saved.properties.dtype)
+    loaded = _load(head, directory, tensors)
+
+    with torch.no_grad():
+        head.weight.copy_(_local(loaded["head.weight"]))
+    head.sampling_step = meta["sampling_step"]
+    if optimizer_meta is not None:
+        _restore_optimizer(optimizer, names, optimizer_meta, loaded)
+    return pickle.loads(small["extra"]) if "extra" in small else {}
+
+
+def _check_optimizer(directory, optimizer, names, meta) -> None:
+    if meta["type"] != type(optimizer).__name__:
+        raise ValueError(f"the checkpoint in {directory!r} holds the state of a {meta['type']} "
+                         f"optimizer, got optimizer={type(optimizer).__name__}")
+    saved = [sorted(g["params"]) for g in meta["param_groups"]]
+    current = [sorted(names[i] for i in g["params"]) for g in optimizer.state_dict()["param_groups"]]
+    if saved != current:
+        raise ValueError(f"the optimizer's parameter groups {current} differ from the saved ones {saved}")
+
+
+def _restore_optimizer(optimizer, names, meta, loaded) -> None:
+    index_of = {name: index for index, name in names.items()}
+    state: Dict[int, Dict[str, Any]] = {}
+    for fqn, kind in meta["layout"].items():
+        name, key = fqn[len("optimizer.state."):].rsplit(".", 1)
+        value = meta["objects"][fqn] if kind == _OBJECT else _local(loaded[fqn])
+        state.setdefault(index_of[name], {})[key] = value
+    groups = [dict(g, params=[index_of[n] for n in g["params"]]) for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _check_head(head) -> None:
+    if not isinstance(head, PartialFC):
+        raise TypeError(f"head must be a margin_ext.PartialFC, got {type(head).__name__}")
+
+
+def _parameter_names(head: PartialFC, optimizer) -> Dict[int, str]:
+    """The name in ``head`` of each parameter index of ``optimizer.state_dict()``."""
+    by_identity = {id(p): name for name, p in head.named_parameters()}
+    names, index = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in by_identity:
+                raise ValueError("optimizer must optimize only head.parameters(): it holds a parameter "
+                                 f"of shape {tuple(p.shape)} that is not the head's")
+            names[index] = by_identity[id(p)]
+            index += 1
+    return names
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _by_rows(head: PartialFC, local: torch.Tensor):
+    """``local`` (this rank's rows of a (C, ...) tensor) as DCP should see it: placed at head.start."""
+    if head.world_size == 1:
+        return local
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    local = local.contiguous()
+    rest = list(local.shape[1:])
+    placement = f"rank:{dist.get_rank()}/{local.device}"  # ShardedTensor names the global rank
+    shard = Shard(local, ShardMetadata([head.start] + [0] * len(rest), list(local.shape), placement))
+    with _quiet():
+        return init_from_local_shards([shard], [head.num_classes] + rest, process_group=head.process_group)
+
+
+def _local(value) -> torch.Tensor:
+    if hasattr(value, "local_shards"):  # a ShardedTensor
+        return value.local_shards()[0].tensor
+    return value
+
+
+def _blob(obj) -> bytes:
+    # one opaque value, so that DCP keeps nested dicts and tuples exactly as they are
+    return pickle.dumps(obj)
+
+
+def _dcp():
+    # imported on first use: it takes longer to import than the rest of margin_ext
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def _load(head, directory, state):
+    with _quiet():
+        _dcp().load(state, checkpoint_id=directory, process_group=head.process_group, no_dist=_no_dist())
+    return state
+
+
+class _quiet(warnings.catch_warnings):
+    """DCP warns that a process-less save is single-process and that it overwrites an
+    older checkpoint (both intended here), ShardedTensor that its ops are deprecated
+    (we use it only as a container of placed shards)."""
+
+    def __enter__(self):
+        result = super().__enter__()
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+        return result

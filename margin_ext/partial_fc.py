@@ -1,0 +1,426 @@
+"""``PartialFC``: the margin-softmax head with its classes split across ranks.
+
+Rank r of the head's process group owns the contiguous classes
+[start_r, start_r + n_r), n_r = C // R + (r < C % R), and only their centres. One
+step reads straight down:
+
+1. gather the batch: every rank's batch size (with a code for anything wrong with
+   its inputs, so that all ranks raise the same error instead of hanging), then the
+   embeddings (autograd-aware) and the labels of the global batch;
+2. map each global label to its column in this shard (-1 where another rank owns it)
+   and, with ``sample_rate < 1`` in training, keep the positives of the shard plus
+   uniformly drawn negatives;
+3. where the spec needs cos(theta_y), the owner of each row's class computes it and
+   a sum over the ranks hands it to everybody; random margins are drawn once and
+   broadcast from rank 0;
+4. the shard's kernels give per-row (log-sum-exp, target logit)
+   (:func:`margin_ext.head_function.head_statistics`);
+5. log-sum-exp across ranks (MAX then SUM of rescaled sums), target logit from its
+   owner (a SUM), the spec's extra term: the loss, the mean over the global batch's
+   counted rows, identical on every rank.
+
+Backward: the kernels give each rank the gradient of its shard's centres and its
+classes' share of the gradient of every gathered row; the gather's backward sums the
+shares and returns each rank the gradient of its own rows (see
+:mod:`margin_ext.distributed` for the convention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .backends import BACKENDS, default_chunk_size, resolve
+from .head_function import head_statistics
+from .margins import ArcFace, MarginSpec, NonTargetKind
+from .monitoring import best_class
+from .rows import normalize, prepare_rows
+from .validation import FLOAT_DTYPES
+
+INIT_STD = 0.01  # insightface's PartialFC initialises the centres from N(0, 0.01)
+INIT_BLOCK = 4096  # classes drawn from one generator; a shard boundary never changes the numbers
+
+_DDP_MESSAGE = (
+    "PartialFC must not be wrapped in DistributedDataParallel: its weight is sharded "
+    "across the ranks (each rank holds different classes), not replicated, and DDP "
+    "would overwrite every shard with rank 0's and average unrelated gradients. Wrap "
+    "only the backbone in DDP and call the head directly: "
+    "loss = head(ddp_backbone(images), labels).")
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from a few integers (splitmix64 steps), so nearby inputs give unrelated streams."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & mask)) & mask
+        h = (h + 0x9E3779B97F4A7C15) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+_INIT_STREAM, _SAMPLE_STREAM = 1, 2
+
+
+def initial_class_centres(start: int, stop: int, embedding_size: int, seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The initial centres of classes [start, stop), as every PartialFC draws them.
+
+    N(0, INIT_STD) like insightface, but each block of INIT_BLOCK global classes has its
+    own generator seeded from (seed, block), so a class's centre depends only on its
+    global index and ``seed``: the shards of R ranks put together equal the weight of
+    one process, whatever R. Drawn on the CPU in float32, then cast to ``dtype``.
+    """
+    out = torch.empty(stop - start, embedding_size)
+    first_block, last_block = start // INIT_BLOCK, (stop - 1) // INIT_BLOCK
+    for block in range(first_block, last_block + 1):
+        g = torch.Generator().manual_seed(_mix_seed(_INIT_STREAM, seed, block))
+        values = torch.normal(0.0, INIT_STD, (INIT_BLOCK, embedding_size), generator=g)
+        lo, hi = max(start, block * INIT_BLOCK), min(stop, (block + 1) * INIT_BLOCK)
+        out[lo - start:hi - start] = values[lo - block * INIT_BLOCK:hi - block * INIT_BLOCK]
+    return out.to(dtype)
+
+
+def sample_classes(local_labels: torch.Tensor, num_local: int, sample_rate: float,
+                   generator: torch.Generator):
+    """The shard's columns kept this step (ascending) and the labels remapped to them.
+
+    Every class of the shard that is a positive of the global batch is kept; uniformly
+    drawn negatives fill up to ceil(sample_rate * num_local) classes (all positives are
+    kept even when they are more). ``local_labels`` holds -1 for rows this shard does
+    not own, and keeps -1 there.
+    """
+    owned = local_labels >= 0
+    positives = torch.unique(local_labels[owned])  # sorted
+    # round first: 0.1 * 30 is 3.0000000000000004 in floating point
+    keep = min(num_local, math.ceil(round(sample_rate * num_local, 9)))
+    if positives.numel() >= keep:
+        index = positives
+    else:
+        score = torch.rand(num_local, generator=generator, device=local_labels.device)
+        score[positives] = 2.0  # above every uniform draw: positives are always among the top
+        index = score.topk(keep).indices.sort().values
+    remapped = torch.where(owned, torch.searchsorted(index, local_labels), local_labels)
+    return index, remapped
+
+
+# Problems with one rank's inputs, sent with its batch size so that every rank raises.
+_OK, _NOT_TENSOR, _EMB_NDIM, _EMB_DTYPE, _EMB_SIZE, _LABEL_DTYPE, _LABEL_SHAPE, _DEVICE = range(8)
+_KNOWN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def _dtype_code(dtype) -> int:
+    return _KNOWN_DTYPES.index(dtype) if dtype in _KNOWN_DTYPES else -1
+
+
+def _dtype_name(code: int) -> str:
+    return str(_KNOWN_DTYPES[code]) if code >= 0 else "an unsupported dtype"
+
+
+class PartialFC(nn.Module):
+    """Margin-softmax head whose class centres are split across the ranks of a group.
+
+    embedding_size, num_classes: D and the total number of classes C.
+    margin: a spec from :mod:`margin_ext.margins`.
+    sample_rate: in (0, 1]; below 1, each training step keeps, per shard, the classes
+        that are positives of the global batch plus uniformly drawn negatives, up to
+        ceil(sample_rate * n_r) (Partial FC). 1 is exact and copies nothing. In eval
+        mode every class is used.
+    process_group: the ranks that share the classes; None: the default group when
+        torch.distributed is initialised, else a single process owning every class.
+    dtype: storage dtype of the centres.
+    backend, chunk_size: as :func:`margin_ext.margin_cross_entropy` ("reference" is not
+        available here).
+    seed: the initial centres are a function of (seed, global class) only (see
+        :func:`initial_class_centres`); negative sampling draws from (seed, rank, step).
+    ignore_index: label of rows that do not count.
+
+    ``head.weight`` is this rank's shard, classes [start, start + n_r). Never wrap the
+    head in DistributedDataParallel (it raises): its parameters are sharded.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: MarginSpec = ArcFace(),
+                 sample_rate: float = 1.0, process_group=None, dtype: torch.dtype = torch.float32,
+                 backend: str = "auto", chunk_size: Optional[int] = None, seed: int = 0,
+                 ignore_index: int = -1):
+        super().__init__()
+        self.process_group = process_group
+        self.world_size = distributed.group_size(process_group)
+        self.rank = distributed.group_rank(process_group)
+        config = dict(embedding_size=embedding_size, num_classes=num_classes, margin=repr(margin),
+                      sample_rate=sample_rate, dtype=str(dtype), backend=backend,
+                      chunk_size=chunk_size, seed=seed, ignore_index=ignore_index)
+        problem = _config_problem(embedding_size, num_classes, margin, sample_rate, dtype,
+                                  backend, chunk_size, seed, ignore_index)
+        # one small exchange so that a rank built differently is an error on every rank
+        _agree_on_config(config, problem, distributed.all_gather_objects((config, problem), process_group))
+        if num_classes < self.world_size:
+            raise ValueError(f"num_classes={num_classes} is smaller than the {self.world_size} ranks of "
+                             f"the process group: every rank needs at least one class")
+
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.margin = margin
+        self.sample_rate = float(sample_rate)
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.ignore_index = ignore_index
+        self.start, self.stop = distributed.shard_range(num_classes, self.world_size, self.rank)
+        self.num_local = self.stop - self.start
+        self.sampling_step = 0  # advances once per sampled step; part of the saved state
+        #: global ids of this shard's classes used by the last call (None: all of them)
+        self.sampled_classes: Optional[torch.Tensor] = None
+        self.weight = nn.Parameter(initial_class_centres(self.start, self.stop, embedding_size, seed, dtype))
+        self._kernels: Dict[torch.device, object] = {}
+        self._sampler: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ the loss
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Mean margin loss over the counted rows of the GLOBAL batch (same on every rank).
+
+        embeddings: (b_r, D) this rank's features, not normalized; b_r may differ
+        between ranks (and be 0 on some). labels: (b_r,) int64 global class indices
+        or ignore_index. generator: for specs with random margins (drawn on rank 0,
+        broadcast). A collective: every rank of the group calls it.
+        """
+        self._refuse_ddp()
+        x, y = self._gather_batch(embeddings, labels, differentiable=True)
+        counted = (y != self.ignore_index).nonzero().squeeze(1)
+        n_rows = counted.numel()
+        if n_rows == 0:
+            # nothing counts anywhere: a zero that still reaches both inputs, on every rank
+            return (x[:0].sum() + self.weight[:0].sum()).float()
+        if n_rows != y.numel():
+            x, y = x[counted], y[counted]
+
+        local_labels = distributed.local_columns(y, self.start, self.stop)
+        weight = self.weight
+        self.sampled_classes = None
+        if self.sample_rate < 1.0 and self.training:
+            index, local_labels = sample_classes(local_labels, self.num_local, self.sample_rate,
+                                                 self._next_sampler(weight.device))
+            weight = weight[index]  # gradient reaches only the sampled centres
+            self.sampled_classes = index + self.start
+
+        spec, group = self.margin, self.process_group
+        x_hat = normalize(x)
+        target_cos = target_centre = None
+        if spec.needs_target_cos:
+            target_cos, target_centre = self._target_cosine(x_hat, weight, local_labels)
+        rows = prepare_rows(spec, x, local_labels, target_cos, target_centre, generator)
+        if spec.is_random:
+            rows.margin = distributed.broadcast_from_first(rows.margin, group)  # one draw for the whole batch
+
+        kernels = self._kernels_for(weight.device)
+        chunk = self.chunk_size or default_chunk_size(n_rows, weight.shape[0], weight.device)
+        lse, target_logit = head_statistics(x_hat, weight, rows, spec.kernel_params(), kernels,
+                                            min(chunk, weight.shape[0]))
+        losses = (distributed.logsumexp_across_ranks(lse, group)
+                  - distributed.sum_across_ranks(target_logit, group))
+        extra = spec.extra_loss(target_cos) if target_cos is not None else None
+        if extra is not None:
+            losses = losses + extra
+        return losses.sum() / n_rows
+
+    def _target_cosine(self, x_hat, weight, local_labels):
+        """cos(theta_y) (differentiable) and the normalized target centre, from each row's owner.
+
+        Each rank fills the rows whose class it owns and zeros elsewhere; the sum over
+        the ranks is then exact. The centres travel only for InterFace, which needs them.
+        """
+        mine = (local_labels >= 0).nonzero().squeeze(1)
+        centre = normalize(weight[local_labels[mine]])
+        mine_cos = (x_hat[mine] * centre).sum(dim=1)
+        cos = mine_cos.new_zeros(x_hat.shape[0]).index_put((mine,), mine_cos)
+        target_cos = distributed.sum_across_ranks(cos, self.process_group)
+        target_centre = None
+        if self.margin.kernel_params().nontarget == NonTargetKind.INTERFACE:
+            centres = x_hat.new_zeros(x_hat.shape).index_put((mine,), centre.detach().to(x_hat.dtype))
+            target_centre = distributed.sum_across_ranks(centres, self.process_group)
+        return target_cos, target_centre
+
+    def _kernels_for(self, device):
+        if device not in self._kernels:
+            self._kernels[device] = resolve(self.backend, device)
+        return self._kernels[device]
+
+    def _next_sampler(self, device) -> torch.Generator:
+        if self._sampler is None or self._sampler.device != device:
+            self._sampler = torch.Generator(device=device)
+        self._sampler.manual_seed(_mix_seed(_SAMPLE_STREAM, self.seed, self.rank, self.sampling_step))
+        self.sampling_step += 1
+        return self._sampler
+
+    # ------------------------------------------------------------------ the global batch
+
+    def _gather_batch(self, embeddings, labels, differentiable: bool):
+        """Embeddings and labels of every rank, in rank order, after checking them everywhere."""
+        group = self.process_group
+        code, value = self._input_problem(embeddings, labels)
+        batch = embeddings.shape[0] if code not in (_NOT_TENSOR, _EMB_NDIM) else 0
+        wants_grad = differentiable and code == _OK and embeddings.requires_grad and torch.is_grad_enabled()
+        meta = torch.tensor([batch, code, value, wants_grad], dtype=torch.int64,
+                            device=distributed.collective_device(group))
+        table = distributed.all_gather_stacked(meta, group).tolist()
+        for rank, (_, code, value, _) in enumerate(table):
+            if code != _OK:
+                raise self._input_error(rank, code, value, table[rank][0])
+        sizes = [row[0] for row in table]
+        if sum(sizes) == 0:
+            raise ValueError("the global batch is empty: every rank passed 0 rows")
+        if not differentiable:
+            x = distributed.all_gather_rows(embeddings, sizes, group)
+        else:
+            if any(row[3] for row in table) and not wants_grad and torch.is_grad_enabled():
+                # another rank will run the gather's backward, a collective: take part in it
+                embeddings = embeddings.detach().requires_grad_(True)
+            x = distributed.gather_rows(embeddings, sizes, group)
+        y = distributed.all_gather_rows(labels, sizes, group)
+        bad = ((y < 0) | (y >= self.num_classes)) & (y != self.ignore_index)
+        if bad.any():
+            row = bad.nonzero()[0].item()
+            rank = next(r for r in range(len(sizes)) if row < sum(sizes[:r + 1]))
+            raise ValueError(f"labels[{row - sum(sizes[:rank])}]={y[row].item()} on rank {rank} is out of "
+                             f"range: expected a class in [0, num_classes={self.num_classes}) or "
+                             f"ignore_index={self.ignore_index}")
+        return x, y
+
+    def _input_problem(self, embeddings, labels):
+        """(code, value) of the first thing wrong with this rank's inputs, (_OK, 0) if none."""
+        if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            return _NOT_TENSOR, 0
+        if embeddings.dim() != 2:
+            return _EMB_NDIM, embeddings.dim()
+        if embeddings.dtype not in FLOAT_DTYPES:
+            return _EMB_DTYPE, _dtype_code(embeddings.dtype)
+        if embeddings.shape[1] != self.embedding_size:
+            return _EMB_SIZE, embeddings.shape[1]
+        if labels.dtype != torch.int64:
+            return _LABEL_DTYPE, _dtype_code(labels.dtype)
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            return _LABEL_SHAPE, labels.shape[0] if labels.dim() == 1 else -1
+        if embeddings.device != self.weight.device or labels.device != self.weight.device:
+            return _DEVICE, 0
+        return _OK, 0
+
+    def _input_error(self, rank, code, value, batch):
+        where = f"on rank {rank}"
+        if code == _NOT_TENSOR:
+            return TypeError(f"embeddings and labels must be torch.Tensors ({where})")
+        if code == _EMB_NDIM:
+            return ValueError(f"embeddings must be (B, D) {where}, got a {value}-D tensor")
+        if code == _EMB_DTYPE:
+            return TypeError(f"embeddings.dtype={_dtype_name(value)} {where} is not supported: "
+                             f"expected one of {FLOAT_DTYPES}")
+        if code == _EMB_SIZE:
+            return ValueError(f"embeddings {where} has D={value} columns, expected "
+                              f"embedding_size={self.embedding_size}")
+        if code == _LABEL_DTYPE:
+            return TypeError(f"labels.dtype={_dtype_name(value)} {where} is invalid: expected "
+                             f"torch.int64 (use labels.long())")
+        if code == _LABEL_SHAPE:
+            shape = f"({value},)" if value >= 0 else "a tensor that is not 1-D"
+            return ValueError(f"labels {where} must have shape ({batch},) to match embeddings, got {shape}")
+        return ValueError(f"embeddings and labels {where} must be on the head's device {self.weight.device}")
+
+    # ------------------------------------------------------------------ monitoring and export
+
+    @torch.no_grad()
+    def top1_accuracy(self, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+        """Fraction of the global batch's counted rows whose nearest centre (plain cosine) is
+        their label; the same float on every rank (NaN when no row counts). A collective."""
+        x, y = self._gather_batch(embeddings, labels, differentiable=False)
+        cos, column = best_class(x, self.weight, self.chunk_size)
+        # each shard's best, then the shard with the largest cosine wins (ties: lowest class)
+        all_cos = distributed.all_gather_stacked(cos, self.process_group)
+        all_class = distributed.all_gather_stacked(column + self.start, self.process_group)
+        predicted = all_class.gather(0, all_cos.argmax(dim=0, keepdim=True)).squeeze(0)
+        counted = y != self.ignore_index
+        if not counted.any():
+            return float("nan")
+        return (predicted[counted] == y[counted]).double().mean().item()
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """All C centres on every rank (an all-gather of C x D: for tests and export only)."""
+        sizes = [distributed.shard_size(self.num_classes, self.world_size, r) for r in range(self.world_size)]
+        return distributed.all_gather_rows(self.weight.detach(), sizes, self.process_group).clone()
+
+    # ------------------------------------------------------------------ state and misuse
+
+    def get_extra_state(self):
+        return {"sampling_step": self.sampling_step}
+
+    def set_extra_state(self, state):
+        self.sampling_step = int(state["sampling_step"])
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"classes=[{self.start}, {self.stop}) of rank {self.rank}/{self.world_size}, "
+                f"margin={self.margin!r}, sample_rate={self.sample_rate}")
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        # DistributedDataParallel reads this attribute of the module it wraps before it
+        # broadcasts rank 0's parameters: the earliest moment to refuse
+        raise RuntimeError(_DDP_MESSAGE)
+
+    def _refuse_ddp(self):
+        # the head inside a larger module that DDP wraps: DDP marks itself active during
+        # its forward; it is misuse only if DDP manages our weight (not told to ignore it)
+        active = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if active is not None and any(p is self.weight for p in getattr(active, "_module_parameters", ())):
+            raise RuntimeError(_DDP_MESSAGE)
+
+
+def _config_problem(embedding_size, num_classes, margin, sample_rate, dtype, backend, chunk_size,
+                    seed, ignore_index) -> Optional[str]:
+    """What is wrong with this rank's constructor arguments, or None."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not positive_int(embedding_size):
+        return f"embedding_size={embedding_size!r} is invalid: expected an integer > 0"
+    if not positive_int(num_classes):
+        return f"num_classes={num_classes!r} is invalid: expected an integer > 0"
+    if not isinstance(margin, MarginSpec):
+        return f"margin={margin!r} is invalid: expected a margin spec such as margin_ext.ArcFace()"
+    if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+        return f"sample_rate={sample_rate!r} is invalid: expected a number in (0, 1]"
+    if dtype not in FLOAT_DTYPES:
+        return f"dtype={dtype!r} is invalid: expected one of {FLOAT_DTYPES}"
+    if backend not in BACKENDS or backend == "reference":
+        return (f"backend={backend!r} is invalid for PartialFC: expected one of "
+                f"{tuple(b for b in BACKENDS if b != 'reference')}")
+    if chunk_size is not None and not positive_int(chunk_size):
+        return f"chunk_size={chunk_size!r} is invalid: expected an integer >= 1 or None"
+    if not isinstance(seed, int):
+        return f"seed={seed!r} is invalid: expected an integer"
+    if not isinstance(ignore_index, int) or ignore_index >= 0:
+        return f"ignore_index={ignore_index!r} is invalid: expected a negative integer"
+    return None
+
+
+def _agree_on_config(config, problem, gathered) -> None:
+    """Raise the same error on every rank if any rank's arguments are invalid or differ."""
+    for rank, (_, other_problem) in enumerate(gathered):
+        if other_problem is not None:
+            where = "" if len(gathered) == 1 else f" (on rank {rank})"
+            raise ValueError(other_problem + where)
+    for rank, (other, _) in enumerate(gathered):
+        for name, value in config.items():
+            first = gathered[0][0][name]
+            if other[name] != first:
+                raise ValueError(f"{name}={first!r} on rank 0 but {name}={other[name]!r} on rank {rank}: "
+                                 f"every rank must build PartialFC with the same {name}")
