@@ -1,12 +1,12 @@
-"""Fused forward: normalize -> cosine GEMM -> margin -> online log-sum-exp.
+"""Fused forward: normalized cosines -> margin -> online log-sum-exp, logits never stored.
 
 One program owns a block of rows and a contiguous range of class tiles (a class
-split). For each class tile it forms the cosines in registers -- the centres are
-normalized on load: the squared norms of the class rows are accumulated from the very
-tiles fed to tl.dot, and the product is divided by them afterwards, so the weight is
-read once and never copied normalized -- applies the margin, and folds the tile into
-per-row running max / sum-exp / target logit. No logit reaches memory: the outputs
-are (splits, B) partial statistics that ``triton_head`` merges into the log-sum-exp.
+split). For each class tile it forms the cosines in registers -- the product of the
+normalized features with the raw centres, divided by the centres' norms (a (C,)
+vector computed once per call: normalizing on load needs nothing more, and the
+weight is never copied normalized) -- applies the margin, and folds the tile into
+per-row running max / sum-exp / target logit. The outputs are (splits, B) partial
+statistics that ``triton_head`` merges into the log-sum-exp.
 """
 
 import os
@@ -34,14 +34,14 @@ def _is_hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def autotune_configs(hopper, ampere, interpreted):
+def autotune_configs(hopper, ampere, interpreter):
     """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples.
 
     Under the interpreter a single small config: autotuning there would run every
     config through numpy for nothing.
     """
     if INTERPRETED:
-        table = [interpreted]
+        table = [interpreter]
     else:
         table = hopper if _is_hopper() else ampere
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -56,49 +56,60 @@ _FORWARD_CONFIGS = autotune_configs(
             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
     ampere=[(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
             (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)],
-    interpreted=INTERPRETER_CONFIG,
+    interpreter=INTERPRETER_CONFIG,
 )
 
 
 @triton.jit
-def cosine_tile(X, W, Centre, rows, cols, B, C, D, stride_x, stride_w, stride_centre,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                NEED_CLASS_COS: tl.constexpr, DOT: tl.constexpr):
-    """cos(x_i, w_j) for a (rows x cols) tile, the centre norms |w_j|, and for InterFace
-    cos(W_y(i), w_j) (the second product, from the rows' normalized target centres).
+def k_mask(ok, k0, ks, D, EVEN_K: tl.constexpr):
+    """(len(ok), BLOCK_K) mask of a K chunk: the index vector's own mask, and k < D
+    unless D is a multiple of BLOCK_K."""
+    mask = ok[:, None]
+    if not EVEN_K:
+        mask = mask & ((k0 + ks) < D)[None, :]
+    return mask
 
-    rows and cols are int64 index vectors; rows >= B and cols >= C read zeros.
+
+@triton.jit
+def centre_norms(Norms, cols, C):
+    """|w_j| and 1 / max(|w_j|, eps) of a class tile (F.normalize's eps)."""
+    norm = tl.load(Norms + cols, mask=cols < C, other=1.0)
+    return norm, 1.0 / tl.maximum(norm, NORM_EPS)
+
+
+@triton.jit
+def cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w, stride_centre,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                NEED_CLASS_COS: tl.constexpr, DOT: tl.constexpr):
+    """cos(x_i, w_j) for a (rows x cols) tile and, for InterFace, cos(W_y(i), w_j): the
+    second product, from the rows' normalized target centres.
+
+    rows and cols are int32 index vectors (offsets go int64); rows >= B and cols >= C
+    read zeros. X and Centre hold the features in the product's operand dtype.
     """
     row_ok = rows < B
     col_ok = cols < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     class_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = W + cols.to(tl.int64)[:, None] * stride_w
     for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + ks) < D
-        x = tl.load(X + rows[:, None] * stride_x + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        wf = w.to(tl.float32)
-        sumsq += tl.sum(wf * wf, axis=1)
-        w_t = tl.trans(w)
-        acc = mma(x, w_t, acc, DOT)
+        x = tl.load(x_rows + (k0 + ks)[None, :], mask=k_mask(row_ok, k0, ks, D, EVEN_K), other=0.0)
+        w_t = tl.trans(tl.load(w_rows + (k0 + ks)[None, :], mask=k_mask(col_ok, k0, ks, D, EVEN_K), other=0.0))
+        acc = mma(x, w_t, acc, DOT, W.dtype.element_ty)
         if NEED_CLASS_COS:
-            centre = tl.load(Centre + rows[:, None] * stride_centre + (k0 + ks)[None, :],
-                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            class_acc = mma(centre, w_t, class_acc, DOT)
-    norm = tl.sqrt(sumsq)
-    inv_norm = 1.0 / tl.maximum(norm, NORM_EPS)
-    return acc * inv_norm[None, :], class_acc * inv_norm[None, :], norm, inv_norm
+            centre = tl.load(Centre + rows.to(tl.int64)[:, None] * stride_centre + (k0 + ks)[None, :],
+                             mask=k_mask(row_ok, k0, ks, D, EVEN_K), other=0.0)
+            class_acc = mma(centre, w_t, class_acc, DOT, W.dtype.element_ty)
+    return acc * inv_norm[None, :], class_acc * inv_norm[None, :]
 
 
 @triton.jit
 def load_rows(Labels, Scale, Margin, ThetaY, rows, B, NEED_THETA: tl.constexpr):
     """Per-row inputs; rows past B get label -1 and scale 0 (their logits are all 0)."""
     row_ok = rows < B
-    label = tl.load(Labels + rows, mask=row_ok, other=-1)
+    label = tl.load(Labels + rows, mask=row_ok, other=-1).to(tl.int32)  # C < 2**31
     scale = tl.load(Scale + rows, mask=row_ok, other=0.0)
     r = tl.load(Margin + rows, mask=row_ok, other=0.0)
     if NEED_THETA:
@@ -116,31 +127,61 @@ def split_range(n_items, split, n_splits):
     return start, tl.minimum(start + per_split, n_items)
 
 
+@triton.jit
+def _centre_norms_kernel(W, Norms, C, D, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    ks = tl.arange(0, BLOCK_K)
+    w_rows = W + cols.to(tl.int64)[:, None] * stride_w
+    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & ((k0 + ks) < D)[None, :],
+                    other=0.0).to(tl.float32)
+        sumsq += tl.sum(w * w, axis=1)
+    tl.store(Norms + cols, tl.sqrt(sumsq), mask=col_ok)
+
+
+def centre_norm_vector(weight):
+    """(C,) float32 |w_j|, accumulated in float32 from the stored values in one pass
+    (no float32 copy of a 16-bit weight)."""
+    norms = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    block_n, block_k = (16, 16) if INTERPRETED else (64, 128)
+    _centre_norms_kernel[(triton.cdiv(weight.shape[0], block_n),)](
+        weight, norms, weight.shape[0], weight.shape[1], weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
+    return norms
+
+
+def even_k(args):
+    return args["D"] % args["BLOCK_K"] == 0
+
+
 @triton.autotune(configs=_FORWARD_CONFIGS, key=["D", "B_BIN", "NONTARGET"])
+@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _forward_kernel(
-    X, W, Centre, Labels, Scale, Margin, ThetaY,
+    X, W, Norms, Centre, Labels, Scale, Margin, ThetaY,
     MaxOut, SumOut, TargetOut,
     B, C, D, B_BIN, stride_x, stride_w, stride_centre,
     m1, m3, lam, mu, alpha, first,
     TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
     NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     tile_start, tile_stop = split_range(tl.cdiv(C, BLOCK_N), split, tl.num_programs(1))
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     label, scale, r, theta_y = load_rows(Labels, Scale, Margin, ThetaY, rows, B, NONTARGET == INTERFACE)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for tile in range(tile_start, tile_stop):
-        cols = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cos, class_cos, _, _ = cosine_tile(X, W, Centre, rows, cols, B, C, D, stride_x, stride_w, stride_centre,
-                                           BLOCK_M, BLOCK_N, BLOCK_K, NONTARGET == INTERFACE, DOT)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        _, inv_norm = centre_norms(Norms, cols, C)
+        cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
+                                     stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
         value, _, is_target = margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha,
                                             first, TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC)
         z = value * scale[:, None]
@@ -157,29 +198,25 @@ def _forward_kernel(
     tl.store(TargetOut + out, target, mask=row_ok)
 
 
-def forward_statistics(x_hat, weight, labels, scale, margin, theta_y, centre, scalars, flags, splits):
-    """Per-split (max, sum-exp, target logit), each (splits, B) float32.
+def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, splits):
+    """Per-split (max, sum-exp, target logit) of every row, each (splits, B) float32.
 
-    scalars: (m1, m3, lam, mu, alpha, first); flags: the kernel's constexpr flags
-    (TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC, DOT).
+    x: the normalized features in the products' operand dtype; norms: (C,) float32
+    |w_j|; row_args: (labels, scale, margin, theta_y); scalars: (m1, m3, lam, mu, alpha,
+    first); flags: the constexpr (TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC, DOT).
     """
-    n_rows, dim = x_hat.shape
-    n_classes = weight.shape[0]
-    out = torch.empty((3, splits, n_rows), dtype=torch.float32, device=x_hat.device)
-    max_out, sum_out, target_out = out[0], out[1], out[2]
-    centre_arg = centre if centre is not None else x_hat
-    theta_arg = theta_y if theta_y is not None else scale
+    n_rows, dim = x.shape
+    out = torch.empty((3, splits, n_rows), dtype=torch.float32, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]), splits)
 
     _forward_kernel[grid](
-        x_hat, weight, centre_arg, labels, scale, margin, theta_arg,
-        max_out, sum_out, target_out,
-        n_rows, n_classes, dim, bucket_rows(n_rows), x_hat.stride(0), weight.stride(0), centre_arg.stride(0),
+        x, weight, norms, centre, *row_args, out[0], out[1], out[2],
+        n_rows, weight.shape[0], dim, bucket_rows(n_rows), x.stride(0), weight.stride(0), centre.stride(0),
         *scalars, *flags,
     )
-    return max_out, sum_out, target_out
+    return out[0], out[1], out[2]
 
 
 def bucket_rows(n_rows: int) -> int:

@@ -44,12 +44,13 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def mma(a, b, acc, MODE: tl.constexpr):
-    """acc + a @ b with float32 accumulation; b is in the weight's storage dtype or float32."""
+def mma(a, b, acc, MODE: tl.constexpr, LOW: tl.constexpr):
+    """acc + a @ b with float32 accumulation; LOW is the weight's storage dtype."""
     if MODE == DOT_NATIVE:
-        return tl.dot(a.to(b.dtype), b, acc)
+        return tl.dot(a.to(LOW), b.to(LOW), acc)
     elif MODE == DOT_BF16_EMULATED:
-        return tl.dot(round_to_bf16(a.to(tl.float32)), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(round_to_bf16(a.to(tl.float32)), round_to_bf16(b.to(tl.float32)), acc,
+                      input_precision="ieee")
     elif MODE == DOT_TF32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     elif MODE == DOT_TF32X3:
@@ -73,8 +74,8 @@ def acos(c):
     poly = (((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2) * z \
         + 1.6666752422e-1
     asin_s = s + s * z * poly
-    acos_a = tl.where(big, 2.0 * asin_s, HALF_PI - asin_s)
-    return tl.where(c < 0, PI - acos_a, acos_a)
+    acos_a = tl.where(big, 2.0 * asin_s, -asin_s + HALF_PI)  # tensor first: constexpr globals
+    return tl.where(c < 0, -acos_a + PI, acos_a)
 
 
 @triton.jit
@@ -106,7 +107,7 @@ def target_transform(cos, r, m1, m3, lam,
             value = tl.cos(angle) - m3
             grad = m1 * tl.sin(angle) / sin_t
             if FALLBACK == CLASSIC:
-                keep = c > tl.cos(PI - r)
+                keep = c > tl.cos(-r + PI)
                 value = tl.where(keep, value, c - r * tl.sin(r))
                 grad = tl.where(keep, grad, 1.0)
             elif FALLBACK == EASY:
