@@ -8,11 +8,14 @@ runs without torch.distributed at all. NCCL on CUDA, gloo on the CPU.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .options import OptionError
 
 
 @dataclass(frozen=True)
@@ -42,15 +45,6 @@ class DistributedContext:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
-    def all_true(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank (so that all ranks take the same branch)."""
-        if not self.distributed:
-            return flag
-        value = torch.tensor([0 if flag else 1], dtype=torch.int32,
-                             device=self.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(value)
-        return int(value.item()) == 0
-
 
 def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:
     """Read torchrun's environment, pick the device, and join the process group if needed."""
@@ -59,7 +53,7 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Di
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise OptionError("--device cuda: torch sees no CUDA device here")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         torch_device = torch.device("cuda", torch.cuda.current_device())
@@ -74,4 +68,5 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Di
 
 def teardown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP's reducer must go before the group it talks through
         dist.destroy_process_group()

@@ -18,12 +18,21 @@ class OptionError(ValueError):
     """An option value that cannot work; the message names the option and the value."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones whose help already says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="margin-ext-train",
         description="Train a face-recognition backbone with a sharded margin-softmax head "
                     "(single process, or under torchrun --nproc-per-node N).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     head = parser.add_argument_group("margin head")
     head.add_argument("--margin", default="arcface", choices=sorted(mx.SPECS), help="margin spec")
@@ -39,33 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of identities; default: what the dataset declares (checked against it)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="small", choices=BACKBONES)
-    model.add_argument("--embedding-size", type=int, default=128)
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--backbone", default="small", choices=BACKBONES,
+                       help="small: a 5-layer CNN for the synthetic set; iresnet*: InsightFace's IResNet")
+    model.add_argument("--embedding-size", type=int, default=128, help="feature dimension D")
+    model.add_argument("--dropout", type=float, default=0.0, help="before the embedding layer")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    optim.add_argument("--lr", type=float, default=0.1)
+    optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                       help="one for the backbone, one for the head shard, same settings")
+    optim.add_argument("--lr", type=float, default=0.03,
+                       help="peak learning rate of both optimizers (tuned for the synthetic set at a global "
+                            "batch of 128)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=None,
                        help="default: 5e-4 for SGD (InsightFace), 0.1 for AdamW")
-    optim.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES)
+    optim.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES, help="after the warm-up")
     optim.add_argument("--warmup-steps", type=int, default=None,
                        help="linear warm-up from 0; default: 5%% of the run")
     optim.add_argument("--lr-milestones", default="0.6,0.85",
                        help="step schedule: fractions of the run where the lr is multiplied by --lr-gamma")
-    optim.add_argument("--lr-gamma", type=float, default=0.1)
+    optim.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule's factor")
     optim.add_argument("--clip-grad", type=float, default=5.0,
                        help="clip the backbone's gradient norm to this (0: off), as InsightFace")
     optim.add_argument("--amp", default="none", choices=AMP_MODES,
-                       help="autocast dtype of the backbone; fp16 adds a GradScaler")
+                       help="autocast dtype of the backbone; fp16 adds a GradScaler (meant for CUDA: "
+                            "it runs on the CPU, slowly)")
 
     run = parser.add_argument_group("run length")
     length = run.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None, help="default: 6 on the synthetic set, else 20")
+    length.add_argument("--epochs", type=int, default=None, help="default: 7 on the synthetic set, else 20")
     length.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
     run.add_argument("--batch-size", type=int, default=64, help="per process")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="initialisation, data order, per-rank streams")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic",
@@ -73,23 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val", default="synthetic",
                       help="'synthetic' (held-out identities), 'none', or comma-separated verification .bin files")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
-    data.add_argument("--synthetic-identities", type=int, default=500)
+    data.add_argument("--synthetic-identities", type=int, default=2000, help="training identities (classes)")
     data.add_argument("--synthetic-samples", type=int, default=16, help="images per synthetic identity")
-    data.add_argument("--synthetic-val-identities", type=int, default=200)
-    data.add_argument("--synthetic-val-pairs", type=int, default=1000)
+    data.add_argument("--synthetic-val-identities", type=int, default=200,
+                      help="held-out identities of the verification pairs")
+    data.add_argument("--synthetic-val-pairs", type=int, default=1000, help="half positive, half negative")
     data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world")
 
     out = parser.add_argument_group("output and checkpoints")
     out.add_argument("--output", default="runs/train", help="run folder: logs, plot, checkpoints")
     out.add_argument("--resume", default=None,
-                     help="a checkpoint folder, a run folder, or 'auto' (the latest checkpoint in --output, if any)")
+                     help="a checkpoint folder, a run folder, or 'auto' (the latest checkpoint in --output, if any); "
+                          "the run continues with the checkpoint's lr schedule")
     out.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: at the end only)")
     out.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     out.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     out.add_argument("--progress", default="auto", choices=("auto", "bar", "lines"),
                      help="a tqdm bar (rank 0, when a terminal is attached) or log lines")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
-    out.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    out.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="auto: CUDA when available (NCCL between processes), else the CPU (gloo)")
     out.add_argument("--stop-after-steps", type=int, default=None,
                      help="exit after this step without the final checkpoint, evaluation or plot "
                           "(simulates a killed run)")
@@ -107,6 +124,8 @@ def check_options(options: argparse.Namespace) -> None:
                 "synthetic_val_identities", "synthetic_val_pairs", "log_every", "keep_checkpoints"]
     for name in positive:
         _require(options, name, getattr(options, name) >= 1, "an integer >= 1")
+    _require(options, "synthetic_val_pairs", options.synthetic_val_pairs >= 10, "at least 10 (10-fold verification)")
+    _require(options, "synthetic_val_identities", options.synthetic_val_identities >= 2, "at least 2")
     for name in ("epochs", "steps", "num_classes", "stop_after_steps"):
         value = getattr(options, name)
         _require(options, name, value is None or value >= 1, "an integer >= 1")

@@ -1,0 +1,39 @@
+"""``python -m margin_ext.train`` and the ``margin-ext-train`` console script.
+
+Single process: ``python -m margin_ext.train --output runs/demo``.
+Several: ``torchrun --nproc-per-node 2 -m margin_ext.train --output runs/demo``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .checkpointing import CheckpointError
+from .distributed_launch import setup_distributed, teardown_distributed
+from .options import OptionError, parse_args
+from .trainer import DataError, train
+
+# Mistakes in what the user asked for: reported as one line, exit status 2, no traceback.
+USER_ERRORS = (OptionError, DataError, CheckpointError)
+
+
+def main(argv=None) -> int:
+    ctx = None
+    try:
+        options = parse_args(argv)
+        ctx = setup_distributed(options.device)
+        train(options, ctx)
+        # every rank leaves together: a rank that tears gloo down while rank 0 still writes
+        # its logs can abort ("terminate called without an active exception")
+        ctx.barrier()
+    except USER_ERRORS as error:
+        if ctx is None or ctx.is_main:
+            print(f"margin-ext-train: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        teardown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""What a run reports: progress lines or a bar, CSV and JSON curves, and a PNG plot.
+
+Only rank 0 writes; every other rank holds a :class:`RunLog` with ``enabled=False``
+so that the trainer calls it unconditionally. The curves are kept in memory and go
+into each checkpoint, so a resumed run rewrites the files from the checkpoint's
+history and the curves carry no steps from after the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+TRAIN_FIELDS = ("step", "epoch", "loss", "lr", "top1", "samples_per_s")
+VAL_FIELDS = ("step", "epoch", "set", "accuracy", "std")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
+
+
+class RunLog:
+    def __init__(self, output: Path, enabled: bool, total_steps: int, progress: str = "auto", initial_step: int = 0):
+        self.output = Path(output)
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.train = []  # one dict per logged interval
+        self.val = []  # one dict per (evaluation, set)
+        self._bar = self._make_bar(progress, initial_step) if enabled else None
+
+    # -- console ---------------------------------------------------------------------------
+
+    def _make_bar(self, progress, initial_step):
+        wants_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        if not wants_bar:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            if progress == "bar":
+                print("--progress bar needs tqdm (pip install tqdm); printing log lines instead", flush=True)
+            return None
+        return tqdm(total=self.total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -- curves ----------------------------------------------------------------------------
+
+    def log_train(self, step: int, epoch: int, loss: float, lr: float, top1: float,
+                  samples_per_s: float, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "top1": top1, "samples_per_s": samples_per_s}
+        self.train.append(row)
+        self._append_csv("train.csv", TRAIN_FIELDS, row)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.2e}", refresh=False)
+        else:
+            self.print(f"step {step:>6d}/{self.total_steps} epoch {epoch:>3d} | loss {loss:8.4f} | "
+                       f"top1 {top1:6.3f} | lr {lr:.3e} | {samples_per_s:8.1f} samples/s | "
+                       f"ETA {format_duration(eta_s)}")
+
+    def log_val(self, step: int, epoch: int, results: dict) -> None:
+        """``results``: set name -> (accuracy, std)."""
+        if not self.enabled or not results:
+            return
+        parts = []
+        for name, (accuracy, std) in results.items():
+            row = {"step": step, "epoch": epoch, "set": name, "accuracy": accuracy, "std": std}
+            self.val.append(row)
+            self._append_csv("val.csv", VAL_FIELDS, row)
+            parts.append(f"{name} {accuracy:.4f} ± {std:.4f}")
+        self.print(f"eval  step {step:>6d} epoch {epoch:>3d} | verification (10-fold): " + ", ".join(parts))
+        self.write_json()
+
+    def final_results(self) -> dict:
+        """The last evaluation of each set: name -> (accuracy, std)."""
+        return {row["set"]: (row["accuracy"], row["std"]) for row in self.val}
+
+    def state_dict(self) -> dict:
+        return {"train": list(self.train), "val": list(self.val)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's history: the files are rewritten to match it."""
+        self.train = list(state.get("train", []))
+        self.val = list(state.get("val", []))
+        if self.enabled:
+            self._rewrite_csv("train.csv", TRAIN_FIELDS, self.train)
+            self._rewrite_csv("val.csv", VAL_FIELDS, self.val)
+            self.write_json()
+
+    def start_fresh(self) -> None:
+        if self.enabled:
+            self._rewrite_csv("train.csv", TRAIN_FIELDS, [])
+            self._rewrite_csv("val.csv", VAL_FIELDS, [])
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _append_csv(self, name, fields, row):
+        with open(self.output / name, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=fields).writerow(row)
+
+    def _rewrite_csv(self, name, fields, rows):
+        with open(self.output / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write_json(self, options: Optional[dict] = None, summary: Optional[dict] = None) -> None:
+        if not self.enabled:
+            return
+        path = self.output / "log.json"
+        document = {}
+        if path.exists():
+            try:
+                document = json.loads(path.read_text())
+            except (OSError, ValueError):
+                document = {}
+        document.update({"train": self.train, "val": self.val})
+        if options is not None:
+            document["options"] = options
+        if summary is not None:
+            document["summary"] = summary
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(document, indent=1, default=_jsonable))
+        os.replace(temporary, path)
+
+    def plot(self, path: Optional[Path] = None) -> Optional[Path]:
+        """Loss and top-1 over steps beside verification accuracy over steps, as a PNG."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+
+        path = Path(path or self.output / "curves.png")
+        figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        steps = [row["step"] for row in self.train]
+        loss_axis.plot(steps, [row["loss"] for row in self.train], color="tab:blue", label="loss")
+        loss_axis.set_xlabel("step")
+        loss_axis.set_ylabel("training loss", color="tab:blue")
+        top1_axis = loss_axis.twinx()
+        top1_axis.plot(steps, [row["top1"] for row in self.train], color="tab:orange", label="top-1")
+        top1_axis.set_ylabel("training top-1 (batch)", color="tab:orange")
+        top1_axis.set_ylim(0, 1)
+        loss_axis.set_title("training")
+
+        for name in dict.fromkeys(row["set"] for row in self.val):
+            rows = [row for row in self.val if row["set"] == name]
+            val_axis.errorbar([row["step"] for row in rows], [row["accuracy"] for row in rows],
+                              yerr=[row["std"] for row in rows], marker="o", capsize=3, label=name)
+        val_axis.axhline(0.5, color="grey", linestyle=":", label="chance")
+        val_axis.set_xlabel("step")
+        val_axis.set_ylabel("verification accuracy (10-fold)")
+        val_axis.set_ylim(0.4, 1.0)
+        val_axis.legend(loc="lower right")
+        val_axis.set_title("verification")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
