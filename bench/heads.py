@@ -207,8 +207,8 @@ HEADS = [
     Head("reference", "margin_ext reference", "margin_ext", ARCFACE, _margin_ext("reference"), 6.0, 2.0),
     Head("naive", "naive (F.linear + F.cross_entropy)", "baseline", ARCFACE, _naive, 6.0),
     Head("partial_fc", "arcface_torch Partial FC (1 shard)", "baseline", ARCFACE + " (straight-through grad)",
-         _partial_fc, 4.0),
-    Head("pml", "pytorch-metric-learning ArcFaceLoss", "peer", ARCFACE, _pml, 8.0, 2.0),
+         _partial_fc, 5.0),
+    Head("pml", "pytorch-metric-learning ArcFaceLoss", "peer", ARCFACE, _pml, 6.0, 2.0),
     Head("liger", "Liger-Kernel fused linear CE", "peer", PLAIN_CE, _liger, 0.0, 2.0),
     Head("cce", "Cut Cross-Entropy", "peer", PLAIN_CE, _cce, 0.0, 2.0),
     Head("floor", "floor (bare GEMMs)", "floor", "-", _floor, 2.0),
@@ -226,7 +226,8 @@ def available(head: Head, device: torch.device) -> Optional[str]:
     """None when ``head`` can run on ``device``, else why not."""
     if head.family == "margin_ext" and head.name != "reference":
         if head.name == "triton" and device.type != "cuda":
-            return "Triton runs on CUDA; on the CPU only under TRITON_INTERPRET=1, an interpreter for tests, not for timing"
+            return ("Triton runs on CUDA; on the CPU only under TRITON_INTERPRET=1, an interpreter "
+                    "for tests, not for timing")
         if head.name == "cuda" and device.type != "cuda":
             return "backend 'cuda' runs on CUDA tensors"
         if head.name == "cpp" and device.type != "cpu":
@@ -245,12 +246,17 @@ def available(head: Head, device: torch.device) -> Optional[str]:
     return None
 
 
-def estimate_bytes(head: Head, batch: int, classes: int, dim: int, dtype: torch.dtype) -> int:
+def estimate_bytes(head: Head, batch: int, classes: int, dim: int, dtype: torch.dtype,
+                   device: torch.device) -> int:
     """A rough upper bound of the head's peak memory during one forward + backward."""
     item = torch.empty((), dtype=dtype).element_size()
     logits = head.logits_copies * batch * classes * 4
     if head.name == "floor":
         logits = batch * classes * item * 2  # the output and the incoming gradient
     grads = head.grad_copies * classes * dim * 4 + 2 * batch * dim * 4
-    chunk = 64 << 20 if head.logits_copies == 0 else 0  # the fused heads' chunk temporaries
-    return int(logits + grads + chunk)
+    extra = 0
+    if head.logits_copies == 0:  # the fused heads' chunk temporaries (their budget)
+        extra = (1 << 30) if device.type == "cuda" else (64 << 20)
+    if head.name == "pml":
+        extra = classes * dim * item  # its own (D, C) copy of the class centres
+    return int(logits + grads + extra)
