@@ -19,7 +19,7 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 demo: setup
-	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m margin_ext.train --output runs/demo
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m margin_ext.train --output runs/demo --resume auto
 
 test: setup
 	$(PY) -m pytest tests
