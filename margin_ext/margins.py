@@ -18,7 +18,6 @@ whose derivative is clamped at cos = +-1 (see ``SIN_EPS`` there).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -485,8 +484,3 @@ SPECS = {
     "interface": InterFace,
     "intraloss": IntraLoss,
 }
-
-
-def replace(spec: MarginSpec, **changes) -> MarginSpec:
-    """``dataclasses.replace`` for specs (e.g. to anneal SphereFace's lambda)."""
-    return dataclasses.replace(spec, **changes)
