@@ -21,11 +21,14 @@ CSRC = "csrc"
 
 
 def _cpu_sources():
-    return [f"{CSRC}/ops.cpp", f"{CSRC}/ops_cpu.cpp", f"{CSRC}/cpu/head_kernels.cpp"]
+    # every kernel file of the CPU build: csrc/cpu/*.cpp beside the registration files
+    return [f"{CSRC}/ops.cpp", f"{CSRC}/ops_cpu.cpp"] + sorted(
+        p.relative_to(ROOT).as_posix() for p in (ROOT / CSRC / "cpu").glob("*.cpp"))
 
 
 def _cuda_sources():
-    return [f"{CSRC}/ops_cuda.cpp", f"{CSRC}/cuda/head_kernels.cu"]
+    return [f"{CSRC}/ops_cuda.cpp"] + sorted(
+        p.relative_to(ROOT).as_posix() for p in (ROOT / CSRC / "cuda").glob("*.cu"))
 
 
 def _compiler_accepts(flag: str) -> bool:
