@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from margin_ext import PartialFC
 from margin_ext.train.backbones import build_backbone
 from margin_ext.train.data import (
+    DataError,
     ImageFolderDataset,
     RecordIODataset,
     SyntheticIdentities,
@@ -53,10 +54,6 @@ from .options import OptionError, lr_milestones, margin_spec, weight_decay
 VERIFICATION_FOLDS = 10
 SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
 DEFAULT_EPOCHS = 20
-
-
-class DataError(ValueError):
-    """A dataset that is missing, malformed, or does not match the options."""
 
 
 # ----------------------------------------------------------------------------- data

@@ -143,7 +143,7 @@ def test_reader_reads_a_hand_built_file(tmp_path):
     (tmp_path / "train.idx").write_text(f"0\t0\n1\t{len(records[0])}\n")
 
     reader = RecordIOReader(tmp_path / "train.rec", tmp_path / "train.idx")
-    assert reader.keys == [0, 1]
+    assert reader.keys.tolist() == [0, 1]
     header, body = unpack_record(reader.read_idx(1))
     assert (header.flag, header.label, header.id, header.id2) == (0, 7.0, 42, 0)
     assert body == image
@@ -174,7 +174,7 @@ def insightface_rec(tmp_path):
 def test_writer_lays_out_header_images_and_identity_records(insightface_rec):
     root, labels, _ = insightface_rec
     reader = RecordIOReader(root / "train.rec", root / "train.idx")
-    assert reader.keys == list(range(1 + 6 + 3))
+    assert reader.keys.tolist() == list(range(1 + 6 + 3))
     header0, _ = unpack_record(reader.read_idx(0))
     assert header0.label.tolist() == [7.0, 10.0]  # identity records are keys 7..9
     identity_ranges = [unpack_record(reader.read_idx(key))[0].label.tolist() for key in (7, 8, 9)]

@@ -1,6 +1,7 @@
 """Training and verification data: synthetic identities, image folders, RecordIO, verification .bin files."""
 
 from .decode import decode_image, encode_npy, to_model_input
+from .errors import DataError
 from .image_folder import ImageFolderDataset
 from .recordio import IRHeader, RecordIODataset, RecordIOReader, pack_record, unpack_record, write_recordio
 from .synthetic import SyntheticIdentities, synthetic_verification_pairs
@@ -13,6 +14,7 @@ from .verification import (
 )
 
 __all__ = [
+    "DataError",
     "ImageFolderDataset",
     "IRHeader",
     "RecordIODataset",

@@ -4,6 +4,10 @@ Every on-disk format in this package (image folders, RecordIO, verification
 ``.bin`` files) stores encoded images. JPEG/PNG are decoded with Pillow, which
 is optional; images saved with ``np.save`` are recognised by the NumPy magic
 prefix and decoded without it, so tests and synthetic exports need only numpy.
+
+The stored bytes are untrusted: the image size is read from the header and checked
+(:data:`MAX_IMAGE_SIDE`, at most :data:`MAX_CHANNELS` channels, and for ``.npy`` exactly the
+bytes present) before any pixel buffer is allocated, and every defect is a :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -12,8 +16,17 @@ import io
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
+
+from .errors import DataError
 
 NPY_MAGIC = b"\x93NUMPY"
+
+# Aligned face crops are 112 x 112; a side beyond this is a corrupt header, not a face.
+MAX_IMAGE_SIDE = 4096
+MAX_CHANNELS = 4
+
+_NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 # File suffixes treated as images when scanning directories.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".npy"})
@@ -38,23 +51,72 @@ def encode_npy(image: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Decode image bytes to an H x W x C array on the 0..255 scale.
+    """Decode image bytes to a writable H x W x C array on the 0..255 scale.
 
     ``.npy`` payloads keep their channel count (a 2-D array gets one channel);
-    JPEG/PNG payloads are converted to RGB as InsightFace does.
+    JPEG/PNG payloads are converted to RGB as InsightFace does. Bytes that are
+    not an image, or an image larger than :data:`MAX_IMAGE_SIDE` a side, raise
+    :class:`DataError`; a missing Pillow raises ImportError.
     """
     data = bytes(data)
     if data.startswith(NPY_MAGIC):
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = _decode_npy(data)
     else:
-        image_module = _require_pil()
-        with image_module.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("RGB"))
+        array = _decode_with_pil(data)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3:
-        raise ValueError(f"decoded image has shape {array.shape}; expected H x W or H x W x C")
+        raise DataError(f"decoded image has shape {array.shape}; expected H x W or H x W x C")
+    _check_image_shape(array.shape)
     return array
+
+
+def _check_image_shape(shape) -> None:
+    height, width = shape[0], shape[1]
+    channels = shape[2] if len(shape) > 2 else 1
+    if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE and 0 < channels <= MAX_CHANNELS):
+        raise DataError(
+            f"image of shape {tuple(shape)}: expected 1..{MAX_IMAGE_SIDE} pixels a side and "
+            f"1..{MAX_CHANNELS} channels"
+        )
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    # np.load would allocate the header's shape before reading: check it against the bytes first.
+    stream = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(stream)
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version} is not supported")
+        shape, fortran_order, dtype = read_header(stream)
+    except Exception as error:  # numpy reports a bad header as ValueError, SyntaxError, ...
+        raise DataError(f"not a valid .npy image ({error})") from None
+    if dtype.kind not in "biuf" or dtype.hasobject or dtype.fields is not None:
+        raise DataError(f".npy image of dtype {dtype}: expected a numeric array")
+    if len(shape) not in (2, 3):
+        raise DataError(f".npy image of shape {shape}: expected H x W or H x W x C")
+    _check_image_shape(shape)
+    size = int(np.prod(shape)) * dtype.itemsize
+    start = stream.tell()
+    if len(data) - start != size:
+        raise DataError(f".npy image of shape {shape} and dtype {dtype} needs {size} bytes, holds {len(data) - start}")
+    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=start)
+    # a copy: frombuffer views the bytes read-only, and torch warns on read-only arrays
+    return np.array(array.reshape(shape, order="F" if fortran_order else "C"), order="C")
+
+
+def _decode_with_pil(data: bytes) -> np.ndarray:
+    image_module = _require_pil()
+    try:
+        with image_module.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header: checked before decoding the pixels
+            _check_image_shape((height, width))
+            return np.array(image.convert("RGB"))  # a writable copy
+    except DataError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... per format
+        raise DataError(f"not a decodable image ({type(error).__name__}: {error})") from None
 
 
 def load_image_file(path) -> np.ndarray:

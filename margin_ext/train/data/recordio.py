@@ -16,14 +16,25 @@ Layout, as written by dmlc-core's ``RecordIOWriter`` and mxnet's ``recordio``:
 * InsightFace's sets start with a header record at key 0 whose label
   ``(a, b)`` says that images are keys ``1 .. a-1`` and identity records keys
   ``a .. b-1`` (one per identity, label = its image-key range). Without such a
-  header (record 0 has flag 0) every key is an image.
+  header (record 0 has flag 0, or there is no key 0) every key is an image.
+
+Every size field is untrusted. The index is checked when a reader opens (integer keys,
+each once, offsets inside the ``.rec``); a part may not reach past the next record's offset
+or the end of the file; a label array must fit in its record; the header's ranges must
+name keys the index holds; decoded images are bounded (:mod:`.decode`); and a label
+outside ``[0, num_classes)`` is refused. Each defect raises :class:`DataError` naming the
+file, the record's key and its byte offset; the checks that cost no pass over the records
+run before the first image is read.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
+import re
 import struct
+import warnings
 from collections import namedtuple
 from pathlib import Path
 from typing import Sequence
@@ -33,13 +44,17 @@ import torch
 from torch.utils.data import Dataset
 
 from .decode import decode_image, random_horizontal_flip, to_model_input
+from .errors import DataError
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
+_PART_HEADER_SIZE = 8
 _LENGTH_BITS = 29
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)
+# A key beyond this is an overflowed or corrupt number (np.fromstring saturates at 2**63 - 1).
+_MAX_KEY = 2 ** 62
 
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 IRHeader.__doc__ = "Record header: ``label`` is a float, or a float32 array when ``flag > 0``."
@@ -54,11 +69,60 @@ def index_path_for(path_rec) -> Path:
     return Path(path_rec).with_suffix(".idx")
 
 
+def read_index(path_idx) -> tuple:
+    """``(keys, offsets)`` of a ``.idx`` file as int64 arrays in file order.
+
+    Parsed by numpy in one pass (millions of lines in about a second) when every
+    line is ``key<TAB>offset``; otherwise line by line, which also names the first
+    malformed line in the :class:`DataError` it raises.
+    """
+    path_idx = Path(path_idx)
+    text = path_idx.read_bytes()
+    line_count = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
+    values = None
+    # one tab per line, none with two: then the integers pair up line by line
+    if text.count(b"\t") == line_count and _TWO_TABS.search(text) is None:
+        try:
+            with warnings.catch_warnings():
+                # numpy warns, and stops, at the first token that is not an integer
+                warnings.simplefilter("error", DeprecationWarning)
+                values = np.fromstring(text.decode("ascii"), dtype=np.int64, sep=" ")
+        except (UnicodeDecodeError, DeprecationWarning, ValueError):
+            values = None
+    if values is None or values.size != 2 * line_count:
+        return _read_index_by_line(path_idx, text)
+    return values[0::2].copy(), values[1::2].copy()
+
+
+_TWO_TABS = re.compile(rb"\t[^\n\t]*\t")
+
+
+def _read_index_by_line(path_idx: Path, text: bytes) -> tuple:
+    keys, offsets = [], []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.split(b"\t")
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            key, offset = int(fields[0]), int(fields[1])
+        except ValueError:
+            raise DataError(f"{path_idx}:{line_number}: expected 'key<TAB>offset' integers, got {line[:80]!r}") from None
+        if not (-_MAX_KEY <= key <= _MAX_KEY and -_MAX_KEY <= offset <= _MAX_KEY):
+            raise DataError(f"{path_idx}:{line_number}: key or offset out of range in {line[:80]!r}")
+        keys.append(key)
+        offsets.append(offset)
+    return np.array(keys, dtype=np.int64), np.array(offsets, dtype=np.int64)
+
+
 class RecordIOReader:
     """Random access to the records of a ``.rec`` through its ``.idx``.
 
-    The file is opened lazily and reopened in a new process, so one reader can
-    be shared by DataLoader workers (forked or spawned).
+    ``keys`` and ``offsets`` are int64 arrays in index order. The file is opened
+    lazily and reopened in a new process, so one reader can be shared by
+    DataLoader workers (forked or spawned).
     """
 
     def __init__(self, path_rec, path_idx=None):
@@ -71,24 +135,37 @@ class RecordIOReader:
                 f"RecordIO index {self.path_idx} is missing: a .rec needs the .idx written with it, "
                 f"named like the .rec with an .idx suffix ({self.path_rec.name} -> {index_path_for(self.path_rec).name})"
             )
-        self.offsets = self._read_index(self.path_idx)
-        self.keys = list(self.offsets)
+        self.file_size = self.path_rec.stat().st_size
+        self.keys, self.offsets = read_index(self.path_idx)
+        self._check_index()
         self._handle = None
         self._handle_pid = None
 
-    @staticmethod
-    def _read_index(path_idx: Path) -> dict:
-        offsets = {}
-        with open(path_idx, "r", encoding="ascii") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                line = line.strip()
-                if not line:
-                    continue
-                fields = line.split("\t")
-                if len(fields) != 2:
-                    raise ValueError(f"{path_idx}:{line_number}: expected 'key<TAB>offset', got {line!r}")
-                offsets[int(fields[0])] = int(fields[1])
-        return offsets
+    def _check_index(self) -> None:
+        keys, offsets = self.keys, self.offsets
+        bad = np.flatnonzero((keys < 0) | (keys > _MAX_KEY))
+        if bad.size:
+            raise DataError(f"{self.path_idx}: record key {keys[bad[0]]} (line {bad[0] + 1}) is out of range")
+        bad = np.flatnonzero((offsets < 0) | (offsets > self.file_size - _PART_HEADER_SIZE))
+        if bad.size:
+            raise DataError(
+                f"{self.path_idx}: record {keys[bad[0]]} at offset {offsets[bad[0]]}: outside {self.path_rec} "
+                f"({self.file_size} bytes); the .idx may not belong to this .rec, or the .rec is truncated"
+            )
+        # Keys 0..n-1 in order (what every writer produces) are looked up by position.
+        self._first_key = int(keys[0]) if keys.size else 0
+        self._contiguous = bool(np.array_equal(keys, np.arange(self._first_key, self._first_key + keys.size)))
+        if not self._contiguous:
+            order = np.argsort(keys, kind="stable")
+            self._sorted_keys, self._sorted_offsets = keys[order], offsets[order]
+            repeated = np.flatnonzero(self._sorted_keys[1:] == self._sorted_keys[:-1])
+            if repeated.size:
+                raise DataError(f"{self.path_idx}: record key {self._sorted_keys[repeated[0]]} is listed twice")
+        # Records never overlap: one ends at the next larger offset, or at the end of the file.
+        if keys.size and np.all(offsets[1:] > offsets[:-1]):
+            self._boundaries = np.append(offsets, self.file_size)
+        else:
+            self._boundaries = np.append(np.unique(offsets), self.file_size)
 
     def _file(self):
         if self._handle is None or self._handle_pid != os.getpid():
@@ -116,31 +193,77 @@ class RecordIOReader:
     def __exit__(self, *exc_info):
         self.close()
 
-    def _read_part_header(self, handle, offset: int):
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{self.path_rec}: truncated record header at offset {offset}")
+    def error(self, key, offset, problem: str) -> DataError:
+        """A DataError naming this file, the record and its offset."""
+        record = f"record {key} at offset {offset}" if key is not None else f"record at offset {offset}"
+        return DataError(f"{self.path_rec}: {record}: {problem}")
+
+    def has_keys(self, start: int, stop: int) -> bool:
+        """Whether the index holds every key of ``range(start, stop)``."""
+        if stop <= start:
+            return True
+        if start < 0 or stop > _MAX_KEY + 1:
+            return False
+        if self._contiguous:
+            return self._first_key <= start and stop <= self._first_key + len(self.keys)
+        low, high = np.searchsorted(self._sorted_keys, [start, stop])
+        return high - low == stop - start  # keys are unique
+
+    def offset_of(self, key: int) -> int:
+        """Byte offset of the record with ``key``; DataError when the index lacks it."""
+        key = int(key)
+        if self._contiguous:
+            position = key - self._first_key
+            if 0 <= position < len(self.keys):
+                return int(self.offsets[position])
+        elif 0 <= key <= _MAX_KEY:
+            position = int(np.searchsorted(self._sorted_keys, key))
+            if position < len(self._sorted_keys) and self._sorted_keys[position] == key:
+                return int(self._sorted_offsets[position])
+        raise DataError(f"{self.path_idx}: no record with key {key}")
+
+    def _record_end(self, offset: int) -> int:
+        return int(self._boundaries[np.searchsorted(self._boundaries, offset, side="right")]) \
+            if offset < self.file_size else self.file_size
+
+    def _read_part_header(self, handle, key, offset: int, end: int):
+        if offset + _PART_HEADER_SIZE > end:
+            raise self.error(key, offset, f"truncated: a part header at byte {offset} runs past byte {end}")
+        handle.seek(offset)
+        raw = handle.read(_PART_HEADER_SIZE)
+        if len(raw) != _PART_HEADER_SIZE:
+            raise self.error(key, offset, f"truncated part header at byte {offset}")
         magic, lrecord = struct.unpack("<II", raw)
         if magic != RECORDIO_MAGIC:
-            raise ValueError(
-                f"{self.path_rec}: bad RecordIO magic 0x{magic:08x} at offset {offset} "
-                f"(expected 0x{RECORDIO_MAGIC:08x}); the .idx may not belong to this .rec"
+            raise self.error(
+                key, offset,
+                f"bad RecordIO magic 0x{magic:08x} at byte {offset} (expected 0x{RECORDIO_MAGIC:08x}); "
+                f"the .idx may not belong to this .rec",
             )
-        return lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+        flag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+        if offset + _PART_HEADER_SIZE + _padded(length) > end:
+            raise self.error(key, offset, f"a part of {length} bytes at byte {offset} runs past byte {end}")
+        return flag, length
 
-    def read_at(self, offset: int) -> bytes:
-        """The record payload starting at byte ``offset``."""
+    def read_at(self, offset: int, key=None) -> bytes:
+        """The record payload starting at byte ``offset`` (``key`` only names it in errors)."""
+        offset = int(offset)
+        if not 0 <= offset <= self.file_size - _PART_HEADER_SIZE:
+            raise self.error(key, offset, f"offset outside the file ({self.file_size} bytes)")
+        end = self._record_end(offset)
         handle = self._file()
-        handle.seek(offset)
         parts = []
         position = offset
         while True:
-            flag, length = self._read_part_header(handle, position)
-            data = handle.read(_padded(length))
-            if len(data) != _padded(length):
-                raise ValueError(f"{self.path_rec}: truncated record at offset {position}")
-            parts.append(data[:length])
-            position += 8 + _padded(length)
+            flag, length = self._read_part_header(handle, key, position, end)
+            expected = (0, 1) if not parts else (2, 3)
+            if flag not in expected:
+                raise self.error(key, offset, f"part at byte {position} has continuation flag {flag}, expected {expected}")
+            data = handle.read(length)
+            if len(data) != length:
+                raise self.error(key, offset, f"truncated part at byte {position}")
+            parts.append(data)
+            position += _PART_HEADER_SIZE + _padded(length)
             if flag in (0, 3):
                 break
         # The writer dropped the magic at every split point.
@@ -148,40 +271,46 @@ class RecordIOReader:
 
     def read_idx(self, key: int) -> bytes:
         """The payload of the record with ``key``."""
+        return self.read_at(self.offset_of(key), key)
+
+    def read_record(self, key: int):
+        """``(IRHeader, image bytes)`` of the record with ``key``."""
+        offset = self.offset_of(key)
+        payload = self.read_at(offset, key)
         try:
-            offset = self.offsets[key]
-        except KeyError:
-            raise KeyError(f"{self.path_idx}: no record with key {key}") from None
-        return self.read_at(offset)
+            return unpack_record(payload)
+        except DataError as error:
+            raise self.error(key, offset, str(error)) from None
 
     def read_header(self, key: int) -> IRHeader:
         """Only the IRHeader of a record; avoids reading the image for label scans."""
+        offset = self.offset_of(key)
         handle = self._file()
-        offset = self.offsets[key]
-        handle.seek(offset)
-        flag, length = self._read_part_header(handle, offset)
+        flag, length = self._read_part_header(handle, key, offset, self._record_end(offset))
         if flag != 0:
-            return unpack_record(self.read_at(offset))[0]
+            return self.read_record(key)[0]
         if length < _IR_SIZE:
-            raise ValueError(f"{self.path_rec}: record at offset {offset} is shorter than its {_IR_SIZE}-byte header")
-        head = handle.read(_IR_SIZE)
-        header = IRHeader(*struct.unpack(_IR_FORMAT, head))
+            raise self.error(key, offset, f"a record of {length} bytes is shorter than its {_IR_SIZE}-byte header")
+        header = IRHeader(*struct.unpack(_IR_FORMAT, handle.read(_IR_SIZE)))
         if header.flag > 0:
+            if 4 * header.flag > length - _IR_SIZE:
+                raise self.error(key, offset, f"header announces {header.flag} labels, the record holds "
+                                              f"{length - _IR_SIZE} bytes after its header")
             labels = np.frombuffer(handle.read(4 * header.flag), dtype="<f4").copy()
             header = header._replace(label=labels)
         return header
 
 
 def unpack_record(payload: bytes):
-    """Split a record payload into ``(IRHeader, image bytes)``."""
+    """Split a record payload into ``(IRHeader, image bytes)``; DataError when it is too short."""
     if len(payload) < _IR_SIZE:
-        raise ValueError(f"record of {len(payload)} bytes is shorter than its {_IR_SIZE}-byte header")
+        raise DataError(f"a record of {len(payload)} bytes is shorter than its {_IR_SIZE}-byte header")
     header = IRHeader(*struct.unpack(_IR_FORMAT, payload[:_IR_SIZE]))
     rest = payload[_IR_SIZE:]
     if header.flag > 0:
         label_bytes = 4 * header.flag
         if len(rest) < label_bytes:
-            raise ValueError(f"record header announces {header.flag} labels but the record is too short")
+            raise DataError(f"header announces {header.flag} labels, the record holds {len(rest)} bytes after its header")
         header = header._replace(label=np.frombuffer(rest[:label_bytes], dtype="<f4").copy())
         rest = rest[label_bytes:]
     return header, rest
@@ -248,11 +377,12 @@ def write_recordio(path_rec, path_idx, records: Sequence, header: bool = True) -
             rec.write(_encode_parts(payload))
 
 
-def _scalar_label(label) -> int:
-    # Multi-label records carry the identity first, as InsightFace reads them.
-    if isinstance(label, np.ndarray):
-        label = label[0]
-    return int(label)
+def _integral(value) -> int | None:
+    """``value`` as an int when it is a finite whole number, else None."""
+    value = float(value)
+    if not math.isfinite(value) or value != int(value):
+        return None
+    return int(value)
 
 
 class RecordIODataset(Dataset):
@@ -262,6 +392,11 @@ class RecordIODataset(Dataset):
     ``.rec`` (its ``.idx`` beside it). Items are ``(image, label)``: a float32
     C x H x W tensor in [-1, 1] and an int64 label. JPEG/PNG images need
     Pillow; images stored as ``.npy`` bytes do not.
+
+    Opening checks what costs no pass over the records: the index, the header
+    record, and that the index holds every image and identity key the header
+    names. Each item's label is checked against ``[0, num_classes)`` as it is read.
+    A defect raises :class:`DataError` naming the file, the record and its offset.
     """
 
     def __init__(self, source, num_classes: int | None = None, random_flip: bool = False):
@@ -272,14 +407,14 @@ class RecordIODataset(Dataset):
         self.reader = RecordIOReader(path_rec, index_path_for(path_rec))
         self.random_flip = random_flip
         self._labels = None
+        self.identity_keys = np.empty(0, dtype=np.int64)
 
-        first_key = self.reader.keys[0] if self.reader.keys else None
-        first = self.reader.read_header(first_key) if first_key is not None else None
+        first = self.reader.read_header(0) if self.reader.has_keys(0, 1) else None
         if first is not None and first.flag > 0:
             # InsightFace header record: images are keys 1 .. a-1, identities a .. b-1.
-            identity_start = int(first.label[0])
-            identity_end = int(first.label[1]) if first.flag > 1 else identity_start
+            identity_start, identity_end = self._header_ranges(0, first)
             self.image_keys = np.arange(1, identity_start, dtype=np.int64)
+            self.identity_keys = np.arange(identity_start, identity_end, dtype=np.int64)
             self.num_classes = identity_end - identity_start
         else:
             self.image_keys = np.asarray(self.reader.keys, dtype=np.int64)
@@ -288,25 +423,86 @@ class RecordIODataset(Dataset):
             # No identity records to count: the largest label decides.
             self.num_classes = int(self.labels.max()) + 1
         if num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{path_rec}: num_classes={num_classes} was given but the records hold {self.num_classes} identities"
             )
 
+    def _header_ranges(self, key: int, header: IRHeader):
+        """(first identity key, end identity key) of the header record, checked against the index."""
+        reader = self.reader
+        values = [_integral(value) for value in header.label[:2]]
+        start = values[0]
+        end = values[1] if header.flag > 1 else start
+        if start is None or end is None or start < 1 or end < start:
+            raise reader.error(key, reader.offset_of(key),
+                               f"header range {header.label[:2].tolist()} is not two whole numbers 1 <= a <= b")
+        if not reader.has_keys(1, start):
+            raise reader.error(key, reader.offset_of(key),
+                               f"header names images at keys 1..{start - 1}, the index {reader.path_idx} "
+                               f"lacks some of them ({len(reader)} keys)")
+        if not reader.has_keys(start, end):
+            raise reader.error(key, reader.offset_of(key),
+                               f"header names identity records at keys {start}..{end - 1}, the index "
+                               f"{reader.path_idx} lacks some of them ({len(reader)} keys)")
+        return start, end
+
     @property
     def labels(self) -> np.ndarray:
-        """Label of every image (int64), read once from the record headers."""
+        """Label of every image (int64).
+
+        From the identity records when the header has them (one read per identity,
+        not per image: MS1M has 85k identities for 5.8M images), else read from every
+        image's header. Raises DataError for a label outside ``[0, num_classes)``.
+        """
         if self._labels is None:
-            self._labels = np.array(
-                [_scalar_label(self.reader.read_header(int(key)).label) for key in self.image_keys], dtype=np.int64
-            )
+            labels = self._labels_from_identity_ranges() if len(self.identity_keys) else None
+            if labels is None:
+                bound = self.num_classes > 0  # unknown while the labels themselves decide it
+                labels = np.array([self._label_of(int(key), self.reader.read_header(int(key)), bound)
+                                   for key in self.image_keys], dtype=np.int64)
+            self._labels = labels
         return self._labels
+
+    def _labels_from_identity_ranges(self):
+        """Labels from the identity records' image-key ranges, or None when they do not tile the images."""
+        counts = np.empty(len(self.identity_keys), dtype=np.int64)
+        expected_start = 1
+        for label, key in enumerate(self.identity_keys):
+            header = self.reader.read_header(int(key))
+            if header.flag < 2:
+                return None
+            start, end = (_integral(value) for value in header.label[:2])
+            if start != expected_start or end is None or end <= start:
+                return None
+            counts[label] = end - start
+            expected_start = end
+        if expected_start != len(self.image_keys) + 1:
+            return None
+        return np.repeat(np.arange(len(self.identity_keys), dtype=np.int64), counts)
+
+    def _label_of(self, key: int, header: IRHeader, bound: bool = True) -> int:
+        # Multi-label records carry the identity first, as InsightFace reads them.
+        value = header.label[0] if isinstance(header.label, np.ndarray) else header.label
+        if isinstance(header.label, np.ndarray) and header.label.size == 0:
+            value = float("nan")
+        label = _integral(value)
+        upper = self.num_classes if bound else None
+        if label is None or label < 0 or (upper is not None and label >= upper):
+            expected = f"[0, {upper})" if upper is not None else "a whole number >= 0"
+            raise self.reader.error(key, self.reader.offset_of(key), f"label {value} is outside {expected}")
+        return label
 
     def __len__(self) -> int:
         return len(self.image_keys)
 
     def __getitem__(self, index: int):
-        header, image_bytes = unpack_record(self.reader.read_idx(int(self.image_keys[index])))
-        image = to_model_input(decode_image(image_bytes))
+        key = int(self.image_keys[index])
+        header, image_bytes = self.reader.read_record(key)
+        label = self._label_of(key, header)
+        try:
+            image = to_model_input(decode_image(image_bytes))
+        except DataError as error:
+            raise self.reader.error(key, self.reader.offset_of(key), str(error)) from None
         if self.random_flip:
             image = random_horizontal_flip(image)
-        return image, torch.tensor(_scalar_label(header.label), dtype=torch.int64)
+        return image, torch.tensor(label, dtype=torch.int64)

@@ -2,7 +2,8 @@
 
 A ``.bin`` file is a pickle of ``(bins, issame_list)``: ``bins`` holds the
 encoded images, two consecutive entries per pair, and ``issame_list`` one bool
-per pair. Accuracy follows InsightFace's ``verification.py``: L2-normalised
+per pair. It is read with a restricted unpickler (:mod:`.restricted_pickle`) that
+builds nothing but those: a crafted file cannot run code. Accuracy follows InsightFace's ``verification.py``: L2-normalised
 embeddings, squared euclidean distance per pair, a pair is predicted "same"
 when its distance is below a threshold taken from ``np.arange(0, 4, 0.01)``,
 and 10-fold cross-validation without shuffling in which each fold's threshold
@@ -12,6 +13,7 @@ is the best one on the other nine folds.
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -19,15 +21,51 @@ import torch
 import torch.nn.functional as F
 
 from .decode import decode_image
+from .errors import DataError
+from .restricted_pickle import RefusedPickle, restricted_loads
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 
 
-def _as_bytes(entry) -> bytes:
+def _image_bytes(path, position: int, entry) -> bytes:
     # Old pickles may hold the encoded image as a numpy byte buffer.
-    if isinstance(entry, np.ndarray):
+    if isinstance(entry, np.ndarray) and entry.dtype in (np.uint8, np.int8):
         return entry.tobytes()
-    return bytes(entry)
+    if isinstance(entry, (bytes, bytearray)):
+        return bytes(entry)
+    raise DataError(f"{path}: image {position} is a {type(entry).__name__}, expected encoded image bytes")
+
+
+def _issame_flags(path, issame_list) -> np.ndarray:
+    if isinstance(issame_list, np.ndarray) and issame_list.dtype == np.bool_:
+        return issame_list
+    if isinstance(issame_list, (list, tuple)):
+        for position, flag in enumerate(issame_list):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise DataError(f"{path}: issame entry {position} is a {type(flag).__name__}, expected a bool")
+        return np.array(issame_list, dtype=np.bool_)
+    raise DataError(f"{path}: issame is a {type(issame_list).__name__}, expected a list of bools")
+
+
+def read_verification_pickle(path):
+    """``(bins, issame)`` of a ``.bin`` file: encoded images as bytes, one bool per pair.
+
+    Only tuples and lists of bytes, bools and bool/uint8 numpy arrays are admitted
+    (Python 2 pickles included); anything else, or a corrupt file, is a
+    :class:`DataError` naming the file. Nothing named in the file is called.
+    """
+    data = Path(path).read_bytes()
+    try:
+        loaded = restricted_loads(data)  # reads Python 2 pickles too, as the public sets are
+    except RefusedPickle as error:
+        raise DataError(f"{path}: not loaded, it holds more than a verification set does ({error})") from None
+    except Exception as error:  # a corrupt pickle fails in many ways; all mean "not a .bin"
+        raise DataError(f"{path}: not a readable verification .bin file ({type(error).__name__}: {error})") from None
+    del data
+    if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2 and isinstance(loaded[0], (tuple, list))):
+        raise DataError(f"{path}: expected a pickled (images, issame) pair, got {type(loaded).__name__}")
+    bins = [_image_bytes(path, position, entry) for position, entry in enumerate(loaded[0])]
+    return bins, _issame_flags(path, loaded[1])
 
 
 def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
@@ -37,23 +75,25 @@ def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
     ``i`` is ``(images[2 * i], images[2 * i + 1])``, float32 in [-1, 1] (or uint8
     0..255 with ``as_uint8=True``, four times smaller for full-size sets), and
     ``issame`` a P-element bool tensor. Images whose size differs from
-    ``image_size`` are resized bilinearly.
+    ``image_size`` are resized bilinearly. A file that is not a verification set,
+    or holds an undecodable image, raises :class:`DataError` naming it.
     """
-    with open(path, "rb") as handle:
-        # encoding="bytes" reads the Python 2 pickles the public sets ship as.
-        bins, issame_list = pickle.load(handle, encoding="bytes")
+    bins, issame_list = read_verification_pickle(path)
     if len(bins) != 2 * len(issame_list):
-        raise ValueError(
+        raise DataError(
             f"{path}: {len(bins)} images for {len(issame_list)} pairs; expected exactly 2 images per pair"
         )
     height, width = image_size
     images = None
     for position, entry in enumerate(bins):
-        image = decode_image(_as_bytes(entry))
+        try:
+            image = decode_image(entry)
+        except DataError as error:
+            raise DataError(f"{path}: image {position}: {error}") from None
         if images is None:
             images = torch.empty(len(bins), image.shape[2], height, width, dtype=torch.uint8)
         elif image.shape[2] != images.shape[1]:
-            raise ValueError(
+            raise DataError(
                 f"{path}: image {position} has {image.shape[2]} channels, earlier ones have {images.shape[1]}"
             )
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -63,7 +103,7 @@ def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
         images[position] = tensor.to(torch.uint8)
     if images is None:
         images = torch.empty(0, 3, height, width, dtype=torch.uint8)
-    issame = torch.tensor([bool(flag) for flag in issame_list], dtype=torch.bool)
+    issame = torch.from_numpy(np.array(issame_list, dtype=np.bool_))
     if as_uint8:
         return images, issame
     return (images.float() / 255.0 - 0.5) / 0.5, issame
