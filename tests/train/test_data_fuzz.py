@@ -32,6 +32,7 @@ from margin_ext.train.data import (
 
 SEED = 20261201
 RECORDIO_INPUTS = 400
+PNG_RECORDIO_INPUTS = 150  # Pillow, where installed
 BIN_INPUTS = 400
 SECONDS_PER_INPUT = 5
 MEMORY_LIMIT = 512 << 20
@@ -136,7 +137,7 @@ def corrupt(data: bytes, rng, fields) -> tuple:
 
 
 def recordio_fields(rec: bytes, idx: bytes):
-    """Size fields of every record: part header, IRHeader, label array, the .npy header's shape."""
+    """Size fields of every record: part header, IRHeader, label array, the image header's size."""
     fields = []
     for line in idx.decode().splitlines():
         offset = int(line.split("\t")[1])
@@ -147,33 +148,36 @@ def recordio_fields(rec: bytes, idx: bytes):
             fields += [(npy + 8, "word")]
             shape = rec.find(b"'shape': (", npy) + len(b"'shape': (")
             fields += [(shape, "text"), (shape + 3, "text")]
+        png = rec.find(b"IHDR", offset + 8, offset + 80)
+        if png >= 0:
+            fields += [(png + 4, "word"), (png + 8, "word")]  # width, height (big-endian, any value will do)
     return fields
 
 
-def test_recordio_fuzz(tmp_path):
+def fuzz_recordio(folder, encode, inputs_count, seed):
     labels = [0, 0, 1, 2, 2, 2, 3]
     images = [np.full((4, 4, 3), 20 * key, np.uint8) for key in range(len(labels))]
-    write_recordio(tmp_path / "train.rec", tmp_path / "train.idx",
-                   [(label, encode_npy(image)) for label, image in zip(labels, images)])
-    rec, idx = (tmp_path / "train.rec").read_bytes(), (tmp_path / "train.idx").read_bytes()
+    write_recordio(folder / "train.rec", folder / "train.idx",
+                   [(label, encode(image)) for label, image in zip(labels, images)])
+    rec, idx = (folder / "train.rec").read_bytes(), (folder / "train.idx").read_bytes()
     rec_fields = recordio_fields(rec, idx)
     idx_fields = [(position, "text") for position in range(len(idx)) if idx[position:position + 1].isdigit()]
     expected = [(torch.from_numpy(image).permute(2, 0, 1) / 127.5 - 1, label) for image, label in zip(images, labels)]
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(seed)
 
     def inputs():
-        for _ in range(RECORDIO_INPUTS):
+        for _ in range(inputs_count):
             if rng.integers(0, 4):
                 description, bad_rec = corrupt(rec, rng, rec_fields)
                 bad_idx, description = idx, f".rec {description}"
             else:
                 description, bad_idx = corrupt(idx, rng, idx_fields)
                 bad_rec, description = rec, f".idx {description}"
-            yield description, lambda: ((tmp_path / "train.rec").write_bytes(bad_rec),
-                                        (tmp_path / "train.idx").write_bytes(bad_idx))
+            yield description, lambda: ((folder / "train.rec").write_bytes(bad_rec),
+                                        (folder / "train.idx").write_bytes(bad_idx))
 
     def read():
-        dataset = RecordIODataset(tmp_path)
+        dataset = RecordIODataset(folder)
         dataset_labels = dataset.labels
         items = [dataset[index] for index in range(len(dataset))]
         for (image, label), dataset_label in zip(items, dataset_labels):
@@ -183,12 +187,31 @@ def test_recordio_fuzz(tmp_path):
             for (image, label), (want_image, want_label) in zip(items, expected))
         return "read, unchanged" if same else "read, changed"
 
-    outcomes, failures = run_fuzz(inputs(), read)
-    print(f"RecordIO fuzz: {RECORDIO_INPUTS} inputs, {dict(outcomes)}")
+    return run_fuzz(inputs(), read)
+
+
+def test_recordio_fuzz(tmp_path):
+    outcomes, failures = fuzz_recordio(tmp_path, encode_npy, RECORDIO_INPUTS, SEED)
+    print(f"RecordIO fuzz (.npy images): {RECORDIO_INPUTS} inputs, {dict(outcomes)}")
     assert not failures, "\n".join(failures[:10])
     assert sum(outcomes.values()) == RECORDIO_INPUTS
     # the fuzzing reaches both the refusals and reads that survive harmless changes
     assert outcomes["DataError"] > RECORDIO_INPUTS // 4 and outcomes["read, unchanged"] > 0
+
+
+def test_recordio_fuzz_with_png_images(tmp_path):
+    pil_image = pytest.importorskip("PIL.Image")
+
+    def encode_png(image):
+        buffer = io.BytesIO()
+        pil_image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    outcomes, failures = fuzz_recordio(tmp_path, encode_png, PNG_RECORDIO_INPUTS, SEED + 2)
+    print(f"RecordIO fuzz (PNG images): {PNG_RECORDIO_INPUTS} inputs, {dict(outcomes)}")
+    assert not failures, "\n".join(failures[:10])
+    assert sum(outcomes.values()) == PNG_RECORDIO_INPUTS
+    assert outcomes["DataError"] > PNG_RECORDIO_INPUTS // 4 and outcomes["read, unchanged"] > 0
 
 
 # ---------------------------------------------------------------- .bin

@@ -491,3 +491,41 @@ def test_a_data_error_keeps_its_type_through_dataloader_workers(tmp_path):
     loader = torch.utils.data.DataLoader(RecordIODataset(rec), batch_size=6, num_workers=1)
     with pytest.raises(DataError, match=r"record 4 at offset \d+: label -1.0"):
         next(iter(loader))
+
+
+# ---------------------------------------------------------------- the training command
+
+
+def test_training_command_reports_data_errors_in_one_line(tmp_path, capsys):
+    from margin_ext.train.__main__ import main
+
+    def train(*extra, output):
+        return main(["--embedding-size", "16", "--batch-size", "4", "--steps", "2", "--val", "none", "--no-plot",
+                     "--output", str(tmp_path / output), *extra])
+
+    labels = [0] * 4 + [1] * 4
+    records = [(label, encode_npy(np.full((16, 16, 3), 9 * key, np.uint8))) for key, label in enumerate(labels)]
+    rec = tmp_path / "train.rec"
+
+    # a crafted verification file: refused, nothing runs
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "lfw.bin").write_bytes(pickle.dumps(RunsShellCommand(f"touch {marker}")))
+    write_recordio(rec, rec.with_suffix(".idx"), records)
+    assert train("--data", str(rec), "--val", str(tmp_path / "lfw.bin"), output="bin") == 2
+    assert "lfw.bin" in capsys.readouterr().err and not marker.exists()
+
+    # a header range the index does not hold: refused before the first step
+    index = index_of(rec)
+    del index[5]
+    write_index(rec, index)
+    assert train("--data", str(rec), output="range") == 2
+    assert "header names images at keys 1..8" in capsys.readouterr().err
+    assert not list((tmp_path / "range").glob("step-*"))
+
+    # label -1 in the middle of the epoch: one line naming the record, not an ignored row
+    write_recordio(rec, rec.with_suffix(".idx"), records)
+    replace_record(rec, 6, pack_record(-1.0, records[5][1], record_id=6))
+    assert train("--data", str(rec), output="label") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"record 6 at offset {index_of(rec)[6]}: label -1.0 is outside [0, 2)" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1

@@ -73,25 +73,42 @@ class _DtypeStandIn:
     def __setstate__(self, state) -> None:
         # numpy's state: (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata])
         if not (isinstance(state, tuple) and 5 <= len(state) <= 9 and all(item is None for item in state[2:5])):
-            raise RefusedPickle(f"unexpected state for dtype {self.dtype}: {state!r:.80}")
+            raise RefusedPickle(f"unexpected state for dtype {self.dtype}: {_describe(state)}")
 
 
-class _ArrayStandIn:
-    """What ``_reconstruct`` returns; BUILD's state supplies the shape, dtype and bytes."""
+class _Built:
+    """A numpy value built here; held apart so that no BUILD ever reaches numpy's ``__setstate__``."""
 
-    __slots__ = ("array",)
+    __slots__ = ("value",)
 
-    def __init__(self):
-        self.array = None
+    def __init__(self, value=None):
+        self.value = value
 
     def __setstate__(self, state) -> None:
+        raise RefusedPickle("a state for an already built numpy value")
+
+
+class _ArrayStandIn(_Built):
+    """What ``_reconstruct`` returns; BUILD's state supplies the shape, dtype and bytes, once."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state) -> None:
+        if self.value is not None:
+            raise RefusedPickle("a second state for one ndarray")
         # (version, shape, dtype, is_fortran, raw bytes); numpy before 1.0 left out the version
         if isinstance(state, tuple) and len(state) == 5:
             state = state[1:]
         if not (isinstance(state, tuple) and len(state) == 4):
-            raise RefusedPickle(f"unexpected ndarray state {state!r:.80}")
+            raise RefusedPickle(f"unexpected ndarray state: {_describe(state)}")
         shape, dtype, _, raw = state
-        self.array = _array_from_bytes(raw, dtype, shape)
+        self.value = _array_from_bytes(raw, dtype, shape)
+
+
+def _describe(value) -> str:
+    # never repr() what the file built: it may be huge or nested a million deep
+    size = f" of {len(value)} items" if isinstance(value, (tuple, list)) else ""
+    return f"a {type(value).__name__}{size}"
 
 
 def _plain_dtype(value) -> np.dtype:
@@ -103,11 +120,11 @@ def _plain_dtype(value) -> np.dtype:
 def _array_from_bytes(raw, dtype, shape) -> np.ndarray:
     dtype = _plain_dtype(dtype)
     if not (isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
-        raise RefusedPickle(f"expected a one-dimensional array, got shape {shape!r:.80}")
+        raise RefusedPickle(f"expected the shape of a one-dimensional array, got {_describe(shape)}")
     if not isinstance(raw, (bytes, bytearray)):
         raise RefusedPickle(f"expected the array's bytes, got {type(raw).__name__}")
     if len(raw) != shape[0] * dtype.itemsize:
-        raise RefusedPickle(f"array of shape {shape} holds {len(raw)} bytes")
+        raise RefusedPickle(f"array of {shape[0]} {dtype} items holds {len(raw)} bytes")
     return np.frombuffer(raw, dtype=dtype).copy()  # a writable copy
 
 
@@ -115,34 +132,35 @@ def _dtype(name, align=False, copy=True) -> _DtypeStandIn:
     if isinstance(name, bytes):  # Python 2 pickles read with encoding="bytes"
         name = name.decode("ascii", errors="replace")
     if not isinstance(name, str) or name not in ADMITTED_DTYPES:
-        raise RefusedPickle(f"dtype {name!r:.40} is not one of {sorted(ADMITTED_DTYPES)}")
+        shown = repr(name[:20]) if isinstance(name, str) else _describe(name)
+        raise RefusedPickle(f"dtype {shown} is not one of {sorted(ADMITTED_DTYPES)}")
     return _DtypeStandIn(ADMITTED_DTYPES[name])
 
 
 def _reconstruct(subtype, shape, typecode) -> _ArrayStandIn:
     if subtype is not _NDARRAY:
         raise RefusedPickle(f"_reconstruct of {type(subtype).__name__}, expected numpy.ndarray")
-    if shape != (0,) or not isinstance(typecode, (bytes, str)):
-        raise RefusedPickle(f"unexpected _reconstruct arguments {shape!r:.40}, {typecode!r:.40}")
+    if not (isinstance(shape, tuple) and shape == (0,) and isinstance(typecode, (bytes, str))):
+        raise RefusedPickle(f"unexpected _reconstruct arguments: {_describe(shape)}, {_describe(typecode)}")
     return _ArrayStandIn()
 
 
-def _frombuffer(buffer, dtype, shape, order) -> np.ndarray:
+def _frombuffer(buffer, dtype, shape, order) -> _Built:
     # protocol 5's form: the bytes come inline (BYTEARRAY8/BINBYTES), never out of band
-    return _array_from_bytes(buffer, dtype, shape)
+    return _Built(_array_from_bytes(buffer, dtype, shape))
 
 
-def _scalar(dtype, raw):
+def _scalar(dtype, raw) -> _Built:
     dtype = _plain_dtype(dtype)
     if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
-        raise RefusedPickle(f"scalar of dtype {dtype} from {type(raw).__name__} of the wrong size")
-    return np.frombuffer(raw, dtype=dtype)[0]
+        raise RefusedPickle(f"scalar of dtype {dtype} from {_describe(raw)}")
+    return _Built(np.frombuffer(raw, dtype=dtype)[0])
 
 
 def _latin1_encode(text, encoding):
     # How Python 3 writes bytes at protocols 0-2: _codecs.encode(str, "latin1").
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise RefusedPickle(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r:.20})")
+        raise RefusedPickle(f"unexpected _codecs.encode({_describe(text)}, {_describe(encoding)})")
     return text.encode("latin-1")
 
 
@@ -164,7 +182,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return ADMITTED_GLOBALS[(module, name)]
         except (KeyError, TypeError):
-            raise RefusedPickle(f"refuses to load {module}.{name}") from None
+            raise RefusedPickle(f"refuses to load {f'{module}.{name}'[:120]}") from None
 
     def persistent_load(self, pid):
         raise RefusedPickle("refuses persistent ids")
@@ -199,15 +217,15 @@ def restricted_loads(data: bytes):
 
 
 def _unwrap(value, depth: int):
-    """Replace the array stand-ins left by ``_reconstruct`` with their arrays.
+    """Replace the stand-ins of numpy values with the values.
 
     Only ``depth`` levels are walked (the file's tuple, its two sequences, their
     items): deeper or self-referencing structures are left for the caller to refuse.
     """
-    if isinstance(value, _ArrayStandIn):
-        if value.array is None:
+    if isinstance(value, _Built):
+        if value.value is None:
             raise RefusedPickle("an ndarray without its state")
-        return value.array
+        return value.value
     if isinstance(value, (_DtypeStandIn, _NdarrayName)):
         raise RefusedPickle(f"a bare {type(value).__name__.strip('_')} where data was expected")
     if isinstance(value, (list, tuple)) and depth > 1:
