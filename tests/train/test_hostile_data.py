@@ -529,3 +529,15 @@ def test_training_command_reports_data_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert f"record 6 at offset {index_of(rec)[6]}: label -1.0 is outside [0, 2)" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_image_file_is_named(tmp_path):
+    from margin_ext.train.data import ImageFolderDataset
+
+    (tmp_path / "faces" / "alice").mkdir(parents=True)
+    np.save(tmp_path / "faces" / "alice" / "0.npy", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "faces" / "alice" / "1.npy").write_bytes(npy_with_header((4, 4, 3), body=b"short"))
+    dataset = ImageFolderDataset(tmp_path / "faces")
+    dataset[0]
+    with pytest.raises(DataError, match=r"alice/1\.npy: .*needs 48 bytes, holds 5"):
+        dataset[1]

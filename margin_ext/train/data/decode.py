@@ -122,7 +122,11 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
 def load_image_file(path) -> np.ndarray:
     """Read and decode one image file (``.npy`` or anything Pillow opens)."""
     with open(path, "rb") as handle:
-        return decode_image(handle.read())
+        data = handle.read()
+    try:
+        return decode_image(data)
+    except DataError as error:
+        raise DataError(f"{path}: {error}") from None
 
 
 def to_model_input(image: np.ndarray) -> torch.Tensor:
