@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from margin_ext.train.data import (
+    DataError,
     ImageFolderDataset,
     RecordIODataset,
     RecordIOReader,
@@ -246,7 +247,7 @@ def test_bad_magic_reports_the_offset(insightface_rec):
     (root / "train.rec").write_bytes(bytes(raw))
     dataset = RecordIODataset(root)
     dataset[0]  # key 1 is intact
-    with pytest.raises(ValueError, match=f"magic.*offset {int(offset)}"):
+    with pytest.raises(DataError, match=f"record 2 at offset {int(offset)}: bad RecordIO magic 0xefbeadde"):
         dataset[1]
 
 

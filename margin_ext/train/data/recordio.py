@@ -109,7 +109,9 @@ def _read_index_by_line(path_idx: Path, text: bytes) -> tuple:
                 raise ValueError
             key, offset = int(fields[0]), int(fields[1])
         except ValueError:
-            raise DataError(f"{path_idx}:{line_number}: expected 'key<TAB>offset' integers, got {line[:80]!r}") from None
+            raise DataError(
+                f"{path_idx}:{line_number}: expected 'key<TAB>offset' integers, got {line[:80]!r}"
+            ) from None
         if not (-_MAX_KEY <= key <= _MAX_KEY and -_MAX_KEY <= offset <= _MAX_KEY):
             raise DataError(f"{path_idx}:{line_number}: key or offset out of range in {line[:80]!r}")
         keys.append(key)
@@ -223,26 +225,28 @@ class RecordIOReader:
         raise DataError(f"{self.path_idx}: no record with key {key}")
 
     def _record_end(self, offset: int) -> int:
-        return int(self._boundaries[np.searchsorted(self._boundaries, offset, side="right")]) \
-            if offset < self.file_size else self.file_size
+        if offset >= self.file_size:
+            return self.file_size
+        return int(self._boundaries[np.searchsorted(self._boundaries, offset, side="right")])
 
-    def _read_part_header(self, handle, key, offset: int, end: int):
-        if offset + _PART_HEADER_SIZE > end:
-            raise self.error(key, offset, f"truncated: a part header at byte {offset} runs past byte {end}")
-        handle.seek(offset)
+    def _read_part_header(self, handle, key, offset: int, position: int, end: int):
+        """(continuation flag, length) of the part at ``position`` of the record at ``offset``."""
+        if position + _PART_HEADER_SIZE > end:
+            raise self.error(key, offset, f"truncated: a part header at byte {position} runs past byte {end}")
+        handle.seek(position)
         raw = handle.read(_PART_HEADER_SIZE)
         if len(raw) != _PART_HEADER_SIZE:
-            raise self.error(key, offset, f"truncated part header at byte {offset}")
+            raise self.error(key, offset, f"truncated part header at byte {position}")
         magic, lrecord = struct.unpack("<II", raw)
         if magic != RECORDIO_MAGIC:
             raise self.error(
                 key, offset,
-                f"bad RecordIO magic 0x{magic:08x} at byte {offset} (expected 0x{RECORDIO_MAGIC:08x}); "
+                f"bad RecordIO magic 0x{magic:08x} at byte {position} (expected 0x{RECORDIO_MAGIC:08x}); "
                 f"the .idx may not belong to this .rec",
             )
         flag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
-        if offset + _PART_HEADER_SIZE + _padded(length) > end:
-            raise self.error(key, offset, f"a part of {length} bytes at byte {offset} runs past byte {end}")
+        if position + _PART_HEADER_SIZE + _padded(length) > end:
+            raise self.error(key, offset, f"a part of {length} bytes at byte {position} runs past byte {end}")
         return flag, length
 
     def read_at(self, offset: int, key=None) -> bytes:
@@ -255,14 +259,12 @@ class RecordIOReader:
         parts = []
         position = offset
         while True:
-            flag, length = self._read_part_header(handle, key, position, end)
+            flag, length = self._read_part_header(handle, key, offset, position, end)
             expected = (0, 1) if not parts else (2, 3)
             if flag not in expected:
-                raise self.error(key, offset, f"part at byte {position} has continuation flag {flag}, expected {expected}")
-            data = handle.read(length)
-            if len(data) != length:
-                raise self.error(key, offset, f"truncated part at byte {position}")
-            parts.append(data)
+                raise self.error(key, offset,
+                                 f"part at byte {position} has continuation flag {flag}, expected {expected}")
+            parts.append(self._read_exactly(handle, length, key, offset))
             position += _PART_HEADER_SIZE + _padded(length)
             if flag in (0, 3):
                 break
@@ -286,19 +288,25 @@ class RecordIOReader:
         """Only the IRHeader of a record; avoids reading the image for label scans."""
         offset = self.offset_of(key)
         handle = self._file()
-        flag, length = self._read_part_header(handle, key, offset, self._record_end(offset))
+        flag, length = self._read_part_header(handle, key, offset, offset, self._record_end(offset))
         if flag != 0:
             return self.read_record(key)[0]
         if length < _IR_SIZE:
             raise self.error(key, offset, f"a record of {length} bytes is shorter than its {_IR_SIZE}-byte header")
-        header = IRHeader(*struct.unpack(_IR_FORMAT, handle.read(_IR_SIZE)))
+        header = IRHeader(*struct.unpack(_IR_FORMAT, self._read_exactly(handle, _IR_SIZE, key, offset)))
         if header.flag > 0:
             if 4 * header.flag > length - _IR_SIZE:
                 raise self.error(key, offset, f"header announces {header.flag} labels, the record holds "
                                               f"{length - _IR_SIZE} bytes after its header")
-            labels = np.frombuffer(handle.read(4 * header.flag), dtype="<f4").copy()
-            header = header._replace(label=labels)
+            raw = self._read_exactly(handle, 4 * header.flag, key, offset)
+            header = header._replace(label=np.frombuffer(raw, dtype="<f4").copy())
         return header
+
+    def _read_exactly(self, handle, size: int, key, offset: int) -> bytes:
+        data = handle.read(size)
+        if len(data) != size:  # the file shrank since it was opened
+            raise self.error(key, offset, f"truncated: {len(data)} of {size} bytes at byte {handle.tell()}")
+        return data
 
 
 def unpack_record(payload: bytes):
@@ -310,7 +318,9 @@ def unpack_record(payload: bytes):
     if header.flag > 0:
         label_bytes = 4 * header.flag
         if len(rest) < label_bytes:
-            raise DataError(f"header announces {header.flag} labels, the record holds {len(rest)} bytes after its header")
+            raise DataError(
+                f"header announces {header.flag} labels, the record holds {len(rest)} bytes after its header"
+            )
         header = header._replace(label=np.frombuffer(rest[:label_bytes], dtype="<f4").copy())
         rest = rest[label_bytes:]
     return header, rest

@@ -2,8 +2,10 @@
 
 A ``.bin`` file is a pickle of ``(bins, issame_list)``: ``bins`` holds the
 encoded images, two consecutive entries per pair, and ``issame_list`` one bool
-per pair. It is read with a restricted unpickler (:mod:`.restricted_pickle`) that
-builds nothing but those: a crafted file cannot run code. Accuracy follows InsightFace's ``verification.py``: L2-normalised
+per pair. It is read with a restricted unpickler (:mod:`.restricted_pickle`)
+that builds nothing but those: a crafted file cannot run code.
+
+Accuracy follows InsightFace's ``verification.py``: L2-normalised
 embeddings, squared euclidean distance per pair, a pair is predicted "same"
 when its distance is below a threshold taken from ``np.arange(0, 4, 0.01)``,
 and 10-fold cross-validation without shuffling in which each fold's threshold
