@@ -67,6 +67,7 @@ def peak_rss_bytes() -> int:
 def run_fuzz(inputs, read):
     """Feed each ``(description, write)`` to ``read``; return the outcome counts and the failures."""
     outcomes, failures = Counter(), []
+    largest_peak = 0
     rss_before = peak_rss_bytes()
     tracemalloc.start()
     try:
@@ -80,9 +81,12 @@ def run_fuzz(inputs, read):
                 outcomes["DataError"] += 1
             except Hang as error:
                 failures.append(f"input {number} ({description}): {error}")
+                outcomes["hang"] += 1
             except Exception as error:  # the finding: anything but a DataError
                 failures.append(f"input {number} ({description}): {type(error).__name__}: {error}"[:300])
+                outcomes["other exception"] += 1
             peak = tracemalloc.get_traced_memory()[1]
+            largest_peak = max(largest_peak, peak)
             if peak > MEMORY_LIMIT:
                 failures.append(f"input {number} ({description}): allocated {peak >> 20} MiB")
     finally:
@@ -90,6 +94,8 @@ def run_fuzz(inputs, read):
     rss_growth = peak_rss_bytes() - rss_before
     if rss_growth > MEMORY_LIMIT:
         failures.append(f"peak RSS grew by {rss_growth >> 20} MiB")
+    print(f"largest allocation peak of one input: {largest_peak / 2**20:.1f} MiB; "
+          f"peak RSS growth: {max(rss_growth, 0) / 2**20:.1f} MiB")
     return outcomes, failures
 
 
