@@ -123,7 +123,6 @@ def read_index(directory: str) -> Dict[str, Any]:
 
     try:
         metadata = read_metadata_file(f"{directory}/{METADATA_FILE}")
-        check_files(directory, metadata)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint in {directory!r}: its index {METADATA_FILE} is missing") from None
     except OSError as error:
@@ -131,6 +130,10 @@ def read_index(directory: str) -> Dict[str, Any]:
     except Exception as error:  # an unpickler meets every kind of garbage; all of it means "corrupt"
         raise CheckpointError(f"the checkpoint in {directory!r} is corrupt or unsafe: its index "
                               f"{METADATA_FILE} {error}") from None
+    try:
+        check_files(directory, metadata)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint in {directory!r} is incomplete: {error}") from None
     return metadata.state_dict_metadata
 
 
@@ -282,6 +285,8 @@ def _dcp():
 
 
 def _load(head, directory, state):
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from .dcp_metadata import SafeFileSystemReader
 
     try:
@@ -290,14 +295,23 @@ def _load(head, directory, state):
                         no_dist=_no_dist())
     except CheckpointError:
         raise
-    except Exception as error:  # DCP wraps every rank's failure (a truncated or garbled file) in its own
-        raise CheckpointError(f"cannot load the checkpoint in {directory!r}: {_first_line(error)}") from None
+    # DCP gathers every rank's failure (a garbled file) into a CheckpointException, a BaseException
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"cannot load the checkpoint in {directory!r}: a data file is unreadable "
+                              f"({_describe(error)})") from None
     return state
 
 
-def _first_line(error) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"
+def _describe(error) -> str:
+    """The first failure of a DCP load, in one line: its type, its rank, its first line."""
+    failures = getattr(error, "failures", None)
+    where = ""
+    if failures:
+        rank, failure = sorted(failures.items())[0]
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+        error, where = getattr(failure, "exception", failure), f" on rank {rank}"
+    sentence = str(error).strip().split("\n")[0].split(". ")[0][:200]
+    return f"{type(error).__name__}{where}: {sentence}"
 
 
 class _quiet(warnings.catch_warnings):
