@@ -173,7 +173,8 @@ def _load_checked(directory, head, optimizer, names, stored):
             tensors[fqn] = torch.empty(saved.size, dtype=saved.properties.dtype)
         elif kind != _OBJECT:
             raise CheckpointError(f"the checkpoint in {directory!r} has an unknown layout {kind!r} for {fqn!r}")
-    extra_tensors = sorted((k for k in stored if k.startswith(_EXTRA_TENSOR)), key=lambda k: int(k[len(_EXTRA_TENSOR):]))
+    extra_tensors = sorted((k for k in stored if k.startswith(_EXTRA_TENSOR)),
+                           key=lambda k: int(k[len(_EXTRA_TENSOR):]))
     for fqn in extra_tensors:
         tensors[fqn] = torch.empty(stored[fqn].size, dtype=stored[fqn].properties.dtype)
     loaded = _load(head, directory, tensors)
