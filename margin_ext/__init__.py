@@ -1,7 +1,7 @@
 """margin_ext: fused, sharded margin-softmax heads for millions of classes."""
 
 from .backends import BackendUnavailable
-from .checkpoint import load_head, save_head
+from .checkpoint import CheckpointError, load_head, save_head
 from .functional import margin_cross_entropy
 from .monitoring import best_class, iter_cosines, top1_accuracy
 from .partial_fc import PartialFC
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArcFace",
     "BackendUnavailable",
+    "CheckpointError",
     "CombinedMargin",
     "CosFace",
     "ElasticArcFace",

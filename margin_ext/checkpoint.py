@@ -13,23 +13,37 @@ rows (e.g. C = 37 on 3 ranks: 13, 12, 12 against 13, 13, 11); a ShardedTensor ta
 the offsets as they are. Without an initialised process group the head's single shard
 is the whole matrix and is saved as a plain tensor, which DCP treats the same way.
 
+Loading runs no code from the files. Everything is a tensor: the small state (the
+head's shape, the optimizer's groups, ``extra``) is JSON held in a uint8 tensor, and
+DCP reads tensors with ``torch.load(weights_only=True)``. DCP's own index (the
+``.metadata`` file) is a pickle: it is read by :mod:`margin_ext.dcp_metadata`, which
+admits only the few classes DCP writes there, and an entry that would make DCP
+unpickle a value (a "bytes" entry) is refused.
+
 Both functions are collectives: every rank of the head's process group calls them,
 with a ``directory`` on a filesystem all of them see.
 """
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
+from . import tensor_json
 from .partial_fc import PartialFC
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the small state was pickled (no longer read)
 _ROWS, _WHOLE, _OBJECT = "rows", "whole", "object"
+_HEAD_META, _OPTIMIZER_META, _EXTRA = "head.meta", "optimizer.meta", "extra"
+_EXTRA_TENSOR = "extra.tensor."
+_MAX_JSON_BYTES = 64 << 20  # the small state is kilobytes; a larger declared size is a corrupt index
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is corrupt or unsafe, or does not fit what loads it."""
 
 
 def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -37,14 +51,16 @@ def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.O
     """Save ``head`` (and ``optimizer``, which must optimize only ``head.parameters()``).
 
     extra: small state, the same on every rank, to keep beside it (a GradScaler's
-    state_dict, the step, ...); :func:`load_head` returns it. Pickled.
+    state_dict, the step, ...); :func:`load_head` returns it. It may hold None, bool,
+    int, float, str, tensors, and lists, tuples and dicts of them (stored as JSON and
+    tensors, never pickled); anything else is a TypeError.
     """
     _check_head(head)
     state: Dict[str, Any] = {
         "head.weight": _by_rows(head, head.weight.detach()),
-        "head.meta": _blob({"format": FORMAT_VERSION, "num_classes": head.num_classes,
-                            "embedding_size": head.embedding_size, "world_size": head.world_size,
-                            "sampling_step": head.sampling_step, "margin": repr(head.margin)}),
+        _HEAD_META: _json_tensor({"format": FORMAT_VERSION, "num_classes": head.num_classes,
+                                  "embedding_size": head.embedding_size, "world_size": head.world_size,
+                                  "sampling_step": head.sampling_step, "margin": repr(head.margin)}),
     }
     if optimizer is not None:
         names = _parameter_names(head, optimizer)
@@ -61,10 +77,15 @@ def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.O
                 else:
                     layout[fqn], objects[fqn] = _OBJECT, value
         groups = [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]
-        state["optimizer.meta"] = _blob({"type": type(optimizer).__name__, "layout": layout,
-                                         "objects": objects, "param_groups": groups})
+        text, tensors = tensor_json.encode({"type": type(optimizer).__name__, "layout": layout,
+                                            "objects": objects, "param_groups": groups}, "optimizer state")
+        if tensors:
+            raise TypeError("the optimizer's parameter groups hold tensors, which save_head does not store")
+        state[_OPTIMIZER_META] = _text_tensor(text)
     if extra is not None:
-        state["extra"] = _blob(extra)
+        text, tensors = tensor_json.encode(extra, "extra")
+        state[_EXTRA] = _text_tensor(text)
+        state.update({f"{_EXTRA_TENSOR}{i}": t for i, t in enumerate(tensors)})
     dcp = _dcp()
     with _quiet():
         # overwrite: saving again to the same directory (a "latest" checkpoint) is intended
@@ -79,55 +100,102 @@ def load_head(directory: str, head: PartialFC,
     The checkpoint may come from any number of ranks; the centres and the optimizer
     state land bit for bit in this head's shards. Everything is checked before
     anything changes. Returns the ``extra`` saved with it ({} if none).
+
+    Reading runs no code from the files (see the module's docstring): a crafted,
+    corrupt or truncated checkpoint raises :class:`CheckpointError`.
     """
     _check_head(head)
     names = _parameter_names(head, optimizer) if optimizer is not None else None
-    stored = _dcp().FileSystemReader(directory).read_metadata().state_dict_metadata
-    wanted = ["head.meta"] + [k for k in ("optimizer.meta", "extra") if k in stored]
-    small = _load(head, directory, {k: b"" for k in wanted})
-    meta = pickle.loads(small["head.meta"])
-    if meta["format"] > FORMAT_VERSION:
-        raise ValueError(f"the checkpoint in {directory!r} has format {meta['format']}, newer than this "
-                         f"margin_ext reads ({FORMAT_VERSION})")
+    stored = read_index(directory)
+    try:
+        return _load_checked(directory, head, optimizer, names, stored)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError,
+            MemoryError) as error:
+        raise CheckpointError(f"the checkpoint in {directory!r} is malformed ({type(error).__name__}: {error})") \
+            from None
+
+
+def read_index(directory: str) -> Dict[str, Any]:
+    """The entries of the DCP index in ``directory`` (read safely), after checking its data files."""
+    from .dcp_metadata import METADATA_FILE, check_files, read_metadata_file
+
+    try:
+        metadata = read_metadata_file(f"{directory}/{METADATA_FILE}")
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint in {directory!r}: its index {METADATA_FILE} is missing") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read the checkpoint in {directory!r} ({error})") from None
+    except Exception as error:  # an unpickler meets every kind of garbage; all of it means "corrupt"
+        raise CheckpointError(f"the checkpoint in {directory!r} is corrupt or unsafe: its index "
+                              f"{METADATA_FILE} {error}") from None
+    try:
+        check_files(directory, metadata)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint in {directory!r} is incomplete: {error}") from None
+    return metadata.state_dict_metadata
+
+
+def _load_checked(directory, head, optimizer, names, stored):
+    wanted = [_HEAD_META] + [k for k in (_OPTIMIZER_META, _EXTRA) if k in stored]
+    if _HEAD_META not in stored or "head.weight" not in stored:
+        raise CheckpointError(f"the checkpoint in {directory!r} holds no margin_ext head (no {_HEAD_META})")
+    small = _load(head, directory, {k: _json_buffer(directory, k, stored[k]) for k in wanted})
+    meta = _read_json(directory, small, _HEAD_META)
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+        raise CheckpointError(f"the checkpoint in {directory!r} has no format number in {_HEAD_META}")
+    if meta["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"the checkpoint in {directory!r} has format {meta['format']}; this margin_ext "
+                              f"reads format {FORMAT_VERSION}")
     for name in ("num_classes", "embedding_size"):
         if meta[name] != getattr(head, name):
-            raise ValueError(f"the checkpoint in {directory!r} has {name}={meta[name]}, "
-                             f"the head has {name}={getattr(head, name)}")
+            raise CheckpointError(f"the checkpoint in {directory!r} has {name}={meta[name]}, "
+                                  f"the head has {name}={getattr(head, name)}")
     optimizer_meta = None
     if optimizer is not None:
-        if "optimizer.meta" not in small:
-            raise ValueError(f"the checkpoint in {directory!r} holds no optimizer state: "
-                             f"pass optimizer=None or a checkpoint saved with one")
-        optimizer_meta = pickle.loads(small["optimizer.meta"])
+        if _OPTIMIZER_META not in small:
+            raise CheckpointError(f"the checkpoint in {directory!r} holds no optimizer state: "
+                                  f"pass optimizer=None or a checkpoint saved with one")
+        optimizer_meta = _read_json(directory, small, _OPTIMIZER_META)
         _check_optimizer(directory, optimizer, names, optimizer_meta)
 
     tensors = {"head.weight": _by_rows(head, torch.empty_like(head.weight.detach()))}
     for fqn, kind in (optimizer_meta["layout"].items() if optimizer_meta else ()):
         saved = stored.get(fqn)
+        if kind in (_ROWS, _WHOLE) and saved is None:
+            raise CheckpointError(f"the checkpoint in {directory!r} lacks the optimizer tensor {fqn!r}")
         if kind == _ROWS:
             local = torch.empty((head.num_local,) + tuple(saved.size[1:]), dtype=saved.properties.dtype,
                                 device=head.weight.device)
             tensors[fqn] = _by_rows(head, local)
         elif kind == _WHOLE:
             tensors[fqn] = torch.empty(saved.size, dtype=saved.properties.dtype)
+        elif kind != _OBJECT:
+            raise CheckpointError(f"the checkpoint in {directory!r} has an unknown layout {kind!r} for {fqn!r}")
+    extra_tensors = sorted((k for k in stored if k.startswith(_EXTRA_TENSOR)),
+                           key=lambda k: int(k[len(_EXTRA_TENSOR):]))
+    for fqn in extra_tensors:
+        tensors[fqn] = torch.empty(stored[fqn].size, dtype=stored[fqn].properties.dtype)
     loaded = _load(head, directory, tensors)
+    extra = _read_json(directory, small, _EXTRA, [loaded[k] for k in extra_tensors]) if _EXTRA in small else {}
 
     with torch.no_grad():
         head.weight.copy_(_local(loaded["head.weight"]))
-    head.sampling_step = meta["sampling_step"]
+    head.sampling_step = int(meta["sampling_step"])
     if optimizer_meta is not None:
         _restore_optimizer(optimizer, names, optimizer_meta, loaded)
-    return pickle.loads(small["extra"]) if "extra" in small else {}
+    return extra
 
 
 def _check_optimizer(directory, optimizer, names, meta) -> None:
     if meta["type"] != type(optimizer).__name__:
-        raise ValueError(f"the checkpoint in {directory!r} holds the state of a {meta['type']} "
+        raise CheckpointError(f"the checkpoint in {directory!r} holds the state of a {meta['type']} "
                          f"optimizer, got optimizer={type(optimizer).__name__}")
     saved = [sorted(g["params"]) for g in meta["param_groups"]]
     current = [sorted(names[i] for i in g["params"]) for g in optimizer.state_dict()["param_groups"]]
     if saved != current:
-        raise ValueError(f"the optimizer's parameter groups {current} differ from the saved ones {saved}")
+        raise CheckpointError(f"the optimizer's parameter groups {current} differ from the saved ones {saved}")
 
 
 def _restore_optimizer(optimizer, names, meta, loaded) -> None:
@@ -185,9 +253,29 @@ def _local(value) -> torch.Tensor:
     return value
 
 
-def _blob(obj) -> bytes:
-    # one opaque value, so that DCP keeps nested dicts and tuples exactly as they are
-    return pickle.dumps(obj)
+def _json_tensor(value) -> torch.Tensor:
+    text, _ = tensor_json.encode(value)
+    return _text_tensor(text)
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    # a tensor, so that DCP reads it back without unpickling anything
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _json_buffer(directory, fqn, entry) -> torch.Tensor:
+    size = tuple(entry.size)
+    if entry.properties.dtype != torch.uint8 or len(size) != 1 or size[0] > _MAX_JSON_BYTES:
+        raise CheckpointError(f"the checkpoint in {directory!r} has a malformed {fqn!r} entry "
+                              f"({entry.properties.dtype}, shape {size})")
+    return torch.empty(size, dtype=torch.uint8)
+
+
+def _read_json(directory, small, fqn, tensors=()):
+    try:
+        return tensor_json.decode(bytes(small[fqn].tolist()).decode("utf-8"), list(tensors))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint in {directory!r} has a malformed {fqn!r} entry ({error})") from None
 
 
 def _dcp():
@@ -198,9 +286,33 @@ def _dcp():
 
 
 def _load(head, directory, state):
-    with _quiet():
-        _dcp().load(state, checkpoint_id=directory, process_group=head.process_group, no_dist=_no_dist())
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .dcp_metadata import SafeFileSystemReader
+
+    try:
+        with _quiet():
+            _dcp().load(state, storage_reader=SafeFileSystemReader(directory), process_group=head.process_group,
+                        no_dist=_no_dist())
+    except CheckpointError:
+        raise
+    # DCP gathers every rank's failure (a garbled file) into a CheckpointException, a BaseException
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"cannot load the checkpoint in {directory!r}: a data file is unreadable "
+                              f"({_describe(error)})") from None
     return state
+
+
+def _describe(error) -> str:
+    """The first failure of a DCP load, in one line: its type, its rank, its first line."""
+    failures = getattr(error, "failures", None)
+    where = ""
+    if failures:
+        rank, failure = sorted(failures.items())[0]
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+        error, where = getattr(failure, "exception", failure), f" on rank {rank}"
+    sentence = str(error).strip().split("\n")[0].split(". ")[0][:200]
+    return f"{type(error).__name__}{where}: {sentence}"
 
 
 class _quiet(warnings.catch_warnings):

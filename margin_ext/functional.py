@@ -42,7 +42,7 @@ def margin_cross_entropy(
     chunk_size: classes per chunk of the chunked backends; None picks one from the
     shapes and the free memory.
     generator: draws the random margins of ElasticFace (on the CPU, in row order).
-    check_finite: raise if the embeddings hold NaN or inf (costs a device sync).
+    check_finite: raise if the embeddings or the weight hold NaN or inf (costs a device sync).
 
     Returns a float32 loss; differentiable w.r.t. ``embeddings`` and ``weight``.
     """

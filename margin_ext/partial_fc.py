@@ -270,12 +270,21 @@ class PartialFC(nn.Module):
         code, value = self._input_problem(embeddings, labels)
         batch = embeddings.shape[0] if code not in (_NOT_TENSOR, _EMB_NDIM) else 0
         wants_grad = differentiable and code == _OK and embeddings.requires_grad and torch.is_grad_enabled()
-        meta = torch.tensor([batch, code, value, wants_grad], dtype=torch.int64,
+        # the dtype travels too: the gather moves raw bytes, so fp16 on one rank and bf16 on
+        # another would be reinterpreted (a wrong loss), fp32 against fp16 would break the gather
+        dtype = _dtype_code(embeddings.dtype) if code == _OK else -1
+        meta = torch.tensor([batch, code, value, wants_grad, dtype], dtype=torch.int64,
                             device=distributed.collective_device(group))
         table = distributed.all_gather_stacked(meta, group).tolist()
-        for rank, (_, code, value, _) in enumerate(table):
+        for rank, (_, code, value, _, _) in enumerate(table):
             if code != _OK:
                 raise self._input_error(rank, code, value, table[rank][0])
+        dtypes = [row[4] for row in table]
+        for rank, other in enumerate(dtypes):
+            if other != dtypes[0]:
+                raise TypeError(f"embeddings.dtype={_dtype_name(dtypes[0])} on rank 0 but "
+                                f"embeddings.dtype={_dtype_name(other)} on rank {rank}: every rank must pass "
+                                f"embeddings of one dtype")
         sizes = [row[0] for row in table]
         if sum(sizes) == 0:
             raise ValueError("the global batch is empty: every rank passed 0 rows")

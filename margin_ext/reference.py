@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .margins import MarginSpec, NonTargetKind
-from .rows import NORM_EPS
+from .rows import normalize_rows
 
 
 def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -27,8 +27,8 @@ def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels:
     dtype = compute_dtype or embeddings.dtype
     if embeddings.dtype == torch.float64:
         dtype = torch.float64
-    x = F.normalize(embeddings.to(dtype), dim=1, eps=NORM_EPS)
-    w = F.normalize(weight.to(dtype), dim=1, eps=NORM_EPS)
+    x = normalize_rows(embeddings.to(dtype))
+    w = normalize_rows(weight.to(dtype))
     cos = x @ w.T
     target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
 

@@ -38,7 +38,23 @@ class RowInputs:
 def normalize(t: torch.Tensor) -> torch.Tensor:
     """Row-normalize in float32 (float64 stays float64), as F.normalize with eps 1e-12."""
     t = t if t.dtype == torch.float64 else t.float()
-    return F.normalize(t, dim=1, eps=NORM_EPS)
+    return normalize_rows(t)
+
+
+def normalize_rows(t: torch.Tensor) -> torch.Tensor:
+    """F.normalize(t, dim=1, eps=1e-12) in t's own dtype, without overflow.
+
+    The norm squares the entries: in float32 a row whose norm reaches 1.8e19 would make
+    it inf and the row all zeros (a wrong loss, a zero gradient). A row whose largest
+    magnitude exceeds max ** (1/4) of the dtype (1.4e9 in float32) is first divided by
+    a power of two near that magnitude: exact, and normalizing does not depend on the
+    scale, so the result and the gradient are the row's own. Other rows are divided by
+    1: bit for bit F.normalize.
+    """
+    limit = torch.finfo(t.dtype).max ** 0.25
+    peak = t.detach().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(peak > limit, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+    return F.normalize(t / scale, dim=1, eps=NORM_EPS)
 
 
 def target_cosine(x_hat: torch.Tensor, target_weight: torch.Tensor) -> torch.Tensor:

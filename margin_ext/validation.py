@@ -49,9 +49,11 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
         raise ValueError(f"embeddings, weight and labels must be on one device, got "
                          f"{embeddings.device}, {weight.device} and {labels.device}")
     check_labels(labels, num_classes or weight.shape[0], ignore_index)
-    if check_finite and not torch.isfinite(embeddings).all():
-        bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero()[0].item()
-        raise ValueError(f"embeddings has non-finite values (first in row {bad}: {embeddings[bad].tolist()[:8]}...)")
+    if check_finite:
+        for name, t in (("embeddings", embeddings), ("weight", weight)):
+            if not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).any(dim=1).nonzero()[0].item()
+                raise ValueError(f"{name} has non-finite values (first in row {bad}: {t[bad].tolist()[:8]}...)")
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", default=None,
                      help="a checkpoint folder, a run folder, or 'auto' (the latest checkpoint in --output, if any); "
                           "the run continues with the checkpoint's lr schedule")
+    out.add_argument("--force-resume", action="store_true",
+                     help="resume even where the checkpoint's margin or data source differs from this run's")
     out.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: at the end only)")
     out.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     out.add_argument("--log-every", type=int, default=20, help="steps between log lines")

@@ -273,16 +273,7 @@ class Trainer:
         self.output = check_output_folder(options.output)
         self.margin = margin_spec(options)
 
-        resume_path = None
-        if options.resume is not None:
-            resume_path = ckpt.find_checkpoint(options.resume, self.output)
-        elif ckpt.list_checkpoints(self.output):
-            latest = ckpt.list_checkpoints(self.output)[-1].name
-            raise OptionError(f"--output {self.output} already holds checkpoints (latest {latest}): "
-                              f"pass --resume auto to continue that run, or choose another --output")
-        if ctx.is_main:
-            ckpt.clear_partial_checkpoints(self.output)
-        ctx.barrier()
+        resume_path = ckpt.open_run_folder(ctx, self.output, options.resume)
 
         ckpt.seed_everything(options.seed)
         self.train_set, self.num_classes = build_train_set(options)
@@ -317,6 +308,7 @@ class Trainer:
             self.backbone_optimizer.load_state_dict(state["backbone_optimizer"])
             ckpt.load_head_state(resume_path, self.head, self.head_optimizer)
             self.scaler.load_state_dict(state["scaler"])
+        self.lineage = ckpt.start_branch(ctx, self.output, resume_path)
 
         self.total_steps = self._plan_total_steps()
         warmup = options.warmup_steps if options.warmup_steps is not None else self.total_steps // 20
@@ -377,14 +369,11 @@ class Trainer:
         """What a checkpoint must agree on to be loadable into this run."""
         return {"num_classes": self.num_classes, "embedding_size": self.options.embedding_size,
                 "backbone": self.options.backbone, "image_shape": list(self.image_shape),
-                "optimizer": self.options.optimizer, "amp_scaler": self.options.amp == "fp16"}
+                "optimizer": self.options.optimizer, "amp_scaler": self.options.amp == "fp16",
+                "margin": repr(self.margin), "data": ckpt.data_source(self.options, self.train_set)}
 
     def _check_compatible(self, state, path) -> None:
-        saved = state["shape"]
-        for key, value in self._shape().items():
-            if saved.get(key) != value:
-                raise ckpt.CheckpointError(f"--resume {path}: the checkpoint has {key}={saved.get(key)!r}, "
-                                           f"this run has {key}={value!r}")
+        ckpt.check_compatible(state["shape"], self._shape(), path, force=self.options.force_resume)
 
     def _steps_per_epoch(self, skip: int = 0) -> int:
         per_rank = math.ceil((len(self.train_set) - skip) / self.ctx.world_size)
@@ -561,7 +550,7 @@ class Trainer:
                 "history": self.log.state_dict(),
             }
         return ckpt.save_checkpoint(self.ctx, self.output, self.step, state, self.head, self.head_optimizer,
-                                    self.options.keep_checkpoints)
+                                    self.options.keep_checkpoints, lineage=self.lineage)
 
     def _finish(self, seconds: float) -> dict:
         results = self.log.final_results()

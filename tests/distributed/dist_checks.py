@@ -440,6 +440,18 @@ def _embedding_dim(ctx):
     _batch_error(ctx, corrupt, ValueError, "D=13", "embedding_size=12", f"on rank {ctx.world_size - 1}")
 
 
+@check("error_embedding_dtype_differs_on_one_rank")
+def _embedding_dtype(ctx):
+    # fp16 against bf16 has the same width: without the check the bytes would be reinterpreted
+    for here, there in ((torch.float16, torch.bfloat16), (torch.float32, torch.float16)):
+        def corrupt(x, y):
+            return (x.to(there if _last_rank_differs(ctx) else here), y)
+        if ctx.world_size == 1:
+            return "skip: a single rank cannot disagree with itself"
+        _batch_error(ctx, corrupt, TypeError, f"embeddings.dtype={here} on rank 0",
+                     f"embeddings.dtype={there} on rank {ctx.world_size - 1}")
+
+
 @check("error_labels_shape_on_one_rank")
 def _labels_shape(ctx):
     def corrupt(x, y):
