@@ -15,7 +15,8 @@ import margin_ext as mx
 from margin_ext.train.__main__ import main
 from margin_ext.train.data import SyntheticIdentities, encode_npy, write_recordio, write_verification_bin
 from margin_ext.train.options import OptionError, build_parser, margin_spec
-from margin_ext.train.trainer import LrSchedule, ResumableDistributedSampler, _Batches
+from margin_ext.train.data.sampling import Batches, ResumableDistributedSampler
+from margin_ext.train.schedule import LrSchedule
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -251,10 +252,10 @@ def test_sampler_resumes_on_any_world_size():
 
 
 def test_a_last_batch_of_one_joins_the_previous():
-    batches = list(_Batches(list(range(9)), 4))
+    batches = list(Batches(list(range(9)), 4))
     assert [len(b) for b in batches] == [4, 5]
-    assert len(_Batches(list(range(9)), 4)) == 2
-    assert [len(b) for b in _Batches(list(range(10)), 4)] == [4, 4, 2]
+    assert len(Batches(list(range(9)), 4)) == 2
+    assert [len(b) for b in Batches(list(range(10)), 4)] == [4, 4, 2]
 
 
 def test_lr_schedules():

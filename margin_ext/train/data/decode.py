@@ -20,14 +20,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".npy"})
 
 
 def _require_pil():
-    try:
-        from PIL import Image
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Decoding JPEG/PNG images needs Pillow, which is not installed: "
-            "run `pip install pillow` (or store images as .npy arrays)."
-        ) from error
-    return Image
+    from ..extras import require
+
+    return require("PIL.Image", "decoding JPEG/PNG images", package="pillow")
 
 
 def encode_npy(image: np.ndarray) -> bytes:
