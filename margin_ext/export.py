@@ -7,7 +7,9 @@ part of the model), in eval mode, in one of three formats:
 
 - ``state_dict``: ``torch.save`` of the backbone's state_dict, the file arcface_torch
   calls ``model.pt``; load it into ``margin_ext.train.backbones.build_backbone(...)``.
-- ``torchscript``: a traced module, ``torch.jit.load(FILE)(images)``.
+- ``torchscript``: a traced module, ``torch.jit.load(FILE)(images)`` (torch deprecates
+  TorchScript in favour of torch.export; the format stays for the C++ and serving stacks
+  that load it).
 - ``onnx``: a graph with input ``images`` (N x C x H x W, any N) and output
   ``embeddings`` (N x D); checked with ``onnx.checker``, and run with onnxruntime when
   it is installed (needs ``pip install 'margin_ext[train]'``).
@@ -19,6 +21,7 @@ PyTorch backbone's within 1e-4, or the file is removed and the export fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -113,16 +116,23 @@ def _write_state_dict(exported, example, path):
     torch.save(exported.backbone.state_dict(), path)
 
 
+@contextlib.contextmanager
+def _quiet_deprecations():
+    """torch warns on every TorchScript call: the file is asked for, the warnings are noise here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def _write_torchscript(exported, example, path):
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_deprecations():
         traced = torch.jit.trace(exported.backbone, example)
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
 
 
 def _write_onnx(exported, example, path):
     # the TorchScript-based exporter: it needs no onnxscript, and handles these plain CNNs exactly
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX")
+    with _quiet_deprecations():
         torch.onnx.export(exported.backbone, (example,), str(path), input_names=["images"],
                           output_names=["embeddings"], opset_version=ONNX_OPSET, dynamo=False,
                           dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
@@ -146,7 +156,7 @@ def _check(format, exported, path, example, expected) -> str:
             got = model.eval()(example)
         runner = "reloaded into build_backbone"
     elif format == "torchscript":
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_deprecations():
             got = torch.jit.load(str(path))(example)
         runner = "run with torch.jit.load"
     else:

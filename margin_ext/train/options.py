@@ -287,7 +287,12 @@ def _build(spec_class, name, pairs, options, **fixed):
     try:
         return spec_class(**values)
     except ValueError as error:
-        raise OptionError(f"margin {name!r}: {error}") from None
+        message = str(error)
+        if options is not None:  # name the flag that carried the bad value
+            for key, flag in (("s", "--scale"), ("m", "--margin-m")):
+                if key in pairs and message.startswith(f"{key}="):
+                    raise OptionError(f"{flag}={pairs[key]}: margin {name!r}: {message}") from None
+        raise OptionError(f"margin {name!r}: {message}") from None
 
 
 def _convert(name, key, text, hint):
