@@ -22,7 +22,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".npy"})
 def _require_pil():
     from ..extras import require
 
-    return require("PIL.Image", "decoding JPEG/PNG images", package="pillow")
+    require("PIL", "decoding JPEG/PNG images", package="pillow")
+    from PIL import Image
+
+    return Image
 
 
 def encode_npy(image: np.ndarray) -> bytes:
