@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job) and `make test`. Both set up from
 # nothing: a virtual environment, torch first (the CPU build unless one is present),
-# then the project built against that very torch (--no-build-isolation).
+# then the project built against that very torch (--no-build-isolation), with the
+# trainer's optional packages (the [train] extra: Pillow, TensorBoard, PyYAML, ONNX ...).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
@@ -15,7 +16,7 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja pybind11 numpy pytest triton matplotlib tqdm
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e ".[train]"
 	touch $@
 
 demo: setup

@@ -2,6 +2,7 @@
 
 Single process: ``python -m margin_ext.train --output runs/demo``.
 Several: ``torchrun --nproc-per-node 2 -m margin_ext.train --output runs/demo``.
+From a config file or preset: ``python -m margin_ext.train --config ms1mv2_r50 --data /data/faces_emore``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import sys
 
 from .checkpointing import CheckpointError
+from .data.errors import DataError
 from .distributed_launch import setup_distributed, teardown_distributed
+from .extras import MissingExtra
 from .options import OptionError, parse_args
-from .trainer import DataError, train
+from .trainer import train
 
-# Mistakes in what the user asked for: reported as one line, exit status 2, no traceback.
-USER_ERRORS = (OptionError, DataError, CheckpointError)
+# Mistakes in what the user asked for, and optional packages it needs that are missing:
+# reported as one line, exit status 2, no traceback.
+USER_ERRORS = (OptionError, DataError, CheckpointError, MissingExtra)
 
 
 def main(argv=None) -> int:

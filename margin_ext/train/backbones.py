@@ -167,15 +167,16 @@ _IRESNETS = {
     "iresnet100": iresnet100,
 }
 # InsightFace configs name the same networks r18, r34, ...
+# and the trainer's --backbone calls the small CNN "small"
 _ALIASES = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
-            "small_cnn": "smallcnn"}
+            "small_cnn": "smallcnn", "small": "smallcnn"}
 
 BACKBONE_NAMES = ("smallcnn", *_IRESNETS)
 
 
 def build_backbone(name: str, embedding_size: int = 512, in_channels: int = 3,
                    image_size: int = 112, dropout: float = 0.0) -> nn.Module:
-    """Backbone by name: ``smallcnn`` or ``iresnet18/34/50/100`` (also ``r18``... as in InsightFace)."""
+    """Backbone by name: ``smallcnn`` (or ``small``) or ``iresnet18/34/50/100`` (also ``r18``... as in InsightFace)."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key == "smallcnn":
         return SmallCNN(in_channels, image_size, embedding_size, dropout=dropout)

@@ -1,9 +1,10 @@
-"""What a run reports: progress lines or a bar, CSV and JSON curves, and a PNG plot.
+"""What a run reports: progress lines or a bar, CSV and JSON curves, TensorBoard events, a PNG plot.
 
 Only rank 0 writes; every other rank holds a :class:`RunLog` with ``enabled=False``
 so that the trainer calls it unconditionally. The curves are kept in memory and go
 into each checkpoint, so a resumed run rewrites the files from the checkpoint's
-history and the curves carry no steps from after the checkpoint.
+history and the curves carry no steps from after the checkpoint; the TensorBoard
+writer purges the events of steps after the checkpoint for the same reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 
 TRAIN_FIELDS = ("step", "epoch", "loss", "lr", "top1", "samples_per_s")
 VAL_FIELDS = ("step", "epoch", "set", "accuracy", "std")
+TENSORBOARD_FOLDER = "tensorboard"
 
 
 def format_duration(seconds: float) -> str:
@@ -34,13 +36,26 @@ def format_duration(seconds: float) -> str:
 
 
 class RunLog:
-    def __init__(self, output: Path, enabled: bool, total_steps: int, progress: str = "auto", initial_step: int = 0):
+    def __init__(self, output: Path, enabled: bool, total_steps: int, progress: str = "auto", initial_step: int = 0,
+                 tensorboard: bool = False):
         self.output = Path(output)
         self.enabled = enabled
         self.total_steps = total_steps
         self.train = []  # one dict per logged interval
         self.val = []  # one dict per (evaluation, set)
         self._bar = self._make_bar(progress, initial_step) if enabled else None
+        self._events = self._make_event_writer(initial_step) if enabled and tensorboard else None
+
+    def _make_event_writer(self, initial_step):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.print("no TensorBoard logs: tensorboard is not installed (pip install 'margin_ext[train]'; "
+                       "--no-tensorboard silences this)")
+            return None
+        # a resumed run drops the events that the interrupted one wrote after its checkpoint
+        return SummaryWriter(str(self.output / TENSORBOARD_FOLDER),
+                             purge_step=initial_step + 1 if initial_step > 0 else None)
 
     # -- console ---------------------------------------------------------------------------
 
@@ -72,6 +87,9 @@ class RunLog:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     # -- curves ----------------------------------------------------------------------------
 
@@ -82,6 +100,9 @@ class RunLog:
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "top1": top1, "samples_per_s": samples_per_s}
         self.train.append(row)
         self._append_csv("train.csv", TRAIN_FIELDS, row)
+        if self._events is not None:
+            for key in ("loss", "lr", "top1", "samples_per_s"):
+                self._events.add_scalar(f"train/{key}", row[key], step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.2e}", refresh=False)
         else:
@@ -98,7 +119,11 @@ class RunLog:
             row = {"step": step, "epoch": epoch, "set": name, "accuracy": accuracy, "std": std}
             self.val.append(row)
             self._append_csv("val.csv", VAL_FIELDS, row)
+            if self._events is not None:
+                self._events.add_scalar(f"verification/{name}", accuracy, step)
             parts.append(f"{name} {accuracy:.4f} ± {std:.4f}")
+        if self._events is not None:
+            self._events.flush()
         self.print(f"eval  step {step:>6d} epoch {epoch:>3d} | verification (10-fold): " + ", ".join(parts))
         self.write_json()
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 import typing
 
 import margin_ext as mx
 from margin_ext.backends import BACKENDS
 
 BACKBONES = ("small", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
-SCHEDULES = ("cosine", "step", "constant")
+from .schedule import SCHEDULES
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(single process, or under torchrun --nproc-per-node N).",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="options from a YAML file (keys are these options' names) or a preset "
+                             f"({', '.join(preset_names())}); the command line overrides them")
     head = parser.add_argument_group("margin head")
     head.add_argument("--margin", default="arcface", choices=sorted(mx.SPECS), help="margin spec")
     head.add_argument("--scale", default=None, help="the spec's scale s ('none' for SphereFace's feature norm); "
@@ -62,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=None,
                        help="default: 5e-4 for SGD (InsightFace), 0.1 for AdamW")
-    optim.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES, help="after the warm-up")
-    optim.add_argument("--warmup-steps", type=int, default=None,
-                       help="linear warm-up from 0; default: 5%% of the run")
+    optim.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES,
+                       help="after the warm-up (polynomial: arcface_torch's default)")
+    optim.add_argument("--lr-power", type=float, default=2.0, help="polynomial schedule's power")
+    warmup = optim.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-steps", type=int, default=None,
+                        help="linear warm-up from 0; default: 5%% of the run")
+    warmup.add_argument("--warmup-epochs", type=float, default=None, help="the warm-up in epochs")
     optim.add_argument("--lr-milestones", default="0.6,0.85",
                        help="step schedule: fractions of the run where the lr is multiplied by --lr-gamma")
     optim.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule's factor")
@@ -84,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic",
                       help="'synthetic', an image folder (one sub-folder per identity) or a .rec file (with its .idx)")
+    data.add_argument("--num-images", type=int, default=None,
+                      help="number of training images; default: what the dataset holds (checked against it)")
     data.add_argument("--val", default="synthetic",
                       help="'synthetic' (held-out identities), 'none', or comma-separated verification .bin files")
+    data.add_argument("--val-every", type=int, default=0,
+                      help="also verify every N steps (0: at epoch ends and at the end only)")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     data.add_argument("--synthetic-identities", type=int, default=2000, help="training identities (classes)")
     data.add_argument("--synthetic-samples", type=int, default=16, help="images per synthetic identity")
@@ -107,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--progress", default="auto", choices=("auto", "bar", "lines"),
                      help="a tqdm bar (rank 0, when a terminal is attached) or log lines")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    out.add_argument("--no-tensorboard", action="store_true",
+                     help="skip the TensorBoard event files (written to <output>/tensorboard when "
+                          "tensorboard is installed)")
     out.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto: CUDA when available (NCCL between processes), else the CPU (gloo)")
     out.add_argument("--stop-after-steps", type=int, default=None,
@@ -116,31 +132,84 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    options = build_parser().parse_args(argv)
+    """Options of the command line, on top of those of --config when one is given."""
+    from .config import config_arguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config", default=None)
+    config = finder.parse_known_args(argv)[0].config
+    if config is not None:
+        argv = config_arguments(config, parser, argv) + argv
+    options = parser.parse_args(argv)
     check_options(options)
     return options
 
 
+# Every numeric option: (kind, lowest, highest, lowest excluded, highest excluded); None: no bound.
+# Options that may be absent (None) are checked only when given.
+NUMERIC_RANGES = {
+    "batch_size": (int, 1, None, False, False),
+    "embedding_size": (int, 1, None, False, False),
+    "synthetic_identities": (int, 1, None, False, False),
+    "synthetic_samples": (int, 1, None, False, False),
+    "synthetic_val_identities": (int, 2, None, False, False),
+    "synthetic_val_pairs": (int, 10, None, False, False),  # 10-fold verification
+    "log_every": (int, 1, None, False, False),
+    "keep_checkpoints": (int, 1, None, False, False),
+    "epochs": (int, 1, None, False, False),
+    "steps": (int, 1, None, False, False),
+    "num_classes": (int, 1, None, False, False),
+    "num_images": (int, 1, None, False, False),
+    "stop_after_steps": (int, 1, None, False, False),
+    "checkpoint_every": (int, 0, None, False, False),
+    "val_every": (int, 0, None, False, False),
+    "num_workers": (int, 0, None, False, False),
+    "warmup_steps": (int, 0, None, False, False),
+    "sample_rate": (float, 0.0, 1.0, True, False),
+    "lr": (float, 0.0, None, True, False),
+    "momentum": (float, 0.0, 1.0, False, True),
+    "weight_decay": (float, 0.0, None, False, False),
+    "lr_gamma": (float, 0.0, 1.0, True, False),
+    "lr_power": (float, 0.0, None, True, False),
+    "warmup_epochs": (float, 0.0, None, False, False),
+    "clip_grad": (float, 0.0, None, False, False),
+    "dropout": (float, 0.0, 1.0, False, True),
+    "margin_m": (float, None, None, False, False),
+}
+
+
 def check_options(options: argparse.Namespace) -> None:
-    positive = ["batch_size", "embedding_size", "synthetic_identities", "synthetic_samples",
-                "synthetic_val_identities", "synthetic_val_pairs", "log_every", "keep_checkpoints"]
-    for name in positive:
-        _require(options, name, getattr(options, name) >= 1, "an integer >= 1")
-    _require(options, "synthetic_val_pairs", options.synthetic_val_pairs >= 10, "at least 10 (10-fold verification)")
-    _require(options, "synthetic_val_identities", options.synthetic_val_identities >= 2, "at least 2")
-    for name in ("epochs", "steps", "num_classes", "stop_after_steps"):
-        value = getattr(options, name)
-        _require(options, name, value is None or value >= 1, "an integer >= 1")
-    for name in ("checkpoint_every", "num_workers"):
-        _require(options, name, getattr(options, name) >= 0, "an integer >= 0")
-    _require(options, "sample_rate", 0.0 < options.sample_rate <= 1.0, "a number in (0, 1]")
-    _require(options, "lr", options.lr > 0, "a number > 0")
-    _require(options, "warmup_steps", options.warmup_steps is None or options.warmup_steps >= 0, "an integer >= 0")
-    _require(options, "dropout", 0.0 <= options.dropout < 1.0, "a number in [0, 1)")
+    """Every numeric option finite and in its range, the margin spec buildable; OptionError if not."""
+    for name, (kind, low, high, low_open, high_open) in NUMERIC_RANGES.items():
+        value = getattr(options, name, None)
+        if value is not None:
+            _require(options, name, _in_range(value, low, high, low_open, high_open),
+                     _describe_range(kind, low, high, low_open, high_open))
     milestones = lr_milestones(options)
     _require(options, "lr_milestones", all(0.0 < f < 1.0 for f in milestones),
              "comma-separated fractions of the run in (0, 1)")
     margin_spec(options)  # raises on a bad margin parameter before anything is built
+
+
+def _in_range(value, low, high, low_open, high_open) -> bool:
+    if not math.isfinite(value):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    if high is not None and (value >= high if high_open else value > high):
+        return False
+    return True
+
+
+def _describe_range(kind, low, high, low_open, high_open) -> str:
+    noun = "an integer" if kind is int else "a finite number"
+    if low is not None and high is not None:
+        return f"{noun} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{noun} {'>' if low_open else '>='} {low}"
+    return noun
 
 
 def lr_milestones(options) -> list:
@@ -149,6 +218,12 @@ def lr_milestones(options) -> list:
     except ValueError:
         raise OptionError(f"--lr-milestones={options.lr_milestones!r} is invalid: "
                           f"expected comma-separated fractions such as 0.6,0.85") from None
+
+
+def preset_names() -> list:
+    from .config import PRESETS
+
+    return sorted(path.stem for path in PRESETS.glob("*.yaml"))
 
 
 def weight_decay(options) -> float:
@@ -214,7 +289,12 @@ def _build(spec_class, name, pairs, options, **fixed):
     try:
         return spec_class(**values)
     except ValueError as error:
-        raise OptionError(f"margin {name!r}: {error}") from None
+        message = str(error)
+        if options is not None:  # name the flag that carried the bad value
+            for key, flag in (("s", "--scale"), ("m", "--margin-m")):
+                if key in pairs and message.startswith(f"{key}="):
+                    raise OptionError(f"{flag}={pairs[key]}: margin {name!r}: {message}") from None
+        raise OptionError(f"margin {name!r}: {message}") from None
 
 
 def _convert(name, key, text, hint):

@@ -1,18 +1,23 @@
-"""The training run: data, backbone under DDP, PartialFC head, the loop, evaluation, resume.
+"""The training run: backbone under DDP, PartialFC head, the loop, checkpoints, resume.
 
 One optimizer step reads straight down (:meth:`Trainer._train_step`): backbone forward
-(under autocast when --amp asks), head loss over the global batch, backward, gradient
-clipping, the two optimizers (backbone, head shard), the lr schedule. Around it:
-logging every ``--log-every`` steps, verification after every epoch, an atomic
-checkpoint every ``--checkpoint-every`` steps and at the end.
+(under autocast when --amp asks), head loss over the global batch, the batch's top-1
+on a logging step (from the same embeddings and centres, before the update),
+backward, gradient clipping, the two optimizers (backbone, head shard), the lr
+schedule. Around it: logging every ``--log-every`` steps, verification after every
+epoch and every ``--val-every`` steps (:mod:`.evaluation`), an atomic checkpoint every
+``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone's
+state_dict) when the run is done.
 
 Exact resume. A checkpoint is taken after a step; it holds everything that decides
 the following steps: weights, optimizer and scheduler states, the GradScaler, every
-rank's RNG states, and the data position (epoch, samples of the epoch's permutation
-already consumed). Resumed with the same number of processes, the run continues
-bit for bit (on the CPU; CUDA kernels may be nondeterministic). With another number
-of processes the head reshards (``load_head``), the epoch's remaining samples are
-dealt to the new ranks, and every rank reseeds its RNGs from
+rank's RNG states, the data position (epoch, samples of the epoch's permutation
+already consumed) and the global batch. Resumed with the same number of processes,
+the run continues bit for bit (on the CPU; CUDA kernels may be nondeterministic).
+With another number of processes the global batch stays: each process takes
+global / world samples (an error if that does not divide); the lr schedule continues
+from the checkpoint's, step for step; the head reshards (``load_head``); the epoch's
+remaining samples are dealt to the new ranks, and every rank reseeds its RNGs from
 ``derive_seed(seed, "resume", step, rank)``, since the old ranks' streams do not map
 to the new ones. Random augmentation drawn inside DataLoader workers
 (``--num-workers`` > 0) is reproducible per epoch but not across a mid-epoch resume.
@@ -28,35 +33,33 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
 from margin_ext import PartialFC
+from margin_ext.backends import BackendUnavailable, resolve
 from margin_ext.train.backbones import build_backbone
-from margin_ext.train.data import (
-    DataError,
-    ImageFolderDataset,
-    RecordIODataset,
-    SyntheticIdentities,
-    compute_embeddings,
-    evaluate_verification,
-    load_verification_bin,
-    synthetic_verification_pairs,
-)
+from margin_ext.train.data.errors import DataError
+from margin_ext.train.data.sampling import Batches, ResumableDistributedSampler, batch_count
+from margin_ext.train.data.sources import build_train_set
 from margin_ext.train.data.synthetic import derive_seed
 
 from . import checkpointing as ckpt
+from .config import NOT_RECORDED, resolved_options, write_config
+from .ddp import agree_on_overflow, sum_gradients_hook
 from .distributed_launch import DistributedContext
+from .evaluation import build_val_sets, verify
 from .logging import RunLog, format_duration
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
+from .schedule import LrSchedule
 
-VERIFICATION_FOLDS = 10
 SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
 DEFAULT_EPOCHS = 20
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
 
+__all__ = ["DataError", "Trainer", "train"]
 
-# ----------------------------------------------------------------------------- data
 
 def check_output_folder(output) -> Path:
     """Create ``output`` and prove it is writable, before anything is trained."""
@@ -73,198 +76,12 @@ def check_output_folder(output) -> Path:
     return path
 
 
-def build_train_set(options):
-    """(dataset, number of classes) for --data, checked against --num-classes."""
-    if options.data == "synthetic":
-        dataset = SyntheticIdentities(options.synthetic_identities, options.synthetic_samples,
-                                      seed=options.synthetic_seed)
-        where = "the synthetic set"
-    else:
-        path = Path(options.data)
-        where = str(path)
-        if not path.exists():
-            raise DataError(f"--data {path}: no such file or folder")
-        if path.suffix == ".rec" or (path.is_dir() and (path / "train.rec").exists()):
-            dataset = _open_recordio(path if path.suffix == ".rec" else path / "train.rec")
-        elif path.is_dir():
-            dataset = _open_image_folder(path)
-        else:
-            raise DataError(f"--data {path}: expected 'synthetic', an image folder or a .rec file")
-    if len(dataset) == 0:
-        raise DataError(f"--data {options.data}: holds no images")
-    declared = dataset.num_classes
-    if options.num_classes is not None and options.num_classes != declared:
-        raise DataError(f"--num-classes {options.num_classes} disagrees with {where}, which has {declared} identities")
-    # A RecordIO set declares its identities in its header; reading every record's label to
-    # check them would cost a pass over the file: the head rejects a label out of range.
-    if not isinstance(dataset, RecordIODataset):
-        top_label = int(dataset.labels.max())
-        if top_label >= declared:
-            raise DataError(f"{where} has label {top_label}, outside [0, {declared}) of its {declared} identities")
-    return dataset, declared
+def epochs_of(options) -> int | None:
+    """--epochs, or its default when neither --epochs nor --steps is given."""
+    if options.steps is not None:
+        return None
+    return options.epochs or (SYNTHETIC_EPOCHS if options.data == "synthetic" else DEFAULT_EPOCHS)
 
-
-def _open_recordio(path: Path):
-    index = path.with_suffix(".idx")
-    if not index.is_file():
-        raise DataError(f"--data {path}: its index {index} is missing (a .rec file needs the .idx beside it)")
-    try:
-        # faces are mirror-symmetric: flipping is InsightFace's one training augmentation
-        return RecordIODataset(path, random_flip=True)
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise DataError(f"--data {path}: not a readable RecordIO dataset ({error})") from None
-
-
-def _open_image_folder(path: Path):
-    try:
-        return ImageFolderDataset(path, random_flip=True)
-    except (OSError, ValueError) as error:
-        raise DataError(f"--data {path}: not a usable image folder ({error})") from None
-
-
-def build_val_sets(options, image_shape) -> dict:
-    """name -> (images_a, images_b, issame, flip): held-out synthetic identities and/or .bin files."""
-    channels, height, width = image_shape
-    if options.val == "none":
-        return {}
-    if options.val == "synthetic":
-        images_a, images_b, issame = synthetic_verification_pairs(
-            options.synthetic_val_identities, options.synthetic_val_pairs, image_size=height,
-            channels=channels, seed=options.synthetic_seed)
-        # the synthetic images are not mirror-symmetric: no flip test
-        return {"synthetic": (images_a, images_b, issame, False)}
-    sets = {}
-    for item in options.val.split(","):
-        path = Path(item.strip())
-        if not path.is_file():
-            raise DataError(f"--val {path}: no such verification file")
-        try:
-            # kept as uint8 (a quarter of float32) and normalised batch by batch at evaluation
-            images, issame = load_verification_bin(path, image_size=(height, width), as_uint8=True)
-        except Exception as error:  # a pickle can fail in many ways; all mean "not a .bin"
-            raise DataError(f"--val {path}: not a readable verification .bin file ({error})") from None
-        if images.shape[1] != channels:
-            raise DataError(f"--val {path}: {images.shape[1]}-channel images, the training data has {channels}")
-        if len(issame) < VERIFICATION_FOLDS:
-            raise DataError(f"--val {path}: {len(issame)} pairs, {VERIFICATION_FOLDS}-fold verification needs "
-                            f"at least {VERIFICATION_FOLDS}")
-        sets[path.stem] = (images[0::2], images[1::2], issame, True)
-    return sets
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch after the first ``skip`` samples.
-
-    The epoch's permutation is DistributedSampler's (seeded by seed + epoch), dealt to
-    the ranks round-robin, so after k steps of b samples per rank exactly the first
-    k * b * world_size entries are consumed, whatever the world size: a resume on a
-    different number of processes drops that prefix and deals the rest to the new
-    ranks. With ``skip = 0`` it yields exactly DistributedSampler's indices.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self.skip = 0
-
-    def set_position(self, epoch: int, skip: int) -> None:
-        self.set_epoch(epoch)
-        self.skip = skip
-
-    def __len__(self) -> int:
-        return math.ceil((len(self.dataset) - self.skip) / self.num_replicas)
-
-    def __iter__(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        indices = torch.randperm(len(self.dataset), generator=generator).tolist()[self.skip:]
-        total = len(self) * self.num_replicas
-        while len(indices) < total:  # pad by repeating, as DistributedSampler does
-            indices += indices[:total - len(indices)]
-        return iter(indices[self.rank:total:self.num_replicas])
-
-
-class _Batches(Sampler):
-    """Batches of a sampler, the last one smaller; a last batch of one sample joins the one
-    before it, because BatchNorm cannot train on a single sample."""
-
-    def __init__(self, sampler, batch_size: int):
-        self.sampler, self.batch_size = sampler, batch_size
-
-    def _batches(self):
-        indices = list(self.sampler)
-        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            last = batches.pop()
-            batches[-1] = batches[-1] + last
-        return batches
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        count = math.ceil(n / self.batch_size)
-        return count - 1 if count > 1 and n % self.batch_size == 1 else count
-
-
-# ----------------------------------------------------------------------------- schedule
-
-class LrSchedule:
-    """lr factor of step i (0-based): linear warm-up, then cosine, step or constant.
-
-    A callable object rather than a closure so that LambdaLR saves its fields.
-    """
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int, milestones, gamma: float):
-        self.kind, self.total_steps, self.warmup_steps = kind, total_steps, warmup_steps
-        self.milestones, self.gamma = list(milestones), gamma
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "step":
-            progress = step / max(self.total_steps, 1)
-            return self.gamma ** sum(progress >= m for m in self.milestones)
-        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _sum_gradients_hook(process_group, bucket):
-    """DDP communication hook that sums the ranks' gradients instead of averaging them.
-
-    The head's loss is already the mean over the global batch, and the gather's backward
-    hands each rank the gradient of its own rows only: the backbone's true gradient is
-    the sum of the ranks' gradients, so it does not depend on the number of processes.
-    (InsightFace's default averaging trains the backbone with 1 / world_size of it.)
-    """
-    group = process_group if process_group is not None else dist.group.WORLD
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda future: future.value()[0])
-
-
-def _agree_on_overflow(scaler, optimizers, ctx: DistributedContext) -> None:
-    """Make every rank skip or take the step together under fp16 loss scaling.
-
-    Each rank checks only its own head shard for inf/NaN gradients; without agreement
-    one rank could skip a step that another takes, and their scales would drift apart.
-    Reaches into GradScaler's per-optimizer record, its only handle on the decision.
-    """
-    if not scaler.is_enabled() or not ctx.distributed:
-        return
-    records = [scaler._per_optimizer_states[id(opt)]["found_inf_per_device"] for opt in optimizers]
-    found = torch.zeros(1, device=ctx.device)
-    for record in records:
-        for value in record.values():
-            found += value.to(found.device)
-    dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    for record in records:
-        for value in record.values():
-            value.copy_(found.to(value.device).view_as(value).clamp(max=1))
-
-
-# ----------------------------------------------------------------------------- trainer
 
 class Trainer:
     def __init__(self, options, ctx: DistributedContext):
@@ -272,8 +89,14 @@ class Trainer:
         self.device = ctx.device
         self.output = check_output_folder(options.output)
         self.margin = margin_spec(options)
+        try:
+            resolve(options.backend, self.device)
+        except BackendUnavailable as error:
+            raise OptionError(f"--backend {options.backend} on {self.device.type}: {error}") from None
 
         resume_path = ckpt.open_run_folder(ctx, self.output, options.resume)
+        state = ckpt.load_trainer_state(resume_path) if resume_path is not None else None
+        notes = self._adopt_checkpoint_run(state) if state is not None else []
 
         ckpt.seed_everything(options.seed)
         self.train_set, self.num_classes = build_train_set(options)
@@ -288,22 +111,21 @@ class Trainer:
         self.sampler = ResumableDistributedSampler(self.train_set, ctx.world_size, ctx.rank, options.seed)
 
         # same seed on every rank: identical backbones (DDP would broadcast rank 0's anyway)
-        name = "smallcnn" if options.backbone == "small" else options.backbone
-        self.backbone = build_backbone(name, options.embedding_size, in_channels=self.image_shape[0],
+        self.backbone = build_backbone(options.backbone, options.embedding_size, in_channels=self.image_shape[0],
                                        image_size=self.image_shape[1], dropout=options.dropout).to(self.device)
         self.head = PartialFC(options.embedding_size, self.num_classes, margin=self.margin,
-                                 sample_rate=options.sample_rate, backend=options.backend,
-                                 seed=options.seed).to(self.device)
+                              sample_rate=options.sample_rate, backend=options.backend,
+                              seed=options.seed).to(self.device)
         self.backbone_optimizer = self._optimizer(self.backbone.parameters())
         self.head_optimizer = self._optimizer(self.head.parameters())
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[options.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
 
-        self.step, self.epoch, self.consumed = 0, 0, 0
-        state = ckpt.load_trainer_state(resume_path) if resume_path is not None else None
+        self.step, self.epoch, self.consumed, self.elapsed_before = 0, 0, 0, 0.0
         if state is not None:
             self._check_compatible(state, resume_path)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))
             self.backbone.load_state_dict(state["backbone"])
             self.backbone_optimizer.load_state_dict(state["backbone_optimizer"])
             ckpt.load_head_state(resume_path, self.head, self.head_optimizer)
@@ -311,23 +133,23 @@ class Trainer:
         self.lineage = ckpt.start_branch(ctx, self.output, resume_path)
 
         self.total_steps = self._plan_total_steps()
-        warmup = options.warmup_steps if options.warmup_steps is not None else self.total_steps // 20
-        self.schedule = LrSchedule(options.lr_schedule, self.total_steps, warmup, lr_milestones(options),
-                                   options.lr_gamma)
+        self.schedule = LrSchedule(options.lr_schedule, self.total_steps, self._warmup_steps(),
+                                   lr_milestones(options), options.lr_gamma, options.lr_power)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
                            for opt in (self.backbone_optimizer, self.head_optimizer)]
         if state is not None:
             for scheduler, saved in zip(self.schedulers, state["schedulers"]):
-                scheduler.load_state_dict(saved)
-            self._set_schedule_length(self.total_steps)
+                scheduler.load_state_dict(saved)  # the schedule's fields too: the same curve goes on
+            notes += self._continue_schedule(state)
 
         self.model = self.backbone
         if ctx.distributed:
             self.model = DistributedDataParallel(
                 self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            self.model.register_comm_hook(None, _sum_gradients_hook)
+            self.model.register_comm_hook(None, sum_gradients_hook)
 
-        self.log = RunLog(self.output, ctx.is_main, self.total_steps, options.progress, self.step)
+        self.log = RunLog(self.output, ctx.is_main, self.total_steps, options.progress, self.step,
+                          tensorboard=not options.no_tensorboard)
         if state is not None:
             self.log.load_state_dict(state["history"])
             rng = ckpt.load_rank_rng(resume_path, ctx.rank, ctx.world_size)
@@ -337,13 +159,62 @@ class Trainer:
                 ckpt.seed_everything(derive_seed(options.seed, "resume", self.step, ctx.rank))
             self.log.print(f"resumed from {resume_path} at step {self.step} (epoch {self.epoch}, "
                            f"saved by {state['world_size']} process(es), now {ctx.world_size})")
+            for note in notes:
+                self.log.print(f"warning: {note}")
         else:
             self.log.start_fresh()
             # ranks draw their own streams from here on (dropout, augmentation)
             ckpt.seed_everything(derive_seed(options.seed, "rank", ctx.rank))
         self.resumed_from = resume_path
+        if ctx.is_main:
+            write_config(self.output / CONFIG_FILE, self.recorded_options(),
+                         header="resolved options of this run: python -m margin_ext.train --config "
+                                "config.yaml --output NEW_FOLDER runs it again")
 
     # -- setup helpers ---------------------------------------------------------------------
+
+    def recorded_options(self) -> dict:
+        """Every option of the run as config keys, defaults that the run resolves put in."""
+        return resolved_options(self.options, epochs=epochs_of(self.options),
+                                weight_decay=weight_decay(self.options))
+
+    def _adopt_checkpoint_run(self, state) -> list:
+        """Keep the checkpoint's global batch; list what differs from the checkpoint's run."""
+        options, world = self.options, self.ctx.world_size
+        saved = state.get("options") or {}
+        notes = [f"--{key.replace('_', '-')} is {getattr(options, key)!r}, the checkpoint's run had {value!r}"
+                 for key, value in saved.items()
+                 if key not in NOT_RECORDED + ("output", "batch_size") and hasattr(options, key)
+                 and getattr(options, key) != value]
+        global_batch = state.get("global_batch", state["world_size"] * saved.get("batch_size", options.batch_size))
+        if global_batch % world:
+            raise OptionError(f"--resume: the checkpoint's global batch of {global_batch} does not divide "
+                              f"over {world} processes: resume on a number of processes that divides it")
+        per_process = global_batch // world
+        if per_process != options.batch_size:
+            notes.append(f"each of the {world} process(es) takes {per_process} samples per step instead of "
+                         f"--batch-size {options.batch_size}, to keep the checkpoint's global batch of "
+                         f"{global_batch}")
+            options.batch_size = per_process
+        if state["world_size"] != world:
+            notes.append(f"{state['world_size']} process(es) wrote the checkpoint, {world} resume it: the "
+                         f"random streams (dropout, augmentation) are reseeded and differ from an "
+                         f"uninterrupted run")
+        return notes
+
+    def _continue_schedule(self, state) -> list:
+        """After loading the schedulers: the same curve, unless the run's length was changed."""
+        saved = state.get("options")
+        before = self.schedule.total_steps
+        if saved is not None and all(saved.get(key) == getattr(self.options, key) for key in ("epochs", "steps")):
+            # the same length in steps, even where another world size pads the epochs differently
+            self.total_steps = before
+        # LambdaLR's state holds the step, not the optimizers' lr: set it from the schedule
+        self._set_schedule_length(self.total_steps)
+        if self.total_steps == before:
+            return []
+        return [f"the run now ends at step {self.total_steps} instead of {before}: the lr schedule is "
+                f"stretched to the new length"]
 
     def _val_sets_on_rank0(self) -> dict:
         """Only rank 0 evaluates, so only it holds the pairs; a bad file stops every rank."""
@@ -377,21 +248,26 @@ class Trainer:
 
     def _steps_per_epoch(self, skip: int = 0) -> int:
         per_rank = math.ceil((len(self.train_set) - skip) / self.ctx.world_size)
-        batches = math.ceil(per_rank / self.options.batch_size)
-        return batches - 1 if batches > 1 and per_rank % self.options.batch_size == 1 else batches
+        return batch_count(per_rank, self.options.batch_size)
 
     def _plan_total_steps(self) -> int:
         """The run's last step: --steps, or the end of the last epoch at this world size."""
         if self.options.steps is not None:
             return self.options.steps
-        epochs = self.options.epochs or (SYNTHETIC_EPOCHS if self.options.data == "synthetic" else DEFAULT_EPOCHS)
+        epochs = epochs_of(self.options)
         if self.epoch >= epochs:
             return self.step
         rest = self._steps_per_epoch(self.consumed) + (epochs - self.epoch - 1) * self._steps_per_epoch()
         return self.step + rest
 
+    def _warmup_steps(self) -> int:
+        if self.options.warmup_steps is not None:
+            return self.options.warmup_steps
+        if self.options.warmup_epochs is not None:
+            return round(self.options.warmup_epochs * self._steps_per_epoch())
+        return self.total_steps // 20
+
     def _set_schedule_length(self, total_steps: int) -> None:
-        # after a resume on another world size the run's length in steps may differ
         self.schedule.total_steps = total_steps
         for scheduler in self.schedulers:
             for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
@@ -403,7 +279,7 @@ class Trainer:
         # a generator of the loader's own keeps the global RNG untouched when an iterator starts
         generator = torch.Generator()
         generator.manual_seed(derive_seed(self.options.seed, "loader", self.epoch, self.ctx.rank))
-        return DataLoader(self.train_set, batch_sampler=_Batches(self.sampler, self.options.batch_size),
+        return DataLoader(self.train_set, batch_sampler=Batches(self.sampler, self.options.batch_size),
                           num_workers=self.options.num_workers, pin_memory=self.device.type == "cuda",
                           generator=generator)
 
@@ -415,12 +291,12 @@ class Trainer:
         self.log.print(f"training {options.backbone} + PartialFC({self.margin!r}) on {len(self.train_set)} images of "
                        f"{self.num_classes} identities; {ctx.world_size} process(es) on {self.device}, "
                        f"global batch {global_batch}, {self.total_steps} steps")
-        started = time.perf_counter()
-        interval_start, interval_steps, interval_samples = started, 0, 0
+        self.started = time.perf_counter()
+        interval_start, interval_steps, interval_samples, paused = self.started, 0, 0, 0.0
         loss_sum = torch.zeros((), device=self.device)
         last_eval_step = max((row["step"] for row in self.log.val), default=-1)
         last_checkpoint_step = self.step if self.resumed_from is not None else -1
-        steps_this_run = 0
+        steps_this_run, training_seconds = 0, 0.0
 
         while self.step < self.total_steps:
             loader = self._loader()
@@ -430,39 +306,43 @@ class Trainer:
                 continue
             for batch_index, (images, labels) in enumerate(loader):
                 lr = self.backbone_optimizer.param_groups[0]["lr"]  # the lr this step uses
-                loss, embeddings, labels = self._train_step(images, labels)
+                logging_step = (self.step + 1) % options.log_every == 0 or self.step + 1 == self.total_steps
+                loss, top1, batch = self._train_step(images, labels, measure_top1=logging_step)
                 self.step += 1
                 steps_this_run += 1
-                self.consumed = min(self.consumed + labels.shape[0] * ctx.world_size, len(self.train_set))
+                self.consumed = min(self.consumed + batch * ctx.world_size, len(self.train_set))
                 loss_sum += loss
                 interval_steps += 1
-                interval_samples += labels.shape[0] * ctx.world_size
+                interval_samples += batch * ctx.world_size
                 self.log.advance()
 
-                if self.step % options.log_every == 0 or self.step == self.total_steps:
-                    top1 = self.head.top1_accuracy(embeddings, labels)
+                if logging_step:
                     mean_loss = (loss_sum / interval_steps).item()
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(f"the loss is {mean_loss} at step {self.step}: lower --lr, "
                                                  f"or use --amp none")
                     now = time.perf_counter()
-                    rate = interval_samples / max(now - interval_start, 1e-9)
-                    eta = (now - started) / steps_this_run * (self.total_steps - self.step)
-                    self.log.log_train(self.step, self.epoch, mean_loss, lr, top1, rate, eta)
-                    interval_start, interval_steps, interval_samples = now, 0, 0
+                    # samples/s and the ETA count training only: verification and checkpoints are paused time
+                    seconds = max(now - interval_start - paused, 1e-9)
+                    training_seconds += seconds
+                    eta = training_seconds / steps_this_run * (self.total_steps - self.step)
+                    self.log.log_train(self.step, self.epoch, mean_loss, lr, top1, interval_samples / seconds, eta)
+                    interval_start, interval_steps, interval_samples, paused = now, 0, 0, 0.0
                     loss_sum.zero_()
 
-                if batch_index == batches_left - 1:  # the epoch is over
-                    self.evaluate()
-                    last_eval_step = self.step
-                    self.epoch, self.consumed = self.epoch + 1, 0
+                pause_start = time.perf_counter()
+                epoch_over = batch_index == batches_left - 1
                 done = self.step >= self.total_steps
-                if done and last_eval_step != self.step:
+                periodic = options.val_every and self.step % options.val_every == 0
+                if (epoch_over or done or periodic) and last_eval_step != self.step:
                     self.evaluate()
                     last_eval_step = self.step
+                if epoch_over:
+                    self.epoch, self.consumed = self.epoch + 1, 0
                 if options.checkpoint_every and self.step % options.checkpoint_every == 0 or done:
                     self.save()
                     last_checkpoint_step = self.step
+                paused += time.perf_counter() - pause_start
                 if options.stop_after_steps is not None and self.step >= options.stop_after_steps and not done:
                     self.log.print(f"stopping after step {self.step} as asked (--stop-after-steps)")
                     self.log.close()
@@ -472,9 +352,10 @@ class Trainer:
 
         if last_checkpoint_step != self.step:  # e.g. resumed from the final checkpoint
             self.save()
-        return self._finish(time.perf_counter() - started)
+        return self._finish(self._elapsed())
 
-    def _train_step(self, images, labels):
+    def _train_step(self, images, labels, measure_top1: bool):
+        """One optimizer step; (loss, top-1 of the batch before the update or None, rows on this rank)."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         self.model.train()
@@ -484,13 +365,15 @@ class Trainer:
             embeddings = self.model(images)
         # the head accumulates in fp32 whatever the backbone's dtype
         loss = self.head(embeddings.float(), labels)
+        # the step's own embeddings against the centres it updates, before the update (a collective)
+        top1 = self.head.top1_accuracy(embeddings.detach().float(), labels) if measure_top1 else None
 
         self.backbone_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.backbone_optimizer)
         self.scaler.unscale_(self.head_optimizer)
-        _agree_on_overflow(self.scaler, (self.backbone_optimizer, self.head_optimizer), self.ctx)
+        agree_on_overflow(self.scaler, (self.backbone_optimizer, self.head_optimizer), self.ctx)
         if self.options.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.options.clip_grad)
         self.scaler.step(self.backbone_optimizer)
@@ -501,7 +384,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for scheduler in self.schedulers:
                 scheduler.step()
-        return loss.detach(), embeddings.detach().float(), labels
+        return loss.detach(), top1, labels.shape[0]
 
     # -- evaluation, checkpoints, the end --------------------------------------------------
 
@@ -509,29 +392,13 @@ class Trainer:
         """10-fold verification accuracy of every validation set (rank 0 computes, logs)."""
         if not self.ctx.is_main or not self.val_sets:
             return {}
-        results = {}
-        for name, (images_a, images_b, issame, flip) in self.val_sets.items():
-            if flip:
-                a, a_flipped = self._embed(images_a, flip=True)
-                b, b_flipped = self._embed(images_b, flip=True)
-                result = evaluate_verification(a, b, issame, flipped_a=a_flipped, flipped_b=b_flipped)
-            else:
-                result = evaluate_verification(self._embed(images_a), self._embed(images_b), issame)
-            results[name] = (result.accuracy, result.std)
+        results = verify(self.backbone, self.val_sets)
         self.log.log_val(self.step, self.epoch, results)
         return results
 
-    def _embed(self, images, flip=False, chunk=2048):
-        """Embeddings (and those of the mirrored images) of float or uint8 images, chunk by chunk."""
-        parts = []
-        for start in range(0, len(images), chunk):
-            batch = images[start:start + chunk]
-            if batch.dtype == torch.uint8:
-                batch = (batch.float() / 255.0 - 0.5) / 0.5  # InsightFace's input normalisation
-            parts.append(compute_embeddings(self.backbone, batch, flip=flip))
-        if flip:
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return torch.cat(parts)
+    def _elapsed(self) -> float:
+        """Seconds of the whole run so far, across resumes (up to each checkpoint that was resumed)."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def save(self) -> Path:
         state = None
@@ -542,6 +409,9 @@ class Trainer:
                 "epoch": self.epoch,
                 "consumed": self.consumed,
                 "world_size": self.ctx.world_size,
+                "global_batch": self.options.batch_size * self.ctx.world_size,
+                "elapsed_s": self._elapsed(),
+                "options": {key: value for key, value in vars(self.options).items() if key not in NOT_RECORDED},
                 "shape": self._shape(),
                 "backbone": self.backbone.state_dict(),
                 "backbone_optimizer": self.backbone_optimizer.state_dict(),
@@ -560,17 +430,26 @@ class Trainer:
                    "final_loss": self.log.train[-1]["loss"] if self.log.train else float("nan")}
         self.log.close()
         if self.ctx.is_main:
+            self._write_model()
             self.log.write_json(options=vars(self.options), summary=summary)
             if not self.options.no_plot:
                 try:
                     self.log.plot()
                 except ImportError:
-                    self.log.print("no plot: matplotlib is not installed (pip install matplotlib)")
+                    self.log.print("no plot: matplotlib is not installed (pip install 'margin_ext[train]')")
             verification = ", ".join(f"{name} {acc:.4f} ± {std:.4f}" for name, (acc, std) in results.items())
             self.log.print(f"done: {self.step} steps in {format_duration(seconds)} on {self.ctx.world_size} "
                            f"process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
                            f"{verification or 'not evaluated'}; logs in {self.output}")
         return summary
+
+    def _write_model(self) -> Path:
+        """The backbone's state_dict, as arcface_torch's model.pt (python -m margin_ext.export converts it)."""
+        path = self.output / MODEL_FILE
+        temporary = path.with_name(path.name + ".tmp")
+        torch.save(self.backbone.state_dict(), temporary)
+        os.replace(temporary, path)
+        return path
 
 
 def train(options, ctx: DistributedContext) -> dict:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ import torch
 import margin_ext as mx
 from margin_ext.checkpoint import load_head
 from margin_ext.train.__main__ import main
+from margin_ext.train.options import OptionError, parse_args
+from margin_ext.train.schedule import LrSchedule
+from margin_ext.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,11 +92,11 @@ def test_resume_rejects_a_checkpoint_of_another_shape(tmp_path, capsys):
     assert str(tmp_path / "missing") in capsys.readouterr().err
 
 
-def test_resume_on_another_number_of_processes(tmp_path):
+def test_resume_on_another_number_of_processes_keeps_global_batch_and_lr(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--steps", "6", "--checkpoint-every", "2"]
-    # two processes of 8 samples each, killed after step 3 (checkpoint at 2), resumed by one
-    # process of 8
+    # two processes of 8 samples each (a global batch of 16), killed after step 3 (checkpoint at 2),
+    # resumed by one process with the same --batch-size: it takes 16 per step
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -100,12 +104,34 @@ def test_resume_on_another_number_of_processes(tmp_path):
                "--stop-after-steps", "3"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    saved_elapsed = torch.load(out / "checkpoints/step-00000002/trainer.pt", weights_only=True)["elapsed_s"]
 
+    capsys.readouterr()
     train(out, *args, "--batch-size", "8", "--resume", "auto")
+    printed = capsys.readouterr().out
+    assert "warning: each of the 1 process(es) takes 16 samples per step instead of --batch-size 8" in printed
+    assert "warning: 2 process(es) wrote the checkpoint, 1 resume it" in printed
     state, head = final_state(out, 6)
-    assert state["step"] == 6 and state["world_size"] == 1
+    assert state["step"] == 6 and state["world_size"] == 1 and state["global_batch"] == 16
     assert [row["step"] for row in state["history"]["train"]] == list(range(1, 7))
+    # the lr of every step is the uninterrupted schedule's: cosine over 6 steps, no warm-up
+    schedule = LrSchedule("cosine", total_steps=6, warmup_steps=0)
+    assert [row["lr"] for row in state["history"]["train"]] == pytest.approx([0.03 * schedule(i) for i in range(6)])
     assert torch.isfinite(head).all()
-    # the checkpoint of step 2 is 2 x 2 x 8 = 32 samples into epoch 0; one process takes the
-    # other 4 in step 3 (end of epoch 0), then runs epoch 1 until step 6
+    # the checkpoint of step 2 is 2 x 16 = 32 samples into epoch 0; the global batch of 16 takes
+    # the other 4 in step 3 (end of epoch 0), then 16, 16, 4 in epoch 1: steps 4-6
     assert [row["step"] for row in state["history"]["val"]] == [3, 6]
+    assert state["epoch"] == 2
+    # the whole run's time: the part before the checkpoint is counted too
+    assert json.loads((out / "log.json").read_text())["summary"]["seconds"] > saved_elapsed > 0
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
+    options = parse_args(TINY + ["--output", str(tmp_path)])
+    host = SimpleNamespace(options=options, ctx=SimpleNamespace(world_size=3))
+    state = {"world_size": 2, "global_batch": 16, "options": {"batch_size": 8}}
+    with pytest.raises(OptionError, match="global batch of 16 does not divide over 3 processes"):
+        Trainer._adopt_checkpoint_run(host, state)
+    host.ctx.world_size = 4
+    notes = Trainer._adopt_checkpoint_run(host, state)
+    assert options.batch_size == 4 and any("takes 4 samples per step" in note for note in notes)

@@ -1,11 +1,14 @@
 """The training job end to end on tiny synthetic data: files, two processes, options, errors."""
 
+import copy
 import csv
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,13 @@ import torch
 import margin_ext as mx
 from margin_ext.train.__main__ import main
 from margin_ext.train.data import SyntheticIdentities, encode_npy, write_recordio, write_verification_bin
-from margin_ext.train.options import OptionError, build_parser, margin_spec
-from margin_ext.train.trainer import LrSchedule, ResumableDistributedSampler, _Batches
+from margin_ext.train.distributed_launch import setup_distributed
+from margin_ext.train.evaluation import build_val_sets
+from margin_ext.train.extras import available
+from margin_ext.train.options import OptionError, build_parser, margin_spec, parse_args
+from margin_ext.train.trainer import Trainer
+from margin_ext.train.data.sampling import Batches, ResumableDistributedSampler
+from margin_ext.train.schedule import LrSchedule
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,14 +39,6 @@ def run(tmp_path, *extra, output="run"):
 def read_csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def torchrun(nproc, *args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "margin_ext.train", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_single_process_run_writes_logs_checkpoints_and_plot(tmp_path, capsys):
@@ -73,14 +73,28 @@ def test_single_process_run_writes_logs_checkpoints_and_plot(tmp_path, capsys):
     assert not any(key.startswith("module.") for key in state["backbone"])  # unwrapped
 
 
-def test_two_processes_with_gloo(tmp_path):
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_with_gloo(tmp_path):
+    """Two "machines" on localhost, joined by torchrun's c10d rendezvous as the README shows."""
     out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]
     # 70 images over 2 ranks: 35 each, batches of 8, 8, 8, 8 and a last one of 3
-    result = torchrun(2, "--synthetic-identities", "14", "--synthetic-samples", "5",
-                      "--synthetic-val-identities", "10", "--synthetic-val-pairs", "40", "--batch-size", "8",
-                      "--embedding-size", "32", "--log-every", "1", "--steps", "6",
-                      "--checkpoint-every", "3", "--output", str(out), "--no-plot")
-    assert result.returncode == 0, result.stdout + result.stderr
+    train = ["-m", "margin_ext.train", "--synthetic-identities", "14", "--synthetic-samples", "5",
+             "--synthetic-val-identities", "10", "--synthetic-val-pairs", "40", "--batch-size", "8",
+             "--embedding-size", "32", "--log-every", "1", "--steps", "6", "--checkpoint-every", "3",
+             "--output", str(out), "--no-plot", "--no-tensorboard"]
+    nodes = [subprocess.Popen(launch + train, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     log = json.loads((out / "log.json").read_text())
     assert log["summary"]["world_size"] == 2 and log["summary"]["steps"] == 6
     losses = [row["loss"] for row in log["train"]]
@@ -88,7 +102,7 @@ def test_two_processes_with_gloo(tmp_path):
     assert [row["step"] for row in log["val"]] == [5, 6]  # end of epoch 0 (5 batches), end of run
     checkpoint = out / "checkpoints/step-00000006"
     assert {"trainer.pt", "rng-rank0.pt", "rng-rank1.pt", "head"} <= {p.name for p in checkpoint.iterdir()}
-    assert result.stdout.count("final verification accuracy") == 1  # rank 0 alone reports
+    assert sum(text.count("final verification accuracy") for text in outputs) == 1  # rank 0 alone reports
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -251,10 +265,10 @@ def test_sampler_resumes_on_any_world_size():
 
 
 def test_a_last_batch_of_one_joins_the_previous():
-    batches = list(_Batches(list(range(9)), 4))
+    batches = list(Batches(list(range(9)), 4))
     assert [len(b) for b in batches] == [4, 5]
-    assert len(_Batches(list(range(9)), 4)) == 2
-    assert [len(b) for b in _Batches(list(range(10)), 4)] == [4, 4, 2]
+    assert len(Batches(list(range(9)), 4)) == 2
+    assert [len(b) for b in Batches(list(range(10)), 4)] == [4, 4, 2]
 
 
 def test_lr_schedules():
@@ -263,3 +277,57 @@ def test_lr_schedules():
     step = LrSchedule("step", total_steps=100, warmup_steps=0, milestones=[0.5, 0.8], gamma=0.1)
     assert [step(i) for i in (0, 49, 50, 80)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01)]
     assert LrSchedule("constant", 100, 0, [], 0.1)(99) == 1.0
+    poly = LrSchedule("polynomial", total_steps=10, warmup_steps=2, power=2.0)
+    assert [poly(i) for i in (0, 1, 2, 6, 10)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.25, 0.0])
+
+
+def test_val_every_polynomial_warmup_in_epochs_and_tensorboard(tmp_path):
+    # 4 steps per epoch: verification every 3 steps, at the epoch ends (4, 8) and the end
+    assert run(tmp_path, "--epochs", "2", "--val-every", "3", "--lr-schedule", "polynomial", "--warmup-epochs", "0.5",
+               "--log-every", "1", "--no-plot") == 0
+    out = tmp_path / "run"
+    assert [int(row["step"]) for row in read_csv(out / "val.csv")] == [3, 4, 6, 8]
+    schedule = LrSchedule("polynomial", total_steps=8, warmup_steps=2, power=2.0)  # half of 4 steps
+    assert [float(row["lr"]) for row in read_csv(out / "train.csv")] == pytest.approx(
+        [0.03 * schedule(i) for i in range(8)], rel=1e-6)
+    if not available("tensorboard"):
+        pytest.skip("tensorboard is not installed (pip install 'margin_ext[train]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/top1", "train/samples_per_s", "verification/synthetic"} <= set(
+        events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("verification/synthetic")] == [3, 4, 6, 8]
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_tensorboard_can_be_switched_off(tmp_path):
+    assert run(tmp_path, "--steps", "1", "--val", "none", "--no-plot", "--no-tensorboard") == 0
+    assert not (tmp_path / "run/tensorboard").exists()
+
+
+def test_top1_is_that_of_the_batch_before_the_update(tmp_path):
+    options = parse_args(TINY + ["--steps", "1", "--log-every", "1", "--lr", "0.5", "--val", "none", "--no-plot",
+                                 "--no-tensorboard", "--output", str(tmp_path / "run")])
+    trainer = Trainer(options, setup_distributed("cpu"))
+    images, labels = next(iter(trainer._loader()))
+    backbone = copy.deepcopy(trainer.backbone).train()  # BatchNorm in training mode, as the step's forward
+    with torch.no_grad():
+        before = trainer.head.top1_accuracy(backbone(images), labels)
+    trainer.fit()
+    assert trainer.log.train[0]["top1"] == before
+    with torch.no_grad():
+        after = trainer.head.top1_accuracy(copy.deepcopy(trainer.backbone).train()(images), labels)
+    assert after != before  # the update changed it: measuring after would have reported another figure
+
+
+def test_verification_files_of_the_same_name_stay_apart(tmp_path):
+    images = [image for _, image in _images_on_disk()]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_verification_bin(tmp_path / folder / "lfw.bin", images[:12] + images[:8], [True, False] * 5)
+    write_verification_bin(tmp_path / "cfp.bin", images[:12] + images[:8], [True, False] * 5)
+    paths = [tmp_path / "a/lfw.bin", tmp_path / "b/lfw.bin", tmp_path / "cfp.bin"]
+    sets = build_val_sets(Namespace(val=",".join(map(str, paths))), (3, 16, 16))
+    assert list(sets) == [str(paths[0]), str(paths[1]), "cfp"]

@@ -33,13 +33,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".npy"})
 
 
 def _require_pil():
-    try:
-        from PIL import Image
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Decoding JPEG/PNG images needs Pillow, which is not installed: "
-            "run `pip install pillow` (or store images as .npy arrays)."
-        ) from error
+    from ..extras import require
+
+    require("PIL", "decoding JPEG/PNG images", package="pillow")
+    from PIL import Image
+
     return Image
 
 

@@ -1,0 +1,125 @@
+"""YAML config files of the trainer: read (``--config``), and the resolved one every run writes.
+
+A config's keys are the command-line options' names (``batch-size`` or ``batch_size``);
+its values become arguments placed before the command line's, so argparse checks them
+exactly as typed ones and the command line wins. ``--config`` also takes the name of a
+preset shipped in ``margin_ext/train/presets``.
+
+The resolved ``config.yaml`` holds every option of a run (defaults resolved where the
+run resolves them), written one ``key: value`` line each with JSON scalars, a subset of
+YAML that needs no YAML library to write; given back to ``--config`` it reproduces the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .extras import require
+from .options import OptionError
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+# Options that steer one invocation rather than describe the run.
+NOT_RECORDED = ("config", "resume", "stop_after_steps")
+
+
+def find_config(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESETS / f"{name}.yaml"
+    if path.suffix == "" and preset.is_file():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise OptionError(f"--config {name}: no such file, nor a preset (presets: {known})")
+
+
+def load_config(name: str) -> dict:
+    path = find_config(name)
+    yaml = require("yaml", "--config", package="pyyaml")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise OptionError(f"--config {path}: not a readable YAML file ({reason})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise OptionError(f"--config {path}: expected a mapping of option names to values, "
+                          f"got a {type(values).__name__}")
+    return values
+
+
+def config_arguments(name: str, parser: argparse.ArgumentParser, argv) -> list:
+    """The config file's options as command-line arguments, minus those that ``argv`` gives."""
+    path = find_config(name)
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    given = {actions[dest] for dest in _dests_given(argv, parser)}
+    # an option of a mutually exclusive group given on the command line replaces the whole group
+    overridden = set(given)
+    for group in parser._mutually_exclusive_groups:
+        if given & set(group._group_actions):
+            overridden |= set(group._group_actions)
+
+    arguments = []
+    for key, value in load_config(name).items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise OptionError(f"--config {path}: unknown option {key!r}")
+        if action in overridden or value is None:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise OptionError(f"--config {path}: {key}={value!r} is invalid: expected true or false")
+            arguments += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            for item in value if isinstance(value, list) else [value]:
+                arguments += [flag, _text(item)]
+        else:
+            if isinstance(value, (list, dict)):
+                raise OptionError(f"--config {path}: {key}={value!r} is invalid: expected a single value")
+            arguments += [flag, _text(value)]
+    return arguments
+
+
+def _dests_given(argv, parser) -> set:
+    """Destinations of the options that appear in ``argv`` (``--flag value`` or ``--flag=value``)."""
+    by_flag = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    dests = set()
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag in by_flag:
+            dests.add(by_flag[flag])
+        elif flag.startswith("--"):
+            # argparse accepts unambiguous prefixes of long options
+            matches = {dest for name, dest in by_flag.items() if name.startswith(flag)}
+            if len(matches) == 1:
+                dests |= matches
+    return dests
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def resolved_options(options, **resolved) -> dict:
+    """The run's options as config keys (``batch-size``), with ``resolved`` values put in."""
+    values = {key: value for key, value in vars(options).items() if key not in NOT_RECORDED}
+    values.update(resolved)
+    return {key.replace("_", "-"): value for key, value in values.items() if value is not None}
+
+
+def write_config(path: Path, values: dict, header: str = "") -> Path:
+    """``values`` as ``key: <JSON>`` lines (valid YAML), written atomically."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in values.items()]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.replace(path)
+    return path
