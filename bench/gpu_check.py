@@ -283,11 +283,10 @@ def _read_outcome(stage: Stage, outcome: Outcome, text: str) -> None:
             outcome.detail = "no test collected"
         outcome.failures = failures[:50]
     elif stage.kind == "bench":
-        path = bench_dirs([stage])[0] / "results.json"
-        if path.exists():
-            records = json.loads(path.read_text())["results"]
+        run = _load(bench_dirs([stage])[0] / "results.json")
+        if run is not None:
             by_status = {}
-            for r in records:
+            for r in run["results"]:
                 by_status.setdefault(r["status"], []).append(r["head"])
             outcome.detail = "; ".join(f"{status}: {', '.join(heads)}" for status, heads in by_status.items())
     elif stage.kind == "build" and outcome.status == "passed":
@@ -416,7 +415,7 @@ def bench_dirs(stages: list) -> list:
 
 def merge(found: dict, outcomes: list, dirs: list, started: str, wall_s: float) -> dict:
     """One results file: the benchmark's records of every shape, the checks, the labels."""
-    runs = [json.loads((d / "results.json").read_text()) for d in dirs if (d / "results.json").exists()]
+    runs = [run for run in (_load(d / "results.json") for d in dirs) if run is not None]
     first = runs[0] if runs else {}
     device = first.get("device") or {"type": "cuda", "name": found.get("device"), "slug": found.get("slug"),
                                      "memory_bytes": found.get("memory_bytes"),
@@ -446,6 +445,15 @@ def merge(found: dict, outcomes: list, dirs: list, started: str, wall_s: float) 
     }
 
 
+def _load(path: Path) -> Optional[dict]:
+    """A benchmark's results file, or None where there is none (or a cut-off one)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("results"), list) else None
+
+
 def _driver(found: dict) -> Optional[str]:
     lines = (found.get("nvidia-smi") or "").splitlines()
     if len(lines) >= 2:
@@ -455,7 +463,13 @@ def _driver(found: dict) -> Optional[str]:
 
 def write_results(out: Path, data: dict) -> None:
     (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "results.md").write_text(report.table(data) + "\n")
+    try:
+        text = report.table(data)
+    except Exception as exc:  # the tables must not cost the results: fall back to the checks alone
+        text = "\n".join([f"# gpu-check on {data['device'].get('name')}, {data['date']}", "",
+                          f"(bench.report could not make the tables: {type(exc).__name__}: {exc})", "",
+                          *[_failed_line(Outcome(**c)) for c in data["checks"]]])
+    (out / "results.md").write_text(text + "\n")
     check_out_dir(out)
 
 

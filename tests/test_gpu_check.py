@@ -231,10 +231,35 @@ def test_a_whole_run_writes_its_results_and_logs_within_the_limits(tmp_path, mon
     assert "2.00x" in md
 
     # the README section: GPU tables only from a GPU run's results, and a plain line while none exists
-    cpu_dirs = [d for d in sorted(report.RESULTS_ROOT.glob("*/results.json")) if "cpu-" in d.parent.name]
-    assert cpu_dirs, "the committed CPU results"
-    no_gpu = report.section([cpu_dirs[0].parent], ROOT)
-    assert "No GPU figure exists yet" in no_gpu and "torch 2.13.0+cpu, no CUDA, triton" in no_gpu
-    with_gpu = report.section([out, cpu_dirs[0].parent], ROOT)
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    cpu_data = dict(data, device={"type": "cpu", "name": "Some CPU", "threads": 2, "cpu_count": 2}, cuda=None,
+                    torch="2.13.0+cpu", triton=None, packages={"triton": "3.9.0"}, checks=[])
+    (cpu / "results.json").write_text(json.dumps(cpu_data))
+    no_gpu = report.section([cpu], ROOT)
+    assert "No GPU figure exists yet" in no_gpu
+    assert "**Some CPU (CPU, 2 threads), torch 2.13.0+cpu, no CUDA, triton 3.9.0**" in no_gpu
+    failed_gpu = tmp_path / "failed"
+    failed_gpu.mkdir()
+    failed = dict(data, results=[dict(r, status="error", reason="boom") for r in data["results"]])
+    (failed_gpu / "results.json").write_text(json.dumps(failed))
+    assert "No GPU figure exists yet" in report.section([failed_gpu, cpu], ROOT)
+    with_gpu = report.section([out, cpu], ROOT)
     assert "No GPU figure exists yet" not in with_gpu
     assert f"**{label}**: B=8, D=4, C=100, bfloat16, forward + backward, measured {data['date'][:10]}" in with_gpu
+
+
+def test_a_cut_off_benchmark_file_or_a_table_that_fails_costs_no_result(tmp_path):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "results.json").write_text('{"results": [{"head": "triton"')  # a run killed while writing
+    outcome = gpu_check.Outcome("build", "the extension", "failed", detail="nvcc: error")
+    data = gpu_check.merge(FOUND, [outcome], [cut, tmp_path / "missing"], "2000-01-02T00:00:00+00:00", 1.0)
+    assert data["results"] == [] and data["device"]["name"] == "Fake GPU"
+    del data["timing"]  # report.table needs it: the checks must still be written
+    out = tmp_path / "out"
+    out.mkdir()
+    gpu_check.write_results(out, data)
+    md = (out / "results.md").read_text()
+    assert "could not make the tables: KeyError" in md and "- build: failed (nvcc: error)" in md
+    assert json.loads((out / "results.json").read_text())["checks"][0]["status"] == "failed"
