@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench setup
+.PHONY: demo test bench setup gpu-check test-compat
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,39 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The GPU check: build, CUDA/Triton tests and a short benchmark on one CUDA GPU, with the
+# python (and so the torch and triton) already there; no set-up, nothing downloaded.
+# Without a CUDA device it prints its plan and runs nothing. Results go to $$OUT, else
+# bench/results/<device>/ (bench/gpu_check.py says more).
+PYTHON ?= python3
+
+gpu-check:
+	$(PYTHON) -m bench.gpu_check
+
+# The CPU suite under the oldest supported torch and triton, in a venv of its own. The
+# extension is built in a copy of the sources there, so .venv's build stays untouched.
+# A CUDA torch also builds the CUDA kernels (nvcc needed); COMPAT_CUDA=0 leaves them out.
+COMPAT_VENV ?= .venv-torch2.11
+COMPAT_TORCH ?= torch==2.11.0
+COMPAT_TRITON ?= triton==3.6.0
+COMPAT_CUDA ?=
+# triton 3.6's interpreter (the Triton tests on the CPU) turns 1-element arrays into ints,
+# which numpy 2.4 refuses; SPDX license expressions need setuptools 77
+COMPAT_NUMPY ?= <2.4
+COMPAT_SRC := $(COMPAT_VENV)/src
+COMPAT_PY := $(abspath $(COMPAT_VENV))/bin/python
+# nvcc may be a wrapper script outside its toolkit: ask it where the toolkit is
+NVCC_HOME = $(shell nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -n 1)
+
+test-compat:
+	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q "$(COMPAT_TORCH)" "$(COMPAT_TRITON)" "setuptools>=77" wheel ninja pybind11 \
+		"numpy$(COMPAT_NUMPY)" pytest matplotlib tqdm
+	rm -rf $(COMPAT_SRC)/margin_ext $(COMPAT_SRC)/csrc $(COMPAT_SRC)/tests $(COMPAT_SRC)/bench
+	mkdir -p $(COMPAT_SRC)
+	tar -cf - --exclude=__pycache__ --exclude='*.so' --exclude=bench/results \
+		setup.py pyproject.toml README.md margin_ext csrc tests bench | tar -xf - -C $(COMPAT_SRC)
+	cd $(COMPAT_SRC) && CUDA_HOME="$${CUDA_HOME:-$(NVCC_HOME)}" MAX_JOBS=$(NPROC) MARGIN_EXT_CUDA=$(COMPAT_CUDA) \
+		$(COMPAT_PY) setup.py -q build_ext --inplace
+	cd $(COMPAT_SRC) && $(COMPAT_PY) -m pytest tests

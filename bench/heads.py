@@ -250,7 +250,8 @@ def estimate_bytes(head: Head, batch: int, classes: int, dim: int, dtype: torch.
                    device: torch.device) -> int:
     """A rough upper bound of the head's peak memory during one forward + backward."""
     item = torch.empty((), dtype=dtype).element_size()
-    logits = head.logits_copies * batch * classes * 4
+    # the naive head's logits stay in the inputs' dtype; the others' are counted as float32
+    logits = head.logits_copies * batch * classes * (item if head.name == "naive" else 4)
     if head.name == "floor":
         logits = batch * classes * item * 2  # the output and the incoming gradient
     grads = head.grad_copies * classes * dim * 4 + 2 * batch * dim * 4

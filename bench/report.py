@@ -82,9 +82,36 @@ def _status_cell(r: dict) -> str:
 
 
 def _device_line(data: dict) -> str:
+    """The label every figure carries (with the date): the device and the software versions."""
     dev = data["device"]
-    detail = f"{dev['threads']} threads" if dev["type"] == "cpu" else f"CUDA {data.get('cuda')}"
-    return f"{dev['name']} ({dev['type'].upper()}, {detail}), torch {data['torch']}"
+    detail = f"{dev['threads']} threads" if dev["type"] == "cpu" else f"compute capability {dev.get('capability')}"
+    return f"{dev['name']} ({dev['type'].upper()}, {detail}), {_versions(data)}"
+
+
+def _versions(data: dict) -> str:
+    triton = data.get("triton") or (data.get("packages") or {}).get("triton")
+    cuda = f"CUDA {data['cuda']}" if data.get("cuda") else "no CUDA"
+    return f"torch {data['torch']}, {cuda}, triton {triton or 'not installed'}"
+
+
+def _checks(data: dict) -> list[str]:
+    """What `make gpu-check` ran before its benchmark (build, tests), and how each ended."""
+    if not data.get("checks"):
+        return []
+    lines = ["## Checks", "", "| stage | what | status | time (s) | detail |", "| --- | --- | --- | ---: | --- |"]
+    for c in data["checks"]:
+        detail = c["detail"].replace("|", "\\|")
+        lines.append(f"| {c['name']} | {c['what']} | {c['status']} | {c['seconds']:g} | {detail} |")
+    failures = [f for c in data["checks"] for f in c.get("failures", [])]
+    if failures:
+        lines += ["", "Failed tests:", ""] + [f"- `{f[:300]}`" for f in failures[:40]]
+        if len(failures) > 40:
+            lines.append(f"- ... {len(failures) - 40} more in the logs")
+    return lines + [""]
+
+
+def _has_gpu_figures(data: dict) -> bool:
+    return data["device"]["type"] == "cuda" and any(r["status"] == "ok" for r in data["results"])
 
 
 def _about(data: dict) -> list[str]:
@@ -125,6 +152,7 @@ def table(data: dict) -> str:
     if allocator:
         lines.append(f"- Allocator peak (CPU cross-check): {data['allocator_method']}.")
     lines.append("")
+    lines += _checks(data)
     if data.get("unavailable"):
         lines += ["Not measured here:", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in data["unavailable"].items()]
@@ -341,6 +369,11 @@ def section(results_dirs: list[Path], relative_to: Path) -> str:
              "shapes (x @ w.T, G @ w, G.T @ x); its memory is the B x C logits held once. "
              "The fused backends never hold those logits: their peak grows with C * D (the "
              "weight gradient) instead of B * C.", ""]
+    if not any(_has_gpu_figures(load(d)) for d in results_dirs):
+        lines += ["**No GPU figure exists yet: nothing here was measured on a GPU.** The `cuda` and `triton` "
+                  "backends, which are what this library is for, have no measured time or memory; every "
+                  "figure below comes from a CPU. `make gpu-check` on a CUDA machine measures them and writes "
+                  "the results this section is made from.", ""]
     plot = None
     for d in results_dirs:
         data = load(d)
@@ -352,8 +385,8 @@ def section(results_dirs: list[Path], relative_to: Path) -> str:
         path, data, (batch, dim, dtype) = plot
         rel = Path(os.path.relpath(path, relative_to)).as_posix()
         lines += [f"![peak memory vs classes on {data['device']['name']}]({rel})", "",
-                  f"*Peak memory vs C, B={batch}, D={dim}, {dtype}, measured on {_device_line(data)} "
-                  f"by `{data['command']}`.*", ""]
+                  f"*Peak memory vs C, B={batch}, D={dim}, {dtype}, measured {data['date'][:10]} on "
+                  f"{_device_line(data)} by `{data['command']}`.*", ""]
     return "\n".join(lines + [END])
 
 
