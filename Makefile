@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench setup
+.PHONY: demo test bench setup triton-resources
 
 setup: $(VENV)/.installed
 
@@ -26,3 +26,7 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+# registers, spills and shared memory of every Triton config for sm_80 / sm_90 (no GPU needed)
+triton-resources: setup
+	env -u TRITON_INTERPRET $(PY) -m margin_ext.backends.triton_resources --jobs $(NPROC)

@@ -147,10 +147,10 @@ def test_cuda_larger_shapes():
 # The kernels themselves, against the chunked torch backend's kernels
 # ---------------------------------------------------------------------------------------
 
-def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=()):
+def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=(), labels=None):
     """x_hat, weight and RowInputs as a shard sees them: ``foreign_rows`` have label -1
     (their target lives in another shard) but still carry InterFace's target centre."""
-    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float32, seed=seed)
+    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float32, seed=seed, labels=labels)
     x_hat = normalize(x)
     centre = normalize(w[y])
     target_cos = (x_hat * centre).sum(dim=1)
@@ -217,6 +217,20 @@ def test_kernels_split_merges(splits, feature_splits, weight_splits, chunk_size,
     inputs = kernel_inputs(spec, 9, 37, 24, seed=8, foreign_rows=(2,))
     compare_kernels(triton_head, spec, inputs, device, splits=splits, chunk_size=chunk_size,
                     feature_splits=feature_splits, weight_splits=weight_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,labels,chunk_size", [("arcface", [36], None), ("interface", [36, 32, 35], 24),
+                                                    ("sphereface_norm_scale", [33, 36], 33)])
+def test_kernels_targets_in_the_last_tile(name, labels, chunk_size, device):
+    """Every target in the last, partial class tile (32..36 of 37; B = 1 too), with
+    backward chunks that end mid-tile (24) or one class before the end (33)."""
+    from margin_ext.backends import triton_head
+
+    triton_kernels(device)
+    spec = SPEC_CASES[name]
+    inputs = kernel_inputs(spec, len(labels), 37, 24, seed=17, labels=labels)
+    compare_kernels(triton_head, spec, inputs, device, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("device", DEVICES)

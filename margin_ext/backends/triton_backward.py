@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .triton_configs import SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms, split_count
-from .triton_forward import centre_norms, cosine_tile, even_k, k_mask, load_rows, operand_width, split_range
+from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
 from .triton_margin import INTERFACE, margin_logits, mma
 
@@ -184,8 +184,9 @@ def _autotuned(kernel, name, width, key, heuristics=None, restore=None):
     return triton.autotune(configs=configs(name, width), key=key, restore_value=restore)(fn)
 
 
-LOGIT_GRADS = {w: _autotuned(_logit_grads_kernel, "logit_grads", w, ["D", "B_BIN", "C_BIN", "NONTARGET"],
-                             {"EVEN_K": even_k}) for w in ("16", "32")}
+LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET"],
+                                     {"EVEN_K": even_k})
+               for name in ("logit_grads", "logit_grads_interface") for w in ("16", "32")}
 GRAD_FEATURES = {w: _autotuned(_grad_features_kernel, "grad_features", w, ["D", "B_BIN", "C_BIN"],
                                restore=["GradX"]) for w in ("16", "32")}
 GRAD_WEIGHT = {w: _autotuned(_grad_weight_kernel, "grad_weight", w, ["D", "B_BIN", "C_BIN"]) for w in ("16", "32")}
@@ -203,16 +204,17 @@ def logit_grads_chunk(x, weight, norms, centre, row_args, grad_args, scalars, fl
     n_rows, dim = x.shape
     n_classes = weight.shape[0]
     width = operand_width(weight.dtype)
+    name = table_name("logit_grads", flags[3])
 
     def shape_of(meta):
         return (triton.cdiv(n_classes, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"])), 1
 
     grid = SplitGrid(shape_of)
-    most_tiles = max_splits("logit_grads", width, lambda meta: shape_of(meta)[0][0])
-    most_blocks = max_splits("logit_grads", width, lambda meta: shape_of(meta)[0][1])
+    most_tiles = max_splits(name, width, lambda meta: shape_of(meta)[0][0])
+    most_blocks = max_splits(name, width, lambda meta: shape_of(meta)[0][1])
     scale_part = torch.empty((most_tiles, n_rows), dtype=torch.float32, device=x.device)
     radial_part = torch.empty((most_blocks, n_classes), dtype=torch.float32, device=x.device)
-    LOGIT_GRADS[width][grid](
+    LOGIT_GRADS[name, width][grid](
         x, weight, norms, centre, *row_args, *grad_args, grad_cos, scale_part, radial_part,
         n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), first_class,
         x.stride(0), weight.stride(0), centre.stride(0), grad_cos.stride(0),

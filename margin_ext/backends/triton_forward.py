@@ -18,8 +18,8 @@ from .triton_configs import (INTERPRETED, SplitGrid, bucket_classes, bucket_rows
 from .triton_margin import INTERFACE, NORM_EPS, margin_logits, mma
 
 
-def _forward_autotuned(width):
-    return triton.autotune(configs=configs("forward", width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
+def _forward_autotuned(table_name, width):
+    return triton.autotune(configs=configs(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
         triton.heuristics({"EVEN_K": even_k})(_forward_kernel))
 
 
@@ -159,7 +159,13 @@ def _forward_kernel(
     tl.store(TargetOut + out, target, mask=row_ok)
 
 
-FORWARD = {"16": _forward_autotuned("16"), "32": _forward_autotuned("32")}
+FORWARD = {(name, width): _forward_autotuned(name, width)
+           for name in ("forward", "forward_interface") for width in ("16", "32")}
+
+
+def table_name(kernel: str, nontarget: int) -> str:
+    """The config table of a tile kernel: InterFace's two products take their own."""
+    return f"{kernel}_interface" if nontarget == INTERFACE.value else kernel
 
 
 def operand_width(dtype: torch.dtype) -> str:
@@ -185,14 +191,15 @@ def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, split
     n_rows, dim = x.shape
     n_classes = weight.shape[0]
     width = operand_width(weight.dtype)
+    name = table_name("forward", flags[3])
 
     def shape_of(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]),), class_split_count(n_rows, n_classes, x.device, meta)
 
     grid = SplitGrid(shape_of, splits)
-    most = splits or max_splits("forward", width, lambda meta: shape_of(meta)[1])
+    most = splits or max_splits(name, width, lambda meta: shape_of(meta)[1])
     out = torch.empty((3, most, n_rows), dtype=torch.float32, device=x.device)
-    FORWARD[width][grid](
+    FORWARD[name, width][grid](
         x, weight, norms, centre, *row_args, out[0], out[1], out[2],
         n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), x.stride(0), weight.stride(0),
         centre.stride(0), *scalars, *flags,
