@@ -62,10 +62,8 @@ class Case:
 
 
 def source_hash() -> str:
-    """Hash of the kernels' source and of the triton that compiles them."""
-    import triton
-
-    digest = hashlib.sha256(triton.__version__.encode())
+    """Hash of the kernels' source (the table names the triton that compiled them)."""
+    digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for name in SOURCES:
         digest.update((here / name).read_bytes())
