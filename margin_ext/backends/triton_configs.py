@@ -42,7 +42,7 @@ TABLES = {
     "forward": {
         "16": {"hopper": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
                "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]},
-        "32": {"hopper": [(128, 64, 32, 8, 3), (32, 64, 32, 4, 3)],
+        "32": {"hopper": [(32, 64, 32, 4, 3)],
                "ampere": [(32, 64, 32, 8, 3)]},
     },
     # InterFace's second product (the rows' target centres) holds a second accumulator
@@ -55,14 +55,14 @@ TABLES = {
     "logit_grads": {
         "16": {"hopper": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)],
                "ampere": [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4)]},
-        "32": {"hopper": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+        "32": {"hopper": [(64, 64, 32, 4, 3)],
                "ampere": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]},
     },
     "logit_grads_interface": {
         "16": {"hopper": [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
-               "ampere": [(32, 64, 32, 4, 3)]},
+               "ampere": [(32, 32, 32, 4, 3)]},
         "32": {"hopper": [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
-               "ampere": [(32, 64, 32, 8, 3), (32, 32, 32, 4, 3)]},
+               "ampere": [(32, 32, 32, 4, 3)]},
     },
     # grad_features reads its float32 output back once per chunk: one tile less in flight
     "grad_features": {
