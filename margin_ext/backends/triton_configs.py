@@ -5,7 +5,7 @@ table per operand width -- "16" for bfloat16 / float16 operands, "32" for float3
 (ieee, tf32x3 or tf32 products) -- and per architecture ("hopper" from sm_90 up,
 "ampere" below). Every row compiles for its architecture with no register spill and
 within the shared memory of the part (227 KiB on sm_90, 163 KiB on sm_80):
-``python -m tools.triton_resources`` (``make triton-resources``) compiles the whole
+``make triton-resources`` (margin_ext.backends.triton_resources) compiles the whole
 matrix and writes docs/triton_resources.md; tests/test_triton_resources.py keeps that
 table honest. A row that spills is taken out here, not left for the autotuner.
 
