@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench setup gpu-check test-compat
+.PHONY: demo test bench setup gpu-check test-compat triton-resources
 
 setup: $(VENV)/.installed
 
@@ -55,7 +55,7 @@ NVCC_HOME = $(shell nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=
 test-compat:
 	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q "$(COMPAT_TORCH)" "$(COMPAT_TRITON)" "setuptools>=77" wheel ninja pybind11 \
-		"numpy$(COMPAT_NUMPY)" pytest matplotlib tqdm
+		"numpy$(COMPAT_NUMPY)" pytest matplotlib tqdm pillow pyyaml tensorboard
 	rm -rf $(COMPAT_SRC)/margin_ext $(COMPAT_SRC)/csrc $(COMPAT_SRC)/tests $(COMPAT_SRC)/bench
 	mkdir -p $(COMPAT_SRC)
 	tar -cf - --exclude=__pycache__ --exclude='*.so' --exclude=bench/results \
@@ -63,3 +63,7 @@ test-compat:
 	cd $(COMPAT_SRC) && CUDA_HOME="$${CUDA_HOME:-$(NVCC_HOME)}" MAX_JOBS=$(NPROC) MARGIN_EXT_CUDA=$(COMPAT_CUDA) \
 		$(COMPAT_PY) setup.py -q build_ext --inplace
 	cd $(COMPAT_SRC) && $(COMPAT_PY) -m pytest tests
+
+# registers, spills and shared memory of every Triton config for sm_80 / sm_90 (no GPU needed)
+triton-resources: setup
+	env -u TRITON_INTERPRET $(PY) -m margin_ext.backends.triton_resources --jobs $(NPROC)

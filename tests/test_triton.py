@@ -147,10 +147,10 @@ def test_cuda_larger_shapes():
 # The kernels themselves, against the chunked torch backend's kernels
 # ---------------------------------------------------------------------------------------
 
-def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=()):
+def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=(), labels=None):
     """x_hat, weight and RowInputs as a shard sees them: ``foreign_rows`` have label -1
     (their target lives in another shard) but still carry InterFace's target centre."""
-    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float32, seed=seed)
+    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float32, seed=seed, labels=labels)
     x_hat = normalize(x)
     centre = normalize(w[y])
     target_cos = (x_hat * centre).sum(dim=1)
@@ -171,16 +171,16 @@ def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=()):
     return to
 
 
-def compare_kernels(kernels, spec, inputs, device, **overrides):
+def compare_kernels(kernels, spec, inputs, device, splits=None, chunk_size=None, **backward_overrides):
     x_hat, w, rows, grad_lse, grad_target = inputs("cpu")
     params = spec.kernel_params()
     lse, target = TORCH_KERNELS.forward(x_hat, w, rows, params, 8)
     gx, gw, gs = TORCH_KERNELS.backward(x_hat, w, rows, params, 8, lse, grad_lse, grad_target)
 
     d_x_hat, d_w, d_rows, d_grad_lse, d_grad_target = inputs(device)
-    split = {k: v for k, v in overrides.items() if k == "splits"}
-    t_lse, t_target = kernels.forward(d_x_hat, d_w, d_rows, params, None, **split)
-    t_grads = kernels.backward(d_x_hat, d_w, d_rows, params, None, t_lse, d_grad_lse, d_grad_target, **overrides)
+    t_lse, t_target = kernels.forward(d_x_hat, d_w, d_rows, params, None, splits=splits)
+    t_grads = kernels.backward(d_x_hat, d_w, d_rows, params, chunk_size, t_lse, d_grad_lse, d_grad_target,
+                               **backward_overrides)
     for a, b, what in zip((t_lse, t_target, *t_grads), (lse, target, gx, gw, gs),
                           ("lse", "target_logit", "grad_x_hat", "grad_w", "grad_scale")):
         a = a.cpu()
@@ -203,16 +203,34 @@ def test_kernels_with_foreign_targets(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("splits,weight_row_splits", [(1, 1), (3, 2), (5, 3)])
-def test_kernels_split_merges(splits, weight_row_splits, device):
-    """Class splits (partial statistics and grad_x_hat merged in torch) and row splits of
-    the grad_w kernel (partial sums meeting by atomic adds), more splits than tiles too."""
+@pytest.mark.parametrize("splits,feature_splits,weight_splits,chunk_size",
+                         [(1, 1, 1, None), (3, 2, 3, 16), (5, 3, 2, 24), (2, 1, 1, 7)])
+def test_kernels_split_merges(splits, feature_splits, weight_splits, chunk_size, device):
+    """Class splits of the forward (partial statistics merged in torch), K splits of the
+    two gradient GEMMs (float32 partials summed in torch), more splits than tiles too,
+    and backward chunks that end on a tile boundary (16), mid-tile (24) or inside the
+    first tile (7), the targets on both sides of each chunk boundary."""
     from margin_ext.backends import triton_head
 
     triton_kernels(device)
     spec = SPEC_CASES["interface"]
     inputs = kernel_inputs(spec, 9, 37, 24, seed=8, foreign_rows=(2,))
-    compare_kernels(triton_head, spec, inputs, device, splits=splits, weight_row_splits=weight_row_splits)
+    compare_kernels(triton_head, spec, inputs, device, splits=splits, chunk_size=chunk_size,
+                    feature_splits=feature_splits, weight_splits=weight_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,labels,chunk_size", [("arcface", [36], None), ("interface", [36, 32, 35], 24),
+                                                    ("sphereface_norm_scale", [33, 36], 33)])
+def test_kernels_targets_in_the_last_tile(name, labels, chunk_size, device):
+    """Every target in the last, partial class tile (32..36 of 37; B = 1 too), with
+    backward chunks that end mid-tile (24) or one class before the end (33)."""
+    from margin_ext.backends import triton_head
+
+    triton_kernels(device)
+    spec = SPEC_CASES[name]
+    inputs = kernel_inputs(spec, len(labels), 37, 24, seed=17, labels=labels)
+    compare_kernels(triton_head, spec, inputs, device, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -346,65 +364,9 @@ def test_cpu_cases_in_a_fresh_process():
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
 
 
-# Compiles the kernels to cubin for a GPU that need not be there (ptxas ships with triton):
-# catches what the interpreter forgives (types, layouts, shared memory) where no GPU runs.
-_COMPILE_SCRIPT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from margin_ext.backends import triton_backward, triton_forward
-
-POINTERS = {"W": "*bf16", "X": "*bf16", "Centre": "*bf16", "Labels": "*i64"}
-INTS = {"B", "C", "D", "B_BIN", "stride_x", "stride_w", "stride_centre"}
-FLOATS = {"m1", "m3", "lam", "mu", "alpha", "first", "skip_eps"}
-
-def base_fn(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn
-    return kernel
-
-def compile_kernel(kernel, arch, constexprs):
-    fn = base_fn(kernel)
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in INTS:
-            signature[name] = "i32"
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = POINTERS.get(name, "*fp32")
-    options = dict(num_warps=8 if arch >= 90 else 4, num_stages=3)
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
-
-margin = dict(TARGET=1, FALLBACK=1, STRAIGHT_THROUGH=False, NONTARGET=int(sys.argv[1]), DYNAMIC=True,
-              DOT=2, GRAD_DOT=2, SKIP=True, ATOMIC=True, EVEN_K=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
-for arch in (80, 90):
-    for kernel in (triton_forward._forward_kernel, triton_backward._grad_features_kernel,
-                   triton_backward._grad_weight_kernel):
-        fn = base_fn(kernel)
-        compiled = compile_kernel(kernel, arch, {k: v for k, v in margin.items() if k in fn.arg_names})
-        print(f"sm_{arch} {fn.__name__}: {compiled.metadata.shared} bytes of shared memory")
-"""
-
-
-@pytest.mark.parametrize("nontarget", [0, 1], ids=["cosine", "interface"])
-def test_kernels_compile_for_sm80_and_sm90(nontarget):
-    """bf16 kernels (ArcFace / InterFace, every optional path on) to sm_80 and sm_90 cubins."""
-    pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    child = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(nontarget)], cwd=root, env=env,
-                           capture_output=True, text=True, timeout=900)
-    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-6000:]
-    assert child.stdout.count("bytes of shared memory") == 6
-
-
 def test_never_allocates_batch_by_classes():
-    """The only class-sized buffers are grad_w (C x D) and the small per-split statistics."""
+    """The only class-sized buffers are grad_w (C x D), the small per-split statistics and
+    the backward's (B x chunk_size) logit gradients."""
     from margin_ext.memory import PeakMemory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -415,8 +377,8 @@ def test_never_allocates_batch_by_classes():
     x.requires_grad_(True)
     w.requires_grad_(True)
     # once outside the tracker: autotuning (on CUDA) allocates its own benchmark buffers
-    mx.margin_cross_entropy(x, w, y.to(device), backend="triton").backward()
+    mx.margin_cross_entropy(x, w, y.to(device), backend="triton", chunk_size=64).backward()
     with PeakMemory() as mem:
-        mx.margin_cross_entropy(x, w, y.to(device), backend="triton").backward()
+        mx.margin_cross_entropy(x, w, y.to(device), backend="triton", chunk_size=64).backward()
     assert mem.largest_bytes <= n_classes * dim * 4, mem.largest_shape
     assert mem.largest_bytes < n_rows * n_classes * 4

@@ -1,44 +1,42 @@
-"""Recomputing backward: each tile's logits are formed again from the saved log-sum-exp.
+"""Recomputing backward: the logits of each tile are formed once more, then two GEMMs.
 
-For a tile, p = exp(z - lse) and dL/dz = grad_lse * p (+ grad_target on the target
-column); the cosine gradient is dL/dz * d phi / d c * s. Two kernels consume it, each
-in the loop order that keeps its output exclusive to one program, so that nothing
-needs atomics on the hot path and the result is deterministic:
+The backward walks the classes in chunks. For each chunk three kernels run, none with
+an atomic or a per-tile read-modify-write of an accumulator, so the result is
+deterministic:
 
-* ``_grad_features_kernel``: one program per (row block, class split), walking its
-  class tiles; it owns grad_x_hat of its rows in that split (summed over splits by the
-  caller) and the per-row grad_scale = sum_j dL/dz_ij * z_ij / s_i.
-* ``_grad_weight_kernel``: one program per class tile, walking the row blocks; it owns
-  grad_w of its classes. The backward of w / max(|w|, eps) is folded in:
-  (g - w_hat (w_hat . g)) / |w|, with w_hat . g = sum_i dL/dc_ij * c_ij taken from the
-  tile, so only the 1/|w| scaling touches the product and the radial part is one
-  epilogue per tile. When there are too few class tiles to fill the GPU, row blocks
-  are split too and the partial sums meet by atomic adds.
+* ``_logit_grads_kernel`` (one program per tile, rows x classes): recomputes the
+  cosines, the margin logits and p = exp(z - lse) from the saved log-sum-exp, and
+  writes the cosine gradient scaled by 1 / |w_j| -- G = dL/dz * d phi / d c * s / |w_j|
+  -- into a (B, chunk) buffer in the gradient products' operand dtype. Per tile it also
+  writes two small partial sums: grad_scale (sum_j dL/dz_ij z_ij / s_i) per row and
+  w_hat . g (sum_i dL/dc_ij c_ij) per class, summed over tiles on the host.
+* ``_grad_features_kernel``: grad_x_hat += G @ W_chunk, a GEMM whose (rows x features)
+  accumulator stays in registers across the whole chunk (K = the chunk's classes).
+* ``_grad_weight_kernel``: grad_w_chunk = G^T @ x_hat, accumulated in registers across
+  the batch (K = the rows), with the backward of w / max(|w|, eps) as its epilogue:
+  (g - w_hat (w_hat . g)) / |w| = acc - w * (w_hat . g) / |w|^2, written once in the
+  weight's dtype (no C x D float32 buffer).
 
-Both recompute the cosine GEMM -- four GEMM-sized products in the backward where one
-kernel with atomics on grad_x_hat would need three, but then each of its B x D
-elements would take C / BLOCK_N contended adds. With row splits the grad_w sums are
-not deterministic; torch.use_deterministic_algorithms(True) turns them off.
+So a step costs the forward's cosine GEMM plus three GEMM-sized products (one
+recompute), and holds B x chunk gradients at a time -- the O(B x chunk_size) bound of
+the chunked backends. When a GEMM's output tiles are too few to fill the GPU, its K
+range is split (SplitGrid) and float32 partials are summed on the host.
+
+Gradient filtering (opt-in): a tile whose probabilities are all below skip_eps and that
+holds no target writes zeros (its products still run; grad_scale is exact).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import (INTERPRETER_CONFIG, autotune_configs, bucket_rows, centre_norms, cosine_tile,
-                             even_k, k_mask, load_rows, split_range)
-from .triton_margin import INTERFACE, NORM_EPS, margin_logits, mma
+from .triton_configs import SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms, split_count
+from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
+from ..rows import NORM_EPS as _NORM_EPS
+from .triton_margin import INTERFACE, margin_logits, mma
 
-_GRAD_FEATURES_CONFIGS = autotune_configs(
-    hopper=[(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 3)],
-    ampere=[(64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 3)],
-    interpreter=INTERPRETER_CONFIG,
-)
-_GRAD_WEIGHT_CONFIGS = autotune_configs(
-    hopper=[(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 3)],
-    ampere=[(64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)],
-    interpreter=INTERPRETER_CONFIG,
-)
+# a partial buffer of a split GEMM stays under this many bytes
+_PARTIAL_BYTES = 64 << 20
 
 
 @triton.jit
@@ -68,150 +66,218 @@ def tile_matters(p, is_target, skip_eps):
 
 
 @triton.jit
-def accumulate(ptr, value, mask, ATOMIC: tl.constexpr):
-    if ATOMIC:
-        tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
-    else:
-        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
-
-
-@triton.autotune(configs=_GRAD_FEATURES_CONFIGS, key=["D", "B_BIN", "NONTARGET"],
-                 reset_to_zero=["GradX", "GradScale"])
-@triton.heuristics({"EVEN_K": even_k})
-@triton.jit
-def _grad_features_kernel(
+def _logit_grads_kernel(
     X, W, Norms, Centre, Labels, Scale, Margin, ThetaY, Lse, GradLse, GradTarget,
-    GradX, GradScale,
-    B, C, D, B_BIN, stride_x, stride_w, stride_centre,
+    GradCos, GradScalePart, RadialPart,
+    B, C, D, B_BIN, C_BIN, first_class, stride_x, stride_w, stride_centre, stride_g,
     m1, m3, lam, mu, alpha, first, skip_eps,
     TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
-    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, GRAD_DOT: tl.constexpr,
-    SKIP: tl.constexpr,
+    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    tile_start, tile_stop = split_range(tl.cdiv(C, BLOCK_N), split, tl.num_programs(1))
-
+    # classes fastest: the programs that share a block of x run together
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # within the chunk [first_class, first_class + C)
     row_ok = rows < B
+    col_ok = cols < C
     label, scale, r, theta_y = load_rows(Labels, Scale, Margin, ThetaY, rows, B, NONTARGET == INTERFACE)
+    # a target outside the chunk is no target here (it may fall in this tile's masked columns)
+    label = tl.where((label >= first_class) & (label < first_class + C), label - first_class, -1)
     lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)
 
+    _, inv_norm = centre_norms(Norms, cols, C)
+    cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
+                                 stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
+    value, deriv, is_target = margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha,
+                                            first, TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC)
+    p, grad_z, grad_cos = logit_grads(value, deriv, is_target, cols, C, scale, lse, grad_lse, grad_target)
+    tl.store(GradScalePart + pid_n.to(tl.int64) * B + rows, tl.sum(grad_z * value, axis=1), mask=row_ok)
+    if SKIP:
+        grad_cos = tl.where(tile_matters(p, is_target, skip_eps), grad_cos, 0.0)
+    # w_hat . g for the normalization backward, from the tile's cosines
+    tl.store(RadialPart + pid_m.to(tl.int64) * C + cols, tl.sum(grad_cos * cos, axis=0), mask=col_ok)
+    # 1 / |w_j| goes onto the columns: both products then take the raw centres
+    grad_scaled = (grad_cos * inv_norm[None, :]).to(GradCos.dtype.element_ty)
+    tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], grad_scaled,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_features_kernel(
+    G, W, GradX, Partial,
+    B, C, D, B_BIN, C_BIN, stride_g, stride_w,
+    GRAD_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_x (B x D, float32) (+)= G (B x C) @ W (C x D); with K splits, partials instead."""
+    pid_n = tl.program_id(0)  # feature tiles fastest: they share a block of G
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    feat_ok = feats < D
     ks = tl.arange(0, BLOCK_K)
-    grad_x_rows = GradX + (split.to(tl.int64) * B + rows)[:, None] * D
-    grad_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for tile in range(tile_start, tile_stop):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < C
-        _, inv_norm = centre_norms(Norms, cols, C)
-        cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
-                                     stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
-        value, deriv, is_target = margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha,
-                                                first, TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC)
-        p, grad_z, grad_cos = logit_grads(value, deriv, is_target, cols, C, scale, lse, grad_lse, grad_target)
-        grad_scale += tl.sum(grad_z * value, axis=1)
-        keep = True
-        if SKIP:
-            keep = tile_matters(p, is_target, skip_eps)
-        if keep:
-            # grad_x_hat += grad_cos @ w_hat: 1/|w_j| goes onto the columns of grad_cos
-            grad_scaled = grad_cos * inv_norm[None, :]
-            w_rows = W + cols.to(tl.int64)[:, None] * stride_w
-            for k0 in range(0, D, BLOCK_K):
-                w = tl.load(w_rows + (k0 + ks)[None, :], mask=k_mask(col_ok, k0, ks, D, EVEN_K), other=0.0)
-                part = mma(grad_scaled, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), GRAD_DOT,
-                           W.dtype.element_ty)
-                accumulate(grad_x_rows + (k0 + ks)[None, :], part, k_mask(row_ok, k0, ks, D, EVEN_K), False)
-
-    tl.store(GradScale + split.to(tl.int64) * B + rows, grad_scale, mask=row_ok)
+    k_start, k_stop = split_range(tl.cdiv(C, BLOCK_K), split, tl.num_programs(2))
+    g_rows = G + rows.to(tl.int64)[:, None] * stride_g
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_start, k_stop):
+        k = kt * BLOCK_K + ks
+        k_ok = k < C
+        g = tl.load(g_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + k.to(tl.int64)[:, None] * stride_w + feats[None, :], mask=k_ok[:, None] & feat_ok[None, :],
+                    other=0.0)
+        acc = mma(g, w, acc, GRAD_DOT, W.dtype.element_ty)
+    out_mask = row_ok[:, None] & feat_ok[None, :]
+    if tl.num_programs(2) == 1:
+        out = GradX + rows.to(tl.int64)[:, None] * D + feats[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out, mask=out_mask, other=0.0)  # once per chunk, not per tile
+        tl.store(out, acc, mask=out_mask)
+    else:
+        tl.store(Partial + (split.to(tl.int64) * B + rows)[:, None] * D + feats[None, :], acc, mask=out_mask)
 
 
-@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=["D", "B_BIN", "NONTARGET", "ATOMIC"],
-                 reset_to_zero=["GradW"])
-@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _grad_weight_kernel(
-    X, W, Norms, Centre, Labels, Scale, Margin, ThetaY, Lse, GradLse, GradTarget,
-    GradW,
-    B, C, D, B_BIN, stride_x, stride_w, stride_centre,
-    m1, m3, lam, mu, alpha, first, skip_eps,
-    TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
-    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, GRAD_DOT: tl.constexpr,
-    SKIP: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    G, X, W, Coef, GradW, Partial,
+    B, C, D, B_BIN, C_BIN, stride_g, stride_x, stride_w,
+    GRAD_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    block_start, block_stop = split_range(tl.cdiv(B, BLOCK_M), split, tl.num_programs(1))
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """grad_w (C x D) = G^T @ X - Coef * W in W's dtype; with K splits, float32 partials of
+    G^T @ X instead (the host applies the epilogue)."""
+    pid_n = tl.program_id(0)  # feature tiles fastest: they share a block of G
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    norm, inv_norm = centre_norms(Norms, cols, C)
+    feat_ok = feats < D
     ks = tl.arange(0, BLOCK_K)
-    grad_w_cols = GradW + cols.to(tl.int64)[:, None] * D
-    radial = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for block in range(block_start, block_stop):
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        label, scale, r, theta_y = load_rows(Labels, Scale, Margin, ThetaY, rows, B, NONTARGET == INTERFACE)
-        lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)
-        cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
-                                     stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
-        value, deriv, is_target = margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha,
-                                                first, TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC)
-        p, _, grad_cos = logit_grads(value, deriv, is_target, cols, C, scale, lse, grad_lse, grad_target)
-        keep = True
-        if SKIP:
-            keep = tile_matters(p, is_target, skip_eps)
-        if keep:
-            # w_hat . g for the normalization backward, from the tile's cosines
-            radial += tl.sum(grad_cos * cos, axis=0)
-            grad_scaled_t = tl.trans(grad_cos * inv_norm[None, :])
-            x_rows = X + rows.to(tl.int64)[:, None] * stride_x
-            for k0 in range(0, D, BLOCK_K):
-                x = tl.load(x_rows + (k0 + ks)[None, :], mask=k_mask(row_ok, k0, ks, D, EVEN_K), other=0.0)
-                part = mma(grad_scaled_t, x, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), GRAD_DOT,
-                           W.dtype.element_ty)
-                accumulate(grad_w_cols + (k0 + ks)[None, :], part, k_mask(col_ok, k0, ks, D, EVEN_K), ATOMIC)
-
-    # radial part of the normalization backward; none below eps, where w / eps is linear
-    coef = tl.where(norm > NORM_EPS, radial * inv_norm, 0.0) * inv_norm
-    w_rows = W + cols.to(tl.int64)[:, None] * stride_w
-    for k0 in range(0, D, BLOCK_K):
-        mask = k_mask(col_ok, k0, ks, D, EVEN_K)
-        w = tl.load(w_rows + (k0 + ks)[None, :], mask=mask, other=0.0).to(tl.float32)
-        accumulate(grad_w_cols + (k0 + ks)[None, :], -coef[:, None] * w, mask, ATOMIC)
+    k_start, k_stop = split_range(tl.cdiv(B, BLOCK_K), split, tl.num_programs(2))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_start, k_stop):
+        k = kt * BLOCK_K + ks
+        k_ok = k < B
+        g_t = tl.load(G + k.to(tl.int64)[None, :] * stride_g + cols[:, None], mask=col_ok[:, None] & k_ok[None, :],
+                      other=0.0)
+        x = tl.load(X + k.to(tl.int64)[:, None] * stride_x + feats[None, :], mask=k_ok[:, None] & feat_ok[None, :],
+                    other=0.0)
+        acc = mma(g_t, x, acc, GRAD_DOT, W.dtype.element_ty)
+    out_mask = col_ok[:, None] & feat_ok[None, :]
+    if tl.num_programs(2) == 1:
+        # radial part of the normalization backward
+        coef = tl.load(Coef + cols, mask=col_ok, other=0.0)
+        w = tl.load(W + cols.to(tl.int64)[:, None] * stride_w + feats[None, :], mask=out_mask, other=0.0)
+        acc -= coef[:, None] * w.to(tl.float32)
+        tl.store(GradW + cols.to(tl.int64)[:, None] * D + feats[None, :], acc.to(GradW.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        tl.store(Partial + (split.to(tl.int64) * C + cols)[:, None] * D + feats[None, :], acc, mask=out_mask)
 
 
-def grad_features(x, weight, norms, centre, row_args, grad_args, scalars, flags, skip_eps, splits):
-    """(splits, B, D) partial grad_x_hat and (splits, B) partial grad_scale, float32."""
+def _autotuned(kernel, name, width, key, heuristics=None, restore=None):
+    fn = triton.heuristics(heuristics)(kernel) if heuristics else kernel
+    return triton.autotune(configs=configs(name, width), key=key, restore_value=restore)(fn)
+
+
+LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET"],
+                                     {"EVEN_K": even_k})
+               for name in ("logit_grads", "logit_grads_interface") for w in ("16", "32")}
+GRAD_FEATURES = {w: _autotuned(_grad_features_kernel, "grad_features", w, ["D", "B_BIN", "C_BIN"],
+                               restore=["GradX"]) for w in ("16", "32")}
+GRAD_WEIGHT = {w: _autotuned(_grad_weight_kernel, "grad_weight", w, ["D", "B_BIN", "C_BIN"]) for w in ("16", "32")}
+
+
+def gradient_dtype(weight_dtype: torch.dtype, grad_dot_native: bool) -> torch.dtype:
+    """The dtype of G: the weight's own when the gradient products run in it, else float32."""
+    return weight_dtype if grad_dot_native else torch.float32
+
+
+def logit_grads_chunk(x, weight, norms, centre, row_args, grad_args, scalars, flags, skip_eps, first_class,
+                      grad_cos):
+    """G of one chunk of classes (weight, norms: the chunk's) into ``grad_cos`` (B x chunk);
+    returns the chunk's grad_scale (B,) and w_hat . g (chunk,) sums."""
     n_rows, dim = x.shape
-    grad_x = torch.zeros((splits, n_rows, dim), dtype=torch.float32, device=x.device)
-    grad_scale = torch.zeros((splits, n_rows), dtype=torch.float32, device=x.device)
+    n_classes = weight.shape[0]
+    width = operand_width(weight.dtype)
+    name = table_name("logit_grads", flags[3])
 
-    def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]), splits)
+    def shape_of(meta):
+        return (triton.cdiv(n_classes, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"])), 1
 
-    _grad_features_kernel[grid](
-        x, weight, norms, centre, *row_args, *grad_args, grad_x, grad_scale,
-        n_rows, weight.shape[0], dim, bucket_rows(n_rows), x.stride(0), weight.stride(0), centre.stride(0),
+    grid = SplitGrid(shape_of)
+    most_tiles = max_splits(name, width, lambda meta: shape_of(meta)[0][0])
+    most_blocks = max_splits(name, width, lambda meta: shape_of(meta)[0][1])
+    scale_part = torch.empty((most_tiles, n_rows), dtype=torch.float32, device=x.device)
+    radial_part = torch.empty((most_blocks, n_classes), dtype=torch.float32, device=x.device)
+    LOGIT_GRADS[name, width][grid](
+        x, weight, norms, centre, *row_args, *grad_args, grad_cos, scale_part, radial_part,
+        n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), first_class,
+        x.stride(0), weight.stride(0), centre.stride(0), grad_cos.stride(0),
         *scalars, skip_eps, *flags, skip_eps > 0,
     )
-    return grad_x, grad_scale
+    (tiles, blocks), _ = shape_of(grid.meta)
+    return scale_part[:tiles].sum(dim=0), radial_part[:blocks].sum(dim=0)
 
 
-def grad_weight(x, weight, norms, centre, row_args, grad_args, scalars, flags, skip_eps, row_splits):
-    """(C, D) float32 grad_w, the normalization backward included."""
-    n_rows, dim = x.shape
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+def grad_features_chunk(grad_cos, weight, grad_x, grad_dot, accumulate, splits=None):
+    """grad_x (B x D, float32) += G @ W_chunk (or = when not ``accumulate``)."""
+    n_rows, n_classes = grad_cos.shape
+    dim = weight.shape[1]
+    width = operand_width(grad_cos.dtype)
+    sms = num_sms(grad_cos.device)
+    cap = max(1, _PARTIAL_BYTES // (n_rows * dim * 4))
 
-    def grid(meta):
-        return (triton.cdiv(weight.shape[0], meta["BLOCK_N"]), row_splits)
+    def shape_of(meta):
+        tiles = (triton.cdiv(dim, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]))
+        return tiles, split_count(tiles[0] * tiles[1], triton.cdiv(n_classes, meta["BLOCK_K"]), sms, cap)
 
-    _grad_weight_kernel[grid](
-        x, weight, norms, centre, *row_args, *grad_args, grad_w,
-        n_rows, weight.shape[0], dim, bucket_rows(n_rows), x.stride(0), weight.stride(0), centre.stride(0),
-        *scalars, skip_eps, *flags, skip_eps > 0, row_splits > 1,
+    grid = SplitGrid(shape_of, splits)
+    most = splits or max_splits("grad_features", width, lambda meta: shape_of(meta)[1])
+    partial = torch.empty((most, n_rows, dim) if most > 1 else (1,), dtype=torch.float32, device=grad_x.device)
+    GRAD_FEATURES[width][grid](
+        grad_cos, weight, grad_x, partial,
+        n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), grad_cos.stride(0), weight.stride(0),
+        grad_dot, accumulate,
     )
-    return grad_w
+    if grid.splits > 1:
+        summed = partial[:grid.splits].sum(dim=0)
+        if accumulate:
+            grad_x += summed
+        else:
+            grad_x.copy_(summed)
+
+
+def grad_weight_chunk(grad_cos, x, weight, coef, grad_w, grad_dot, splits=None):
+    """grad_w_chunk (chunk x D, the weight's dtype) = G^T @ x_hat - coef * w."""
+    n_rows, n_classes = grad_cos.shape
+    dim = weight.shape[1]
+    width = operand_width(grad_cos.dtype)
+    sms = num_sms(grad_cos.device)
+    cap = max(1, _PARTIAL_BYTES // (n_classes * dim * 4))
+
+    def shape_of(meta):
+        tiles = (triton.cdiv(dim, meta["BLOCK_N"]), triton.cdiv(n_classes, meta["BLOCK_M"]))
+        return tiles, split_count(tiles[0] * tiles[1], triton.cdiv(n_rows, meta["BLOCK_K"]), sms, cap)
+
+    grid = SplitGrid(shape_of, splits)
+    most = splits or max_splits("grad_weight", width, lambda meta: shape_of(meta)[1])
+    partial = torch.empty((most, n_classes, dim) if most > 1 else (1,), dtype=torch.float32, device=grad_w.device)
+    GRAD_WEIGHT[width][grid](
+        grad_cos, x, weight, coef, grad_w, partial,
+        n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), grad_cos.stride(0), x.stride(0),
+        weight.stride(0), grad_dot,
+    )
+    if grid.splits > 1:
+        summed = partial[:grid.splits].sum(dim=0)
+        grad_w.copy_(summed - coef[:, None] * weight.float())
+
+
+def radial_coefficients(radial, norms):
+    """(w_hat . g) / |w|^2 per class; none below eps, where w / eps is linear."""
+    inv_norm = 1.0 / norms.clamp_min(_NORM_EPS)
+    return torch.where(norms > _NORM_EPS, radial * inv_norm, torch.zeros_like(radial)) * inv_norm

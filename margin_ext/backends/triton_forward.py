@@ -9,55 +9,18 @@ per-row running max / sum-exp / target logit. The outputs are (splits, B) partia
 statistics that ``triton_head`` merges into the log-sum-exp.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .triton_configs import (INTERPRETED, SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms,
+                             split_count)
 from .triton_margin import INTERFACE, NORM_EPS, margin_logits, mma
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-#: Whether the kernels below were built for the interpreter (decided when this module
-#: is first imported, as triton.jit decides).
-INTERPRETED = _interpreting()
-
-
-def _is_hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-
-def autotune_configs(hopper, ampere, interpreter):
-    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples.
-
-    Under the interpreter a single small config: autotuning there would run every
-    config through numpy for nothing.
-    """
-    if INTERPRETED:
-        table = [interpreter]
-    else:
-        table = hopper if _is_hopper() else ampere
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in table]
-
-
-# Interpreter: BLOCK_M = 8 so that a 9-row test batch spans two row blocks.
-INTERPRETER_CONFIG = (8, 16, 16, 1, 1)
-
-_FORWARD_CONFIGS = autotune_configs(
-    hopper=[(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-            (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
-    ampere=[(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
-            (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)],
-    interpreter=INTERPRETER_CONFIG,
-)
+def _forward_autotuned(table_name, width):
+    return triton.autotune(configs=configs(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
+        triton.heuristics({"EVEN_K": even_k})(_forward_kernel))
 
 
 @triton.jit
@@ -155,13 +118,11 @@ def even_k(args):
     return args["D"] % args["BLOCK_K"] == 0
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=["D", "B_BIN", "NONTARGET"])
-@triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _forward_kernel(
     X, W, Norms, Centre, Labels, Scale, Margin, ThetaY,
     MaxOut, SumOut, TargetOut,
-    B, C, D, B_BIN, stride_x, stride_w, stride_centre,
+    B, C, D, B_BIN, C_BIN, stride_x, stride_w, stride_centre,
     m1, m3, lam, mu, alpha, first,
     TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
     NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr,
@@ -198,27 +159,50 @@ def _forward_kernel(
     tl.store(TargetOut + out, target, mask=row_ok)
 
 
-def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, splits):
+FORWARD = {(name, width): _forward_autotuned(name, width)
+           for name in ("forward", "forward_interface") for width in ("16", "32")}
+
+
+def table_name(kernel: str, nontarget: int) -> str:
+    """The config table of a tile kernel: InterFace's two products take their own."""
+    return f"{kernel}_interface" if nontarget == INTERFACE.value else kernel
+
+
+def operand_width(dtype: torch.dtype) -> str:
+    """The config table a product with operands of ``dtype`` takes."""
+    return "32" if dtype == torch.float32 else "16"
+
+
+def class_split_count(n_rows, n_classes, device, meta):
+    """Class splits of the forward: about two waves of programs over the row blocks of
+    the chosen config, each split at least one class tile."""
+    row_blocks = triton.cdiv(n_rows, meta["BLOCK_M"])
+    return split_count(row_blocks, triton.cdiv(n_classes, meta["BLOCK_N"]), num_sms(device), cap=1 << 16)
+
+
+def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, splits=None):
     """Per-split (max, sum-exp, target logit) of every row, each (splits, B) float32.
 
     x: the normalized features in the products' operand dtype; norms: (C,) float32
     |w_j|; row_args: (labels, scale, margin, theta_y); scalars: (m1, m3, lam, mu, alpha,
     first); flags: the constexpr (TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC, DOT).
+    ``splits`` overrides the class split count.
     """
     n_rows, dim = x.shape
-    out = torch.empty((3, splits, n_rows), dtype=torch.float32, device=x.device)
+    n_classes = weight.shape[0]
+    width = operand_width(weight.dtype)
+    name = table_name("forward", flags[3])
 
-    def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]), splits)
+    def shape_of(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]),), class_split_count(n_rows, n_classes, x.device, meta)
 
-    _forward_kernel[grid](
+    grid = SplitGrid(shape_of, splits)
+    most = splits or max_splits(name, width, lambda meta: shape_of(meta)[1])
+    out = torch.empty((3, most, n_rows), dtype=torch.float32, device=x.device)
+    FORWARD[name, width][grid](
         x, weight, norms, centre, *row_args, out[0], out[1], out[2],
-        n_rows, weight.shape[0], dim, bucket_rows(n_rows), x.stride(0), weight.stride(0), centre.stride(0),
-        *scalars, *flags,
+        n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), x.stride(0), weight.stride(0),
+        centre.stride(0), *scalars, *flags,
     )
-    return out[0], out[1], out[2]
-
-
-def bucket_rows(n_rows: int) -> int:
-    """Power-of-two bucket of the batch size: the autotuning key's B."""
-    return min(triton.next_power_of_2(max(n_rows, 1)), 16384)
+    used = out[:, :grid.splits]
+    return used[0], used[1], used[2]

@@ -2,26 +2,27 @@
 
 The approach of Cut Cross-Entropy (Wijmans et al., 2024), with margins: the forward
 never writes a logit, only per-row statistics (the log-sum-exp and the target logit);
-the backward recomputes every tile of logits from the saved log-sum-exp. Kernels live
-in ``triton_forward.py`` / ``triton_backward.py``, the margin math in
-``triton_margin.py``; this module prepares their arguments, picks the class splits and
-merges the partial statistics.
+the backward recomputes every tile of logits once from the saved log-sum-exp. Kernels
+live in ``triton_forward.py`` / ``triton_backward.py``, the margin math in
+``triton_margin.py``, the autotuning tables and split geometry in ``triton_configs.py``;
+this module prepares their arguments, walks the backward's class chunks and merges the
+partial statistics.
 
 Knobs (environment variables, read at each call):
 
 * ``MARGIN_EXT_TRITON_FP32_DOT``: how float32 weights enter tl.dot: ``ieee`` (default,
   exact float32 products), ``tf32x3`` (three tf32 products, near float32 accuracy and
   much faster on tensor cores) or ``tf32`` (10-bit mantissa: not float32 accurate).
-* ``MARGIN_EXT_TRITON_SKIP_EPS``: the backward skips the gradient products of a tile
-  whose probabilities are all below this value and that holds no target (off when
-  unset or 0). Each skipped term is below eps * |grad_lse| * s * |d phi / d c|.
+* ``MARGIN_EXT_TRITON_SKIP_EPS``: the backward drops the gradient of a tile whose
+  probabilities are all below this value and that holds no target (off when unset or
+  0: exact). Each dropped term is below eps * |grad_lse| * s * |d phi / d c|.
 
 Per call this module computes the centres' norms (one (C,) float32 pass over the
 weight, shared by the kernels of a call) and, for 16-bit weights, rounds the
 normalized features to the weight's dtype once; everything else happens in the
-kernels, with float32 accumulation and margin math. ``chunk_size`` does not apply: a
-program holds one (BLOCK_M x BLOCK_N) tile of logits, well within the O(B x chunk)
-bound; the largest buffers are grad_w (C x D) and the (splits, B, D) partial grad_x_hat.
+kernels, with float32 accumulation and margin math. The forward holds no logits; the
+backward holds one (B x chunk_size) buffer of logit gradients, in the gradient
+products' operand dtype. grad_w is written once, in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def load(device) -> Kernels:
         if not _triton_library_interpreted():
             raise BackendUnavailable(f"backend='triton': {CPU_REASON}, set before triton is first imported; "
                                      f"this process imported triton without it")
-        from . import triton_forward
+        from .triton_configs import INTERPRETED
 
-        if not triton_forward.INTERPRETED:
+        if not INTERPRETED:
             raise BackendUnavailable(f"backend='triton': {CPU_REASON}; the kernels of this process were "
                                      f"already built for CUDA (set TRITON_INTERPRET=1 before their first use)")
     elif device.type != "cuda":
@@ -86,7 +87,7 @@ def _check_dtypes(x_hat: torch.Tensor, weight: torch.Tensor) -> None:
 
 def _dot_modes(weight: torch.Tensor):
     """How the cosine products and the gradient products feed tl.dot (triton_margin.DOT_*)."""
-    from . import triton_forward
+    from .triton_configs import INTERPRETED
     from .triton_margin import DOT_BF16_EMULATED, DOT_IEEE, DOT_NATIVE, DOT_TF32, DOT_TF32X3
 
     if weight.dtype == torch.float32:
@@ -97,7 +98,7 @@ def _dot_modes(weight: torch.Tensor):
         return mode.value, mode.value
     if weight.dtype == torch.bfloat16:
         # the interpreter has no bfloat16 arithmetic: round to bf16, multiply in float32
-        mode = DOT_BF16_EMULATED if triton_forward.INTERPRETED else DOT_NATIVE
+        mode = DOT_BF16_EMULATED if INTERPRETED else DOT_NATIVE
         return mode.value, mode.value
     # float16: cosines on fp16 tensor cores; the gradients (scale times 1 / SIN_EPS-sized
     # margin derivatives) can pass fp16's 65504, so their products take tf32's fp32 range
@@ -115,43 +116,15 @@ def _skip_eps() -> float:
     return value
 
 
-def _num_sms(device: torch.device) -> int:
+def backward_chunk(n_rows: int, n_classes: int, chunk_size, device: torch.device) -> int:
+    """Classes per backward chunk: ``chunk_size`` (the backends' default when None), on
+    CUDA rounded up to a multiple of 256 so that no tile straddles two chunks."""
+    from . import default_chunk_size
+
+    chunk = chunk_size or default_chunk_size(n_rows, n_classes, device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: two splits, so that the merge is exercised
-
-
-def _nominal_blocks():
-    """(BLOCK_M, BLOCK_N) to size the splits before autotuning has picked a config."""
-    from . import triton_forward
-
-    if triton_forward.INTERPRETED:
-        return triton_forward.INTERPRETER_CONFIG[:2]
-    return 64, 128
-
-
-def class_splits(n_rows: int, n_classes: int, dim: int, device: torch.device) -> int:
-    """Class splits so that about two waves of programs run; bounded by the class tiles
-    and by the (splits, B, D) float32 partial grad_x_hat (64 MiB)."""
-    block_m, block_n = _nominal_blocks()
-    row_blocks = -(-n_rows // block_m)
-    tiles = -(-n_classes // block_n)
-    splits = -(-2 * _num_sms(device) // row_blocks)
-    memory_cap = max(1, (64 << 20) // max(n_rows * dim * 4, 1))
-    return max(1, min(splits, tiles, memory_cap))
-
-
-def row_splits(n_rows: int, n_classes: int, device: torch.device) -> int:
-    """Row splits of the grad_w kernel: 1 (deterministic) unless the class tiles alone
-    leave most of the GPU idle, in which case partial grad_w meet by atomic adds."""
-    if torch.are_deterministic_algorithms_enabled() or device.type != "cuda":
-        return 1
-    block_m, block_n = _nominal_blocks()
-    tiles = -(-n_classes // block_n)
-    sms = _num_sms(device)
-    if tiles >= sms:
-        return 1
-    return max(1, min(-(-2 * sms // tiles), -(-n_rows // block_m)))
+        chunk = -(-chunk // 256) * 256
+    return int(max(1, min(chunk, n_classes)))
 
 
 def _kernel_args(x_hat, weight, rows: RowInputs, params: MarginParams):
@@ -196,11 +169,9 @@ def forward(x_hat, weight, rows: RowInputs, params: MarginParams, chunk_size=Non
         return lse, torch.zeros_like(lse)
     x, weight, norms, centre, row_args, scalars, margin_flags = _kernel_args(x_hat, weight, rows, params)
     dot, _ = _dot_modes(weight)
-    n_rows, n_classes = x.shape[0], weight.shape[0]
-    splits = splits or class_splits(n_rows, n_classes, x.shape[1], x.device)
     run_max, run_sum, target = forward_statistics(x, weight, norms, centre, row_args, scalars,
                                                   (*margin_flags, dot), splits)
-    if splits == 1:
+    if run_max.shape[0] == 1:
         return run_max[0] + torch.log(run_sum[0]), target[0]
     top = run_max.max(dim=0).values
     lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
@@ -208,29 +179,43 @@ def forward(x_hat, weight, rows: RowInputs, params: MarginParams, chunk_size=Non
 
 
 def backward(x_hat, weight, rows: RowInputs, params: MarginParams, chunk_size, lse, grad_lse, grad_target, *,
-             splits=None, weight_row_splits=None):
-    """(grad_x_hat, grad_weight, grad_scale), float32; the overrides are for tests."""
-    from .triton_backward import grad_features, grad_weight
+             feature_splits=None, weight_splits=None):
+    """(grad_x_hat, grad_weight, grad_scale): float32, grad_weight in the weight's dtype.
+
+    Per chunk of classes: G (B x chunk) from the recomputed logits, then grad_x_hat += G @ W
+    and grad_w = G^T @ x_hat with the normalization backward; the overrides fix the K
+    splits of those two products (for tests).
+    """
+    from .triton_backward import (grad_features_chunk, grad_weight_chunk, gradient_dtype, logit_grads_chunk,
+                                  radial_coefficients)
+    from .triton_margin import DOT_NATIVE
 
     if x_hat.shape[0] == 0 or weight.shape[0] == 0:
         f32 = dict(dtype=torch.float32, device=x_hat.device)
-        return torch.zeros(x_hat.shape, **f32), torch.zeros(weight.shape, **f32), torch.zeros(x_hat.shape[0], **f32)
+        return (torch.zeros(x_hat.shape, **f32), torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device),
+                torch.zeros(x_hat.shape[0], **f32))
     x, weight, norms, centre, row_args, scalars, margin_flags = _kernel_args(x_hat, weight, rows, params)
     dot, grad_dot = _dot_modes(weight)
-    flags = (*margin_flags, dot, grad_dot)
     grad_args = (lse.float().contiguous(), grad_lse.float().contiguous(), grad_target.float().contiguous())
     skip_eps = _skip_eps()
     n_rows, n_classes = x.shape[0], weight.shape[0]
     device = x.device
 
-    splits = splits or class_splits(n_rows, n_classes, x.shape[1], device)
-    grad_x, grad_scale = grad_features(x, weight, norms, centre, row_args, grad_args, scalars, flags, skip_eps,
-                                       splits)
-    grad_x = grad_x[0] if splits == 1 else grad_x.sum(dim=0)
-    grad_scale = grad_scale[0] if splits == 1 else grad_scale.sum(dim=0)
-
-    weight_row_splits = weight_row_splits or row_splits(n_rows, n_classes, device)
-    grad_w = grad_weight(x, weight, norms, centre, row_args, grad_args, scalars, flags, skip_eps, weight_row_splits)
+    g_dtype = gradient_dtype(weight.dtype, grad_dot == DOT_NATIVE.value)
+    chunk = backward_chunk(n_rows, n_classes, chunk_size, device)
+    grad_cos = torch.empty((n_rows, chunk), dtype=g_dtype, device=device)
+    grad_x = torch.empty((n_rows, x.shape[1]), dtype=torch.float32, device=device)
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+    grad_scale = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    for start in range(0, n_classes, chunk):
+        stop = min(start + chunk, n_classes)
+        g = grad_cos[:, :stop - start]
+        chunk_scale, radial = logit_grads_chunk(x, weight[start:stop], norms[start:stop], centre, row_args,
+                                                grad_args, scalars, (*margin_flags, dot), skip_eps, start, g)
+        grad_scale += chunk_scale
+        grad_features_chunk(g, weight[start:stop], grad_x, grad_dot, start > 0, feature_splits)
+        grad_weight_chunk(g, x, weight[start:stop], radial_coefficients(radial, norms[start:stop]),
+                          grad_w[start:stop], grad_dot, weight_splits)
     return grad_x, grad_w, grad_scale
 
 

@@ -1,0 +1,151 @@
+"""Autotuning tables of the Triton kernels and the launch geometry derived from them.
+
+A table row is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Each kernel has a
+table per operand width -- "16" for bfloat16 / float16 operands, "32" for float32 ones
+(ieee, tf32x3 or tf32 products) -- and per architecture ("hopper" from sm_90 up,
+"ampere" below). Every row compiles for its architecture with no register spill and
+within the shared memory of the part (227 KiB on sm_90, 163 KiB on sm_80):
+``make triton-resources`` (margin_ext.backends.triton_resources) compiles the whole
+matrix and writes docs/triton_resources.md; tests/test_triton_resources.py keeps that
+table honest. A row that spills is taken out here, not left for the autotuner.
+
+Split counts (class splits of the forward, K splits of the two gradient GEMMs) are
+computed inside the launch grid from the config the autotuner picked and the number
+of SMs, and recorded by :class:`SplitGrid` for the host code that merges the parts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: Whether the kernels were built for the interpreter (decided when this module is
+#: first imported, as triton.jit decides).
+INTERPRETED = _interpreting()
+
+# Interpreter: BLOCK_M = 8 so that a 9-row test batch spans two row blocks.
+INTERPRETER_CONFIG = (8, 16, 16, 1, 1)
+
+# forward / logit_grads: M = rows, N = classes, K = features.
+# grad_features: M = rows, N = features, K = classes. grad_weight: M = classes, N = features, K = rows.
+TABLES = {
+    "forward": {
+        "16": {"hopper": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
+               "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]},
+        "32": {"hopper": [(32, 64, 32, 4, 3)],
+               "ampere": [(32, 64, 32, 8, 3)]},
+    },
+    # InterFace's second product (the rows' target centres) holds a second accumulator
+    "forward_interface": {
+        "16": {"hopper": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)],
+               "ampere": [(64, 64, 32, 4, 4)]},
+        "32": {"hopper": [(32, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
+               "ampere": [(32, 64, 32, 8, 3)]},
+    },
+    "logit_grads": {
+        "16": {"hopper": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)],
+               "ampere": [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4)]},
+        "32": {"hopper": [(64, 64, 32, 4, 3)],
+               "ampere": [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]},
+    },
+    "logit_grads_interface": {
+        "16": {"hopper": [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
+               "ampere": [(32, 32, 32, 4, 3)]},
+        "32": {"hopper": [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
+               "ampere": [(32, 32, 32, 4, 3)]},
+    },
+    # grad_features reads its float32 output back once per chunk: one tile less in flight
+    "grad_features": {
+        "16": {"hopper": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)],
+               "ampere": [(64, 128, 32, 4, 4), (128, 128, 32, 8, 4), (64, 256, 32, 8, 3)]},
+        "32": {"hopper": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3)],
+               "ampere": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3)]},
+    },
+    "grad_weight": {
+        "16": {"hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
+               "ampere": [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4)]},
+        "32": {"hopper": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3)],
+               "ampere": [(128, 64, 32, 8, 3), (32, 64, 32, 4, 3)]},
+    },
+}
+
+ARCHITECTURES = {"hopper": 90, "ampere": 80}
+
+
+def architecture() -> str:
+    """The table column of the current CUDA device."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        return "hopper"
+    return "ampere"
+
+
+def table(kernel: str, width: str, arch: str | None = None):
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) rows a launch may use."""
+    if INTERPRETED:
+        return [INTERPRETER_CONFIG]
+    return TABLES[kernel][width][arch or architecture()]
+
+
+def configs(kernel: str, width: str):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in table(kernel, width)]
+
+
+def bucket(n: int, cap: int) -> int:
+    """Power-of-two bucket of a size for the autotuning key (``cap`` and above share one)."""
+    return min(triton.next_power_of_2(max(n, 1)), cap)
+
+
+def bucket_rows(n_rows: int) -> int:
+    return bucket(n_rows, 16384)
+
+
+def bucket_classes(n_classes: int) -> int:
+    return bucket(n_classes, 1 << 20)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: more than one split where the shapes allow, so that the merges run
+
+
+def split_count(programs: int, work_items: int, sms: int, cap: int) -> int:
+    """Splits of a reduction so that ``programs`` x splits makes about two waves on
+    ``sms`` SMs, each split keeping at least one work item; ``cap`` bounds the partial buffers."""
+    wanted = -(-2 * sms // max(programs, 1))
+    return max(1, min(wanted, work_items, cap))
+
+
+class SplitGrid:
+    """A launch grid (tiles along axis 0 and 1, splits along axis 2 when ``splits_axis``)
+    computed from the config the autotuner runs; ``splits`` is that of the last launch,
+    which is the chosen config's (the autotuner launches it after benchmarking)."""
+
+    def __init__(self, shape_of, fixed_splits=None):
+        self.shape_of = shape_of
+        self.fixed_splits = fixed_splits
+        self.splits = None
+        self.meta = None
+
+    def __call__(self, meta):
+        grid, splits = self.shape_of(meta)
+        if self.fixed_splits:
+            splits = self.fixed_splits
+        self.splits, self.meta = splits, meta
+        return (*grid, splits)
+
+
+def max_splits(kernel: str, width: str, splits_of) -> int:
+    """The most splits any config of the table can launch (to size a partial buffer)."""
+    return max(splits_of(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)) for m, n, k, _, _ in table(kernel, width))
