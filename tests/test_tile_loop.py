@@ -84,8 +84,12 @@ def test_low_precision_within_reference_error(name, dtype, monkeypatch):
 
 
 def op_inputs(spec, weight_dtype, n_rows=9, n_classes=37, dim=16):
-    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=5, labels=BOUNDARY_LABELS[:n_rows],
-                          ignore_rows=(2,))
+    if n_classes == 37 and n_rows <= len(BOUNDARY_LABELS):
+        labels = BOUNDARY_LABELS[:n_rows]
+    else:
+        labels = [(n_classes - 1 - 7 * i) % n_classes for i in range(n_rows)]  # the last class first
+    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=5, labels=labels,
+                          ignore_rows=(2,) if n_rows > 2 else ())
     x_hat = normalize(x)
     rows = RowInputs(labels=y, scale=torch.full((n_rows,), float(spec.s), dtype=torch.float64),
                      margin=torch.full((n_rows,), spec.margin_value(), dtype=torch.float64))
@@ -130,3 +134,32 @@ def test_bad_tile_arguments_are_named():
         ext.tile_kernels(0, 8, 1).forward(x_hat, w, rows, params, 0)
     with pytest.raises(RuntimeError, match="splits=0"):
         ext.tile_kernels(4, 8, 0).forward(x_hat, w, rows, params, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the fused kernels are only compiled "
+                    "(csrc/compile_check.sh); their tile logic is what this file tests on the CPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 37, 16), (70, 200, 40), (129, 1000, 512)], ids=str)
+@pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "combined", "elastic_cosface_plus"])
+def test_cuda_fused_kernels_match_the_cpu_tile_run(name, shape, dtype):
+    """The fused CUDA kernels (64 x 64 tiles) against the CPU run of the same tiles over
+    the same operands: only the float32 summation order differs, and the rare dL/dcos
+    whose 16-bit rounding it flips."""
+    if not ext.cuda_is_built():
+        pytest.fail("a CUDA device is present but margin_ext._C was built without its CUDA kernels")
+    n_rows, n_classes, dim = shape
+    x_hat, w, rows, params = op_inputs(SPEC_CASES[name], dtype, n_rows, n_classes, dim)
+    x_hat = x_hat.float()
+    rows = RowInputs(**{k: None if v is None else (v if k == "labels" else v.float()) for k, v in vars(rows).items()})
+    grads = torch.rand(n_rows, generator=torch.Generator().manual_seed(0)), -torch.ones(n_rows)
+    cpu_kernels = ext.tile_kernels(64, 64, 3)
+    want = cpu_kernels.forward(x_hat, w, rows, params, 0)
+    want = (*want, *cpu_kernels.backward(x_hat, w, rows, params, 0, want[0], *grads))
+    on_gpu = RowInputs(**{k: None if v is None else v.cuda() for k, v in vars(rows).items()})
+    got = ext.CUDA_KERNELS.forward(x_hat.cuda(), w.cuda(), on_gpu, params, 0)
+    got = (*got, *ext.CUDA_KERNELS.backward(x_hat.cuda(), w.cuda(), on_gpu, params, 0, want[0].cuda(),
+                                             *(g.cuda() for g in grads)))
+    for what, a, b in zip(("lse", "target", "grad_x", "grad_w", "grad_scale"), got, want):
+        magnitude = max(b.double().abs().max().item(), 1.0)
+        tolerance = 16 * torch.finfo(dtype).eps * magnitude  # a few flipped 16-bit roundings
+        assert (a.cpu().double() - b.double()).abs().max().item() <= tolerance, what
