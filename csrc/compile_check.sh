@@ -2,14 +2,24 @@
 # Compile-only check of the CUDA sources, for machines without a GPU (CI).
 #
 # 1. Every .cu file under csrc/ is compiled with nvcc for sm_80 and sm_90 (-c, warnings
-#    are errors). The .cu files include no torch header, so no CUDA torch is needed.
-# 2. The CUDA glue (ops_cuda.cpp) is syntax-checked by the host compiler against the
+#    are errors, -Xptxas -v; the two architectures in parallel). The .cu files include
+#    no torch header, so no CUDA torch is needed.
+# 2. resources.py reads ptxas's reports and the PTX: it fails when a fused kernel spills
+#    registers or when a 16-bit instantiation of a fused product kernel has no
+#    tensor-core instruction (mma / wmma / wgmma), and prints the per-kernel table of
+#    registers, spills and shared memory (--readme writes it into csrc/README.md).
+# 3. The CUDA glue (ops_cuda.cpp) is syntax-checked by the host compiler against the
 #    torch headers of $PYTHON's torch when they ship c10/cuda (the CPU wheels do), so a
 #    kernel signature change that breaks the glue fails here too. Skipped, with a note,
 #    when those headers are missing.
-# Exits non-zero if any step fails. Usage: bash csrc/compile_check.sh
+# Exits non-zero if any step fails. Usage: bash csrc/compile_check.sh [--readme]
+# (KEEP=DIR keeps the logs and PTX in DIR.)
 set -uo pipefail
 
+python="${PYTHON:-python3}"
+if [[ "$python" == */* ]]; then  # a relative path stays valid after the cd below
+  python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
+fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
@@ -37,20 +47,37 @@ if [[ ${#sources[@]} -eq 0 ]]; then
   echo "compile_check: no .cu files found under $here" >&2
   exit 1
 fi
+reports="${KEEP:-$tmp/reports}"
+mkdir -p "$reports"
+compile() {  # compile SRC ARCH: object, ptxas report and PTX into $reports
+  local src="$1" arch="$2" name keep
+  name="$(basename "$src" .cu)"
+  keep="$tmp/keep.$name.$arch"
+  mkdir -p "$keep"
+  if "$nvcc" -std=c++17 -O3 -c "$src" -o "$keep/out.o" -gencode "arch=compute_$arch,code=sm_$arch" \
+      -Xptxas -v -keep -keep-dir "$keep" -Werror all-warnings -Xcompiler -Wall,-Werror \
+      >"$reports/$name.sm_$arch.log" 2>&1; then
+    cat "$keep"/*.ptx >"$reports/$name.sm_$arch.ptx"
+    echo "ok    nvcc sm_$arch  ${src#./}"
+  else
+    echo "FAIL  nvcc sm_$arch  ${src#./}"
+    cat "$reports/$name.sm_$arch.log"
+    return 1
+  fi
+}
 for src in "${sources[@]}"; do
+  pids=()
   for arch in 80 90; do
-    if "$nvcc" -std=c++17 -O3 -c "$src" -o "$tmp/out.o" -gencode "arch=compute_$arch,code=sm_$arch" \
-        -Werror all-warnings -Xcompiler -Wall,-Werror 2>"$tmp/log"; then
-      echo "ok    nvcc sm_$arch  ${src#./}"
-    else
-      echo "FAIL  nvcc sm_$arch  ${src#./}"
-      cat "$tmp/log"
-      status=1
-    fi
+    compile "$src" "$arch" &
+    pids+=($!)
   done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 done
 
-python="${PYTHON:-python3}"
+if ! "$python" resources.py "$reports" ${1:+"$1"}; then
+  status=1
+fi
+
 torch_includes="$("$python" -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))' 2>/dev/null)"
 python_include="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null)"
 first_include="${torch_includes%% *}"

@@ -17,11 +17,12 @@ PyObject* PyInit__C(void) {
 
 // The margin arguments are margins.MarginParams field by field; tensors that only
 // InterFace reads are optional.
-#define MX_HEAD_ARGS                                                                                   \
+#define MX_ROW_ARGS                                                                                    \
   "Tensor x_hat, Tensor weight, Tensor labels, Tensor scale, Tensor margin, Tensor? theta_y, "       \
   "Tensor? target_centre, int target_kind, int fallback, bool straight_through, float m1, float m3, " \
-  "float sphere_lambda, int nontarget_kind, float inter_mu, float inter_alpha, bool inter_dynamic, "  \
-  "int chunk_size"
+  "float sphere_lambda, int nontarget_kind, float inter_mu, float inter_alpha, bool inter_dynamic"
+#define MX_HEAD_ARGS MX_ROW_ARGS ", int chunk_size"
+#define MX_TILE_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int splits"
 
 TORCH_LIBRARY(margin_ext, m) {
   m.set_python_module("margin_ext.backends.extension");
@@ -32,4 +33,10 @@ TORCH_LIBRARY(margin_ext, m) {
   m.def("head_backward(" MX_HEAD_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)",
         {at::Tag::pt2_compliant_tag});
+  // The fused CUDA kernels' tile loop run on the CPU (cpu/tile_reference.cpp), products
+  // as plain dot products: the same outputs as head_forward / head_backward, computed
+  // tile by tile with the given tile sizes and class splits. For tests.
+  m.def("tile_forward(" MX_TILE_ARGS ") -> (Tensor lse, Tensor target_logit)");
+  m.def("tile_backward(" MX_TILE_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
+        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)");
 }

@@ -1,14 +1,21 @@
-// CUDA implementations of the margin_ext ops: the chunk loop of head_loop.h over the
-// kernels of cuda/head_kernels.cu, on the current stream of the inputs' device.
-// Compiled by the host compiler (ATen stays out of the .cu files); built only when
-// torch has CUDA (see setup.py).
+// CUDA implementations of the margin_ext ops, on the current stream of the inputs'
+// device: the fused tensor-core kernels of cuda/fused_head.cu for 16-bit centres, the
+// chunk loop of head_loop.h over cuda/head_kernels.cu otherwise (float32 / float64
+// centres, float64 features, InterFace, D > 512, GPUs before sm_80). Compiled by the
+// host compiler (ATen stays out of the .cu files); built only when torch has CUDA (see
+// setup.py).
 #include "head_loop.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/fused_head.h"
 #include "cuda/head_kernels.h"
+#include "tile_loop.h"
 
 namespace margin_ext {
 namespace {
@@ -39,11 +46,141 @@ struct CudaDevice {
   }
 };
 
+// ---- the fused kernels ----
+
+void check_launch(gpu::LaunchStatus status) {
+  TORCH_CHECK(status.error == cudaSuccess, "margin_ext: CUDA kernel ", status.kernel,
+              " failed: ", cudaGetErrorString(status.error));
+}
+
+// Whether the fused kernels take these inputs; the chunk loop runs the rest.
+bool fused_applies(const HeadInputs& in) {
+  const auto w = in.weight.scalar_type();
+  return in.x_hat.scalar_type() == at::kFloat && (w == at::kBFloat16 || w == at::kHalf) &&
+         in.params.nontarget == kCosine && in.x_hat.size(0) > 0 && in.weight.size(0) > 0 &&
+         gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1));
+}
+
+int multiprocessors(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// The features cast once to the centres' dtype, the centre norms, and the pointers.
+struct FusedOperands {
+  at::Tensor x, norms;
+  gpu::FusedHead head;
+
+  explicit FusedOperands(const HeadInputs& in)
+      : x(in.x_hat.to(in.weight.scalar_type()).contiguous()),
+        norms(at::empty({in.weight.size(0)}, in.x_hat.options())) {
+    head.rows = in.x_hat.size(0);
+    head.cols = in.weight.size(0);
+    head.dim = in.x_hat.size(1);
+    head.x = x.data_ptr();
+    head.w = in.weight.data_ptr();
+    head.w_type = weight_type(in.weight);
+    head.norms = norms.data_ptr<float>();
+    head.labels = in.labels.data_ptr<int64_t>();
+    head.scale = in.scale.data_ptr<float>();
+    head.margin = in.margin.data_ptr<float>();
+    head.params = in.params;
+    check_launch(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.data_ptr<float>(),
+                                   CudaDevice::stream()));
+  }
+};
+
+// Class splits: about two blocks per multiprocessor.
+int fused_splits(const HeadInputs& in) {
+  const int64_t row_tiles = tile::cdiv(in.x_hat.size(0), gpu::kFusedRows);
+  const int64_t col_tiles = tile::cdiv(in.weight.size(0), gpu::kFusedCols);
+  return tile::choose_splits(row_tiles, col_tiles, 2 * multiprocessors(in.x_hat.get_device()));
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_forward(const HeadInputs& in) {
+  const FusedOperands op(in);
+  const int splits = fused_splits(in);
+  const int64_t b = op.head.rows;
+  at::Tensor split_stats = at::empty({3 * splits * b}, in.x_hat.options());
+  at::Tensor lse = at::empty({b}, in.x_hat.options()), target = at::empty({b}, in.x_hat.options());
+  check_launch(gpu::fused_forward(op.head, splits, split_stats.data_ptr<float>(), lse.data_ptr<float>(),
+                                  target.data_ptr<float>(), CudaDevice::stream()));
+  return {lse, target};
+}
+
+// Per-split grad_x partials beyond this many bytes are not worth the parallelism.
+constexpr int64_t kSplitWorkspaceBytes = int64_t(64) << 20;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const HeadInputs& in, const at::Tensor& lse,
+                                                              const at::Tensor& grad_lse,
+                                                              const at::Tensor& grad_target) {
+  const FusedOperands op(in);
+  const int64_t b = op.head.rows, d = op.head.dim;
+  const int64_t max_splits = std::max<int64_t>(1, kSplitWorkspaceBytes / (b * d * int64_t(sizeof(float))));
+  const int splits = static_cast<int>(std::min<int64_t>(fused_splits(in), max_splits));
+  at::Tensor grad_x = at::empty({b, d}, in.x_hat.options()), grad_scale = at::empty({b}, in.x_hat.options());
+  at::Tensor grad_w = at::empty(in.weight.sizes(), in.weight.options());
+  at::Tensor split_grad_x = splits > 1 ? at::empty({splits * b * d}, in.x_hat.options()) : grad_x;
+  at::Tensor split_grad_scale = splits > 1 ? at::empty({splits * b}, in.x_hat.options()) : grad_scale;
+  check_launch(gpu::fused_backward(op.head, lse.data_ptr<float>(), grad_lse.data_ptr<float>(),
+                                   grad_target.data_ptr<float>(), splits, split_grad_x.data_ptr<float>(),
+                                   split_grad_scale.data_ptr<float>(), grad_x.data_ptr<float>(),
+                                   grad_scale.data_ptr<float>(), grad_w.data_ptr(), CudaDevice::stream()));
+  return {grad_x, grad_w, grad_scale};
+}
+
+// The op entries: the fused kernels where they apply, else the chunk loop (which checks
+// its inputs again: cheap, and it keeps one entry per device in head_loop.h).
+std::tuple<at::Tensor, at::Tensor> cuda_head_forward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
+    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
+    bool inter_dynamic, int64_t chunk_size) {
+  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
+                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
+  check_device_type(x_hat, CudaDevice::kDeviceType);
+  CudaDevice::Guard guard(x_hat.device());
+  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
+                                     chunk_size);
+  if (fused_applies(in)) return fused_forward(in);
+  return head_forward<CudaDevice>(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
+                                  fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
+                                  inter_alpha, inter_dynamic, chunk_size);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_head_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
+    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
+    bool inter_dynamic, int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target) {
+  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
+                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
+  check_device_type(x_hat, CudaDevice::kDeviceType);
+  CudaDevice::Guard guard(x_hat.device());
+  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
+                                     chunk_size);
+  if (fused_applies(in)) {
+    const int64_t b = in.x_hat.size(0);
+    check_vector(lse, "lse", b, in.x_hat);
+    check_vector(grad_lse, "grad_lse", b, in.x_hat);
+    check_vector(grad_target, "grad_target", b, in.x_hat);
+    return fused_backward(in, lse.to(at::kFloat).contiguous(), grad_lse.to(at::kFloat).contiguous(),
+                          grad_target.to(at::kFloat).contiguous());
+  }
+  return head_backward<CudaDevice>(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
+                                   fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
+                                   inter_alpha, inter_dynamic, chunk_size, lse, grad_lse, grad_target);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(margin_ext, CUDA, m) {
-  m.impl("head_forward", &head_forward<CudaDevice>);
-  m.impl("head_backward", &head_backward<CudaDevice>);
+  m.impl("head_forward", &cuda_head_forward);
+  m.impl("head_backward", &cuda_head_backward);
 }
 
 }  // namespace margin_ext

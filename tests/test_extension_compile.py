@@ -1,8 +1,15 @@
-"""torch.compile(fullgraph=True) over the compiled ops, forward and backward, on the CPU.
+"""The compiled extension as compiled code: torch.compile(fullgraph=True) over its ops on
+the CPU, and the CUDA sources through nvcc where no GPU exists.
 
 fullgraph=True turns any graph break into an error, so passing means the whole step,
 the custom ops included (through their fake implementations), is one graph.
 """
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +82,23 @@ def test_margin_cross_entropy_compiles_without_graph_breaks(spec):
     x, _, labels = make_inputs(6, 37, 12, torch.float32, seed=1, labels=[0, 7, -1, 36, 15, 16])
     eager, compiled = eager_and_compiled(TinyModel(spec, functional_head), x, labels, backend="aot_eager")
     assert_same(eager, compiled)
+
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("NVCC"),
+                    reason="nvcc not installed: the CUDA sources cannot be compiled here")
+def test_cuda_sources_compile_without_spills_and_with_tensor_cores():
+    """csrc/compile_check.sh: every .cu for sm_80 and sm_90, no spill stores in the fused
+    kernels, mma in the PTX of their 16-bit instantiations, the CUDA glue parses."""
+    result = subprocess.run(["bash", str(CSRC / "compile_check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for source in sorted(CSRC.glob("cuda/*.cu")):
+        for arch in ("80", "90"):
+            assert f"ok    nvcc sm_{arch}  cuda/{source.name}" in output, output
+    for kernel in ("fused_forward_kernel", "fused_grad_features_kernel", "fused_grad_weight_kernel"):
+        for typ in ("bf16", "fp16"):
+            assert f"| fused_head | {kernel} | {typ} |" in output, output

@@ -1,0 +1,269 @@
+// The fused CUDA kernels' tile loop run on the CPU: the ops tile_forward / tile_backward.
+//
+// The same blocks in the same order as cuda/fused_head.cu -- (row tile, class split)
+// blocks for the forward and for grad_x, one block per class tile for grad_w -- and the
+// same tile logic (../tile_loop.h). Only the products differ: the tensor-core MMA is a
+// plain dot product here, over the same operands (the features cast once to the
+// weight's dtype, dL/dcos rounded to it before the gradient products), accumulated in
+// the compute type. Serial: it exists to test the tile loop, not to be fast.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../head_loop.h"
+#include "../tile_loop.h"
+
+namespace margin_ext {
+namespace {
+
+template <typename T, typename W>
+T dot(const W* a, const W* b, int64_t dim) {
+  T acc = T(0);
+  for (int64_t d = 0; d < dim; ++d) acc += static_cast<T>(a[d]) * static_cast<T>(b[d]);
+  return acc;
+}
+
+// The operands and per-row inputs of one call, as raw pointers.
+template <typename T, typename W>
+struct TileProblem {
+  tile::TileGrid grid;
+  int64_t dim;
+  const W* x;       // (B, D) x_hat in the weight's dtype
+  const W* w;       // (C, D) raw centres
+  const W* centre;  // (B, D) InterFace's target centres in the weight's dtype, else null
+  std::vector<T> norms;  // |w_j|
+  const int64_t* labels;
+  const T* scale;
+  const T* margin;
+  const T* theta_y;
+  MarginParams params;
+
+  tile::TileRow<T> row(int64_t i) const {
+    return {labels[i], scale[i], margin[i], theta_y ? theta_y[i] : T(0)};
+  }
+  // x_i . w_j and centre_y(i) . w_j: the products the GPU runs on tensor cores.
+  T product(int64_t i, int64_t j) const { return dot<T>(x + i * dim, w + j * dim, dim); }
+  T class_product(int64_t i, int64_t j) const { return centre ? dot<T>(centre + i * dim, w + j * dim, dim) : T(0); }
+};
+
+template <typename T, typename W>
+TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, const at::Tensor& centre_w,
+                               int64_t tile_m, int64_t tile_n, int64_t splits) {
+  TORCH_CHECK(tile_m >= 1 && tile_n >= 1, "margin_ext: tile_m=", tile_m, ", tile_n=", tile_n,
+              " are invalid: expected >= 1");
+  TORCH_CHECK(splits >= 1, "margin_ext: splits=", splits, " is invalid: expected >= 1");
+  TileProblem<T, W> p;
+  p.grid = {in.x_hat.size(0), in.weight.size(0), static_cast<int>(tile_m), static_cast<int>(tile_n),
+            static_cast<int>(splits)};
+  p.dim = in.x_hat.size(1);
+  p.x = static_cast<const W*>(x_w.data_ptr());
+  p.w = static_cast<const W*>(in.weight.data_ptr());
+  p.centre = centre_w.defined() ? static_cast<const W*>(centre_w.data_ptr()) : nullptr;
+  p.norms.resize(p.grid.cols);
+  for (int64_t j = 0; j < p.grid.cols; ++j) p.norms[j] = math::sqrt_(dot<T>(p.w + j * p.dim, p.w + j * p.dim, p.dim));
+  p.labels = in.labels.data_ptr<int64_t>();
+  p.scale = in.scale.data_ptr<T>();
+  p.margin = in.margin.data_ptr<T>();
+  p.theta_y = in.theta_y.defined() ? in.theta_y.data_ptr<T>() : nullptr;
+  p.params = in.params;
+  return p;
+}
+
+// Forward: per-split statistics of every row, then the merge in split order.
+template <typename T, typename W>
+std::tuple<at::Tensor, at::Tensor> run_forward(const TileProblem<T, W>& p, const at::TensorOptions& opts) {
+  const tile::TileGrid& g = p.grid;
+  std::vector<tile::RowStats<T>> split_stats(g.splits * g.rows, tile::RowStats<T>::empty());
+  for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+    for (int split = 0; split < g.splits; ++split) {
+      int64_t first, stop;
+      g.split_tiles(split, first, stop);
+      for (int64_t ct = first; ct < stop; ++ct) {
+        const int64_t col0 = ct * g.tile_n;
+        const int n = g.cols_in(ct);
+        for (int r = 0; r < g.rows_in(rt); ++r) {
+          const int64_t i = rt * g.tile_m + r;
+          const tile::TileRow<T> row = p.row(i);
+          const int target = tile::target_in_tile(row.label, col0, n);
+          tile::RowStats<T>& st = split_stats[split * g.rows + i];
+          for (int c = 0; c < n; ++c) {
+            const int64_t j = col0 + c;
+            const T z = tile::logit(p.product(i, j), p.class_product(i, j), tile::inv_norm(p.norms[j]), j, row,
+                                    p.params);
+            st.push(z, c == target);
+          }
+        }
+      }
+    }
+  }
+  at::Tensor lse = at::empty({g.rows}, opts), target = at::empty({g.rows}, opts);
+  for (int64_t i = 0; i < g.rows; ++i) {
+    tile::RowStats<T> st = split_stats[i];
+    for (int split = 1; split < g.splits; ++split) st.merge(split_stats[split * g.rows + i]);
+    lse.data_ptr<T>()[i] = st.lse();
+    target.data_ptr<T>()[i] = st.target;
+  }
+  return {lse, target};
+}
+
+// dL/dcos_ij, dL/ds share and the cosine itself, recomputed from the products.
+template <typename T, typename W>
+struct Recomputed {
+  T cos;
+  tile::CosGrad<T> grad;
+};
+
+template <typename T, typename W>
+Recomputed<T, W> recompute(const TileProblem<T, W>& p, int64_t i, int64_t j, const tile::RowGrads<T>& rg) {
+  const T inv = tile::inv_norm(p.norms[j]);
+  const T cos = p.product(i, j) * inv;
+  return {cos, tile::cosine_grad(cos, p.class_product(i, j) * inv, j, p.row(i), rg, p.params)};
+}
+
+// Backward: grad_x per (row tile, split) block summed over splits in order; grad_w per
+// class tile walking every row tile (each block owns its outputs: deterministic).
+template <typename T, typename W>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T, W>& p, const at::Tensor& weight,
+                                                            const T* lse, const T* grad_lse, const T* grad_target,
+                                                            const at::TensorOptions& opts) {
+  const tile::TileGrid& g = p.grid;
+  const int64_t dim = p.dim;
+  std::vector<T> grad_x_split(g.splits * g.rows * dim, T(0)), grad_scale_split(g.splits * g.rows, T(0));
+  for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+    for (int split = 0; split < g.splits; ++split) {
+      int64_t first, stop;
+      g.split_tiles(split, first, stop);
+      for (int64_t ct = first; ct < stop; ++ct) {
+        for (int r = 0; r < g.rows_in(rt); ++r) {
+          const int64_t i = rt * g.tile_m + r;
+          const tile::RowGrads<T> rg{lse[i], grad_lse[i], grad_target[i]};
+          T* gx = &grad_x_split[(split * g.rows + i) * dim];
+          for (int c = 0; c < g.cols_in(ct); ++c) {
+            const int64_t j = ct * g.tile_n + c;
+            const Recomputed<T, W> rc = recompute(p, i, j, rg);
+            grad_scale_split[split * g.rows + i] += rc.grad.grad_scale;
+            // the grad_x product's operand: dL/dcos / |w_j| in the weight's dtype
+            const T a = static_cast<T>(static_cast<W>(rc.grad.grad_cos * tile::inv_norm(p.norms[j])));
+            for (int64_t d = 0; d < dim; ++d) gx[d] += a * static_cast<T>(p.w[j * dim + d]);
+          }
+        }
+      }
+    }
+  }
+  at::Tensor grad_x = at::zeros({g.rows, dim}, opts), grad_scale = at::zeros({g.rows}, opts);
+  for (int split = 0; split < g.splits; ++split) {
+    for (int64_t k = 0; k < g.rows * dim; ++k) grad_x.data_ptr<T>()[k] += grad_x_split[split * g.rows * dim + k];
+    for (int64_t i = 0; i < g.rows; ++i) grad_scale.data_ptr<T>()[i] += grad_scale_split[split * g.rows + i];
+  }
+
+  at::Tensor grad_w = at::empty(weight.sizes(), weight.options());
+  W* gw = static_cast<W*>(grad_w.data_ptr());
+  std::vector<T> g_hat(g.tile_n * dim), radial(g.tile_n);
+  for (int64_t ct = 0; ct < g.col_tiles(); ++ct) {
+    std::fill(g_hat.begin(), g_hat.end(), T(0));
+    std::fill(radial.begin(), radial.end(), T(0));
+    const int n = g.cols_in(ct);
+    for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      for (int r = 0; r < g.rows_in(rt); ++r) {
+        const int64_t i = rt * g.tile_m + r;
+        const tile::RowGrads<T> rg{lse[i], grad_lse[i], grad_target[i]};
+        for (int c = 0; c < n; ++c) {
+          const Recomputed<T, W> rc = recompute(p, i, ct * g.tile_n + c, rg);
+          radial[c] += rc.grad.grad_cos * rc.cos;
+          const T a = static_cast<T>(static_cast<W>(rc.grad.grad_cos));  // the grad_w product's operand
+          for (int64_t d = 0; d < dim; ++d) g_hat[c * dim + d] += a * static_cast<T>(p.x[i * dim + d]);
+        }
+      }
+    }
+    for (int c = 0; c < n; ++c) {
+      const int64_t j = ct * g.tile_n + c;
+      for (int64_t d = 0; d < dim; ++d) {
+        gw[j * dim + d] = static_cast<W>(
+            tile::weight_grad(g_hat[c * dim + d], static_cast<T>(p.w[j * dim + d]), p.norms[j], radial[c]));
+      }
+    }
+  }
+  return {grad_x, grad_w, grad_scale};
+}
+
+HeadInputs tile_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
+                       const at::Tensor& scale, const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+                       const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback,
+                       bool straight_through, double m1, double m3, double sphere_lambda, int64_t nontarget_kind,
+                       double inter_mu, double inter_alpha, bool inter_dynamic) {
+  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
+                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
+  check_device_type(x_hat, c10::DeviceType::CPU);
+  return check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params, /*chunk_size=*/1);
+}
+
+// Calls f.template operator()<T, W>() for the compute type of x_hat and the weight's storage type.
+template <class F>
+auto dispatch(const HeadInputs& in, F&& f) {
+  const bool dbl = in.x_hat.scalar_type() == at::kDouble;
+  switch (weight_type(in.weight)) {
+    case WeightType::kFloat64: return dbl ? f.template operator()<double, double>() : f.template operator()<float, double>();
+    case WeightType::kBFloat16:
+      return dbl ? f.template operator()<double, c10::BFloat16>() : f.template operator()<float, c10::BFloat16>();
+    case WeightType::kFloat16:
+      return dbl ? f.template operator()<double, c10::Half>() : f.template operator()<float, c10::Half>();
+    case WeightType::kFloat32: break;
+  }
+  return dbl ? f.template operator()<double, float>() : f.template operator()<float, float>();
+}
+
+std::tuple<at::Tensor, at::Tensor> tile_forward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
+    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
+    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t splits) {
+  const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
+                                    fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
+                                    inter_alpha, inter_dynamic);
+  const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
+  const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
+  return dispatch(in, [&]<typename T, typename W>() {
+    return run_forward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, splits), in.x_hat.options());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
+    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
+    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
+    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t splits, const at::Tensor& lse,
+    const at::Tensor& grad_lse, const at::Tensor& grad_target) {
+  const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
+                                    fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
+                                    inter_alpha, inter_dynamic);
+  const int64_t b = in.x_hat.size(0);
+  check_vector(lse, "lse", b, in.x_hat);
+  check_vector(grad_lse, "grad_lse", b, in.x_hat);
+  check_vector(grad_target, "grad_target", b, in.x_hat);
+  const auto acc = in.x_hat.scalar_type();
+  const at::Tensor lse_c = lse.to(acc).contiguous(), grad_lse_c = grad_lse.to(acc).contiguous();
+  const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
+  const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
+  const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
+  return dispatch(in, [&]<typename T, typename W>() {
+    return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, splits), in.weight,
+                        lse_c.data_ptr<T>(), grad_lse_c.data_ptr<T>(), grad_target_c.data_ptr<T>(),
+                        in.x_hat.options());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(margin_ext, CPU, m) {
+  m.impl("tile_forward", &tile_forward);
+  m.impl("tile_backward", &tile_backward);
+}
+
+}  // namespace margin_ext

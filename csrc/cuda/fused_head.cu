@@ -1,0 +1,626 @@
+// The fused head's CUDA kernels (see fused_head.h): mma.sync tensor-core products over
+// 16-bit operands staged in shared memory, the tile logic of ../tile_loop.h on the
+// float32 accumulators.
+//
+// Fragment layout of mma.m16n8k16 (g = lane / 4, t = lane % 4): A holds rows g and g + 8
+// at columns 2t, 2t + 1 (+ 8); B holds column g at rows 2t, 2t + 1 (+ 8); the
+// accumulator holds rows g and g + 8 at columns 2t, 2t + 1. Shared-memory rows are
+// padded by 8 elements (4 banks) so that the 32-bit fragment loads hit 32 distinct banks.
+#include "fused_head.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../tile_loop.h"
+
+namespace margin_ext {
+namespace gpu {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kBM = kFusedRows;
+constexpr int kBN = kFusedCols;
+constexpr int kBK = 64;                    // forward: centre columns staged per step
+constexpr int kPad = 8;                    // 16-bit elements of padding per shared row
+constexpr int kForwardThreads = 128;       // 4 warps of 16 rows
+constexpr int kBackwardThreads = 256;      // 8 warps: 4 groups of 16 rows (or classes) x 2 halves
+constexpr int kMaxDTiles = kFusedMaxDim / 2 / 8;  // 8-wide column tiles in a warp's half of D
+constexpr int kMergeThreads = 256;
+
+static_assert(kBM == 4 * 16 && kBN == 64, "the warp layouts below assume 64 x 64 tiles");
+
+// D rounded up to the staging step: the padded columns read as zeros.
+__host__ __device__ int64_t padded_dim(int64_t dim) { return tile::cdiv(dim, kBK) * kBK; }
+
+// The 16-bit operand types: conversions of the raw bits and the tensor-core product.
+template <typename W>
+struct Operand;
+
+template <>
+struct Operand<__nv_bfloat16> {
+  __device__ static uint16_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16(v)); }
+  __device__ static float value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // the glue runs these kernels on sm_80 and later only
+#endif
+  }
+};
+
+template <>
+struct Operand<__half> {
+  __device__ static uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ static float value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+  }
+};
+
+__device__ __forceinline__ uint32_t load32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t pack(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// A fragment of the row-major tile s[m][k] at (m0, k0).
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* s, int ld, int m0, int k0, int lane) {
+  const uint16_t* p = s + (m0 + lane / 4) * ld + k0 + 2 * (lane % 4);
+  a[0] = load32(p);
+  a[1] = load32(p + 8 * ld);
+  a[2] = load32(p + 8);
+  a[3] = load32(p + 8 * ld + 8);
+}
+
+// B fragment at (k0, n0) of B[k][n] = s[n][k]: k contiguous (a row of centres or features).
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[2], const uint16_t* s, int ld, int n0, int k0, int lane) {
+  const uint16_t* p = s + (n0 + lane / 4) * ld + k0 + 2 * (lane % 4);
+  b[0] = load32(p);
+  b[1] = load32(p + 8);
+}
+
+// B fragment at (k0, n0) of B[k][n] = s[k][n]: n contiguous.
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[2], const uint16_t* s, int ld, int k0, int n0, int lane) {
+  const uint16_t* p = s + (k0 + 2 * (lane % 4)) * ld + n0 + lane / 4;
+  b[0] = pack(p[0], p[ld]);
+  b[1] = pack(p[8 * ld], p[9 * ld]);
+}
+
+// dst[r][c] = src[(row0 + r) * dim + k0 + c] for r < kRows, c < cols (a multiple of 8);
+// zero past n_rows or dim: the B and C edges and the padded D. vec: dim % 8 == 0 and src
+// 16-byte aligned, so eight elements move per load.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void stage_rows(uint16_t* dst, int ld, const uint16_t* __restrict__ src, int64_t row0,
+                                           int64_t n_rows, int64_t dim, int64_t k0, int cols, bool vec) {
+  if (vec) {
+    const int per_row = cols / 8;
+    for (int idx = threadIdx.x; idx < kRows * per_row; idx += kThreads) {
+      const int r = idx / per_row, c = (idx % per_row) * 8;
+      const int64_t row = row0 + r, k = k0 + c;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (row < n_rows && k < dim) v = __ldg(reinterpret_cast<const uint4*>(src + row * dim + k));
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kRows * cols; idx += kThreads) {
+      const int r = idx / cols, c = idx % cols;
+      const int64_t row = row0 + r, k = k0 + c;
+      dst[r * ld + c] = (row < n_rows && k < dim) ? src[row * dim + k] : uint16_t(0);
+    }
+  }
+}
+
+__device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int64_t i) {
+  if (i >= h.rows) return {-1, 0.f, 0.f, 0.f};
+  return {h.labels[i], h.scale[i], h.margin[i], 0.f};
+}
+
+__device__ __forceinline__ tile::RowGrads<float> load_row_grads(const float* lse, const float* grad_lse,
+                                                               const float* grad_target, int64_t rows, int64_t i) {
+  if (i >= rows) return {0.f, 0.f, 0.f};
+  return {lse[i], grad_lse[i], grad_target[i]};
+}
+
+__device__ __forceinline__ float column_inv_norm(const FusedHead& h, int64_t col0, int c, int n_cols) {
+  return c < n_cols ? tile::inv_norm(h.norms[col0 + c]) : 0.f;
+}
+
+// ---- forward: one block per (row tile, class split) ----
+
+template <typename W>
+__global__ void __launch_bounds__(kForwardThreads)
+fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restrict__ split_stats) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  const int ld_x = static_cast<int>(padded_dim(h.dim)) + kPad;
+  constexpr int ld_w = kBK + kPad;
+  uint16_t* xs = smem;              // [kBM][ld_x]: the row tile's features, all of D
+  uint16_t* ws = smem + kBM * ld_x;  // [kBN][ld_w]: kBK columns of the class tile's centres
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int split = blockIdx.y;
+  const auto* x = static_cast<const uint16_t*>(h.x);
+  const auto* w = static_cast<const uint16_t*>(h.w);
+  const int64_t dk = padded_dim(h.dim);
+  stage_rows<kBM, kForwardThreads>(xs, ld_x, x, row0, h.rows, h.dim, 0, static_cast<int>(dk), vec);
+
+  // This thread's rows: warp * 16 + lane / 4, and 8 below.
+  tile::TileRow<float> row[2];
+  tile::RowStats<float> stats[2];
+  for (int hi = 0; hi < 2; ++hi) {
+    row[hi] = load_row(h, row0 + warp * 16 + lane / 4 + 8 * hi);
+    stats[hi] = tile::RowStats<float>::empty();
+  }
+  int64_t first, stop;
+  grid.split_tiles(split, first, stop);
+  for (int64_t ct = first; ct < stop; ++ct) {
+    const int64_t col0 = ct * kBN;
+    const int n_cols = grid.cols_in(ct);
+    float acc[kBN / 8][4] = {};
+    for (int64_t k0 = 0; k0 < dk; k0 += kBK) {
+      __syncthreads();  // the previous step's reads of ws are done
+      stage_rows<kBN, kForwardThreads>(ws, ld_w, w, col0, h.cols, h.dim, k0, kBK, vec);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t a[4];
+        load_a(a, xs, ld_x, warp * 16, static_cast<int>(k0) + kk, lane);
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+          uint32_t b[2];
+          load_b_nk(b, ws, ld_w, nt * 8, kk, lane);
+          Operand<W>::mma(acc[nt], a, b);
+        }
+      }
+    }
+    // Epilogue on the accumulators: column scale, margin, online statistics.
+    int target[2];
+    for (int hi = 0; hi < 2; ++hi) target[hi] = tile::target_in_tile(row[hi].label, col0, n_cols);
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = nt * 8 + 2 * t + e;
+        const float inv = column_inv_norm(h, col0, c, n_cols);
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          if (c < n_cols && row0 + warp * 16 + lane / 4 + 8 * hi < h.rows) {
+            const float z = tile::logit(acc[nt][2 * hi + e], 0.f, inv, col0 + c, row[hi], h.params);
+            stats[hi].push(z, c == target[hi]);
+          }
+        }
+      }
+    }
+  }
+  // The four lanes of a row hold disjoint columns: merge them.
+  const int64_t n = h.rows;
+  for (int hi = 0; hi < 2; ++hi) {
+    for (int offset = 1; offset < 4; offset <<= 1) {
+      tile::RowStats<float> other;
+      other.max = __shfl_xor_sync(0xffffffffu, stats[hi].max, offset);
+      other.sum = __shfl_xor_sync(0xffffffffu, stats[hi].sum, offset);
+      other.target = __shfl_xor_sync(0xffffffffu, stats[hi].target, offset);
+      stats[hi].merge(other);
+    }
+    const int64_t i = row0 + warp * 16 + lane / 4 + 8 * hi;
+    if (t == 0 && i < n) {
+      split_stats[(0 * grid.splits + split) * n + i] = stats[hi].max;
+      split_stats[(1 * grid.splits + split) * n + i] = stats[hi].sum;
+      split_stats[(2 * grid.splits + split) * n + i] = stats[hi].target;
+    }
+  }
+}
+
+// lse and target logit of each row from its per-split statistics, in split order.
+__global__ void merge_splits_kernel(const float* __restrict__ split_stats, int splits, int64_t rows,
+                                    float* __restrict__ lse, float* __restrict__ target) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  tile::RowStats<float> stats = tile::RowStats<float>::empty();
+  for (int s = 0; s < splits; ++s) {
+    stats.merge({split_stats[s * rows + i], split_stats[(splits + s) * rows + i],
+                 split_stats[(2 * splits + s) * rows + i]});
+  }
+  lse[i] = stats.lse();
+  target[i] = stats.target;
+}
+
+// ---- backward ----
+//
+// Both kernels recompute a (kBM rows x kBN classes) tile with 8 warps: warp w forms rows
+// 16 (w % 4) .. + 16 of classes 32 (w / 4) .. + 32. The gradient products then give each
+// warp 16 rows (or classes) and half of D, accumulated in registers over the walk.
+
+// This warp's 16 x 32 part of the tile x_tile . w_tile^T, over all of D.
+template <typename W>
+__device__ __forceinline__ void cosine_tile(float (&acc)[4][4], const uint16_t* xs, const uint16_t* ws, int ld,
+                                            int dk, int wm, int wn, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+  for (int k0 = 0; k0 < dk; k0 += 16) {
+    uint32_t a[4];
+    load_a(a, xs, ld, wm * 16, k0, lane);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      uint32_t b[2];
+      load_b_nk(b, ws, ld, wn * 32 + nt * 8, k0, lane);
+      Operand<W>::mma(acc[nt], a, b);
+    }
+  }
+}
+
+// out[16 x (n_tiles * 8)] += a_tile[16 x kK] @ b_tile[kK x half]: the gradient products,
+// A row-major in shared memory at (m0, 0), B n-contiguous at (0, n0).
+template <typename W, int kK>
+__device__ __forceinline__ void gradient_product(float (&out)[kMaxDTiles][4], const uint16_t* as, int lda, int m0,
+                                                 const uint16_t* bs, int ldb, int n0, int n_tiles, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK; kk += 16) {
+    uint32_t a[4];
+    load_a(a, as, lda, m0, kk, lane);
+#pragma unroll
+    for (int nt = 0; nt < kMaxDTiles; ++nt) {
+      if (nt < n_tiles) {
+        uint32_t b[2];
+        load_b_kn(b, bs, ldb, kk, n0 + nt * 8, lane);
+        Operand<W>::mma(out[nt], a, b);
+      }
+    }
+  }
+}
+
+struct BackwardArgs {
+  const float* lse;
+  const float* grad_lse;
+  const float* grad_target;
+};
+
+// grad_x and grad_scale of a row tile over one class split: one block per (row tile, split).
+template <typename W>
+__global__ void __launch_bounds__(kBackwardThreads, 1)
+fused_grad_features_kernel(FusedHead h, tile::TileGrid grid, bool vec, BackwardArgs g,
+                           float* __restrict__ split_grad_x, float* __restrict__ split_grad_scale) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  const int dk = static_cast<int>(padded_dim(h.dim));
+  const int ld = dk + kPad;
+  constexpr int ld_g = kBN + kPad;
+  uint16_t* xs = smem;             // [kBM][ld]: the row tile's features
+  uint16_t* ws = xs + kBM * ld;    // [kBN][ld]: the class tile's centres
+  uint16_t* gs = ws + kBN * ld;    // [kBM][ld_g]: dL/dcos / |w_j| in W, the grad_x product's A
+  float* scale_part = reinterpret_cast<float*>(gs + kBM * ld_g);  // [2][kBM]
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
+  const int wm = warp % 4, wn = warp / 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int split = blockIdx.y;
+  const auto* x = static_cast<const uint16_t*>(h.x);
+  const auto* w = static_cast<const uint16_t*>(h.w);
+  stage_rows<kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, 0, dk, vec);
+
+  tile::TileRow<float> row[2];
+  tile::RowGrads<float> row_grads[2];
+  float grad_scale[2] = {0.f, 0.f};
+  for (int hi = 0; hi < 2; ++hi) {
+    const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
+    row[hi] = load_row(h, i);
+    row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
+  }
+  const int half = dk / 2, n_tiles = half / 8;
+  float grad_x[kMaxDTiles][4] = {};
+  int64_t first, stop;
+  grid.split_tiles(split, first, stop);
+  for (int64_t ct = first; ct < stop; ++ct) {
+    const int64_t col0 = ct * kBN;
+    const int n_cols = grid.cols_in(ct);
+    __syncthreads();  // the previous tile's reads of ws and gs are done
+    stage_rows<kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, 0, dk, vec);
+    __syncthreads();
+    float acc[4][4];
+    cosine_tile<W>(acc, xs, ws, ld, dk, wm, wn, lane);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = wn * 32 + nt * 8 + 2 * t + e;
+        const float inv = column_inv_norm(h, col0, c, n_cols);
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          const int r = wm * 16 + lane / 4 + 8 * hi;
+          float scaled = 0.f;
+          if (c < n_cols && row0 + r < h.rows) {
+            const tile::CosGrad<float> cg =
+                tile::cosine_grad(acc[nt][2 * hi + e] * inv, 0.f, col0 + c, row[hi], row_grads[hi], h.params);
+            grad_scale[hi] += cg.grad_scale;
+            scaled = cg.grad_cos * inv;
+          }
+          gs[r * ld_g + c] = Operand<W>::bits(scaled);
+        }
+      }
+    }
+    __syncthreads();
+    gradient_product<W, kBN>(grad_x, gs, ld_g, wm * 16, ws, ld, wn * half, n_tiles, lane);
+  }
+
+  float* out = split_grad_x + static_cast<int64_t>(split) * h.rows * h.dim;
+#pragma unroll
+  for (int nt = 0; nt < kMaxDTiles; ++nt) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t d = wn * half + nt * 8 + 2 * t + e;
+        if (nt < n_tiles && i < h.rows && d < h.dim) out[i * h.dim + d] = grad_x[nt][2 * hi + e];
+      }
+    }
+  }
+  // grad_scale: the four lanes of a row, then the two warps of its row group, in order
+  for (int hi = 0; hi < 2; ++hi) {
+    grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 1);
+    grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 2);
+    if (t == 0) scale_part[wn * kBM + wm * 16 + lane / 4 + 8 * hi] = grad_scale[hi];
+  }
+  __syncthreads();
+  if (threadIdx.x < kBM && row0 + threadIdx.x < h.rows) {
+    split_grad_scale[split * h.rows + row0 + threadIdx.x] = scale_part[threadIdx.x] + scale_part[kBM + threadIdx.x];
+  }
+}
+
+// grad_w of a class tile: one block per class tile walking every row tile, the
+// normalization backward folded in, written once in W.
+template <typename W>
+__global__ void __launch_bounds__(kBackwardThreads, 1)
+fused_grad_weight_kernel(FusedHead h, tile::TileGrid grid, bool vec, BackwardArgs g, uint16_t* __restrict__ grad_w) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  const int dk = static_cast<int>(padded_dim(h.dim));
+  const int ld = dk + kPad;
+  constexpr int ld_g = kBM + kPad;
+  uint16_t* xs = smem;             // [kBM][ld]: the current row tile's features
+  uint16_t* ws = xs + kBM * ld;    // [kBN][ld]: this block's centres
+  uint16_t* gts = ws + kBN * ld;   // [kBN][ld_g]: dL/dcos transposed in W, the grad_w product's A
+  float* radial_part = reinterpret_cast<float*>(gts + kBN * ld_g);  // [4][kBN]
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
+  const int wm = warp % 4, wn = warp / 4;
+  const int64_t ct = blockIdx.x;
+  const int64_t col0 = ct * kBN;
+  const int n_cols = grid.cols_in(ct);
+  const auto* x = static_cast<const uint16_t*>(h.x);
+  const auto* w = static_cast<const uint16_t*>(h.w);
+  stage_rows<kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, 0, dk, vec);
+
+  float inv[4][2], radial[4][2];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      inv[nt][e] = column_inv_norm(h, col0, wn * 32 + nt * 8 + 2 * t + e, n_cols);
+      radial[nt][e] = 0.f;
+    }
+  }
+  const int half = dk / 2, n_tiles = half / 8;
+  float grad_w_hat[kMaxDTiles][4] = {};
+  for (int64_t rt = 0; rt < grid.row_tiles(); ++rt) {
+    const int64_t row0 = rt * kBM;
+    __syncthreads();  // the previous row tile's reads of xs and gts are done
+    stage_rows<kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, 0, dk, vec);
+    __syncthreads();
+    float acc[4][4];
+    cosine_tile<W>(acc, xs, ws, ld, dk, wm, wn, lane);
+    tile::TileRow<float> row[2];
+    tile::RowGrads<float> row_grads[2];
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
+      row[hi] = load_row(h, i);
+      row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = wn * 32 + nt * 8 + 2 * t + e;
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          const int r = wm * 16 + lane / 4 + 8 * hi;
+          float grad_cos = 0.f;
+          if (c < n_cols && row0 + r < h.rows) {
+            const float cos = acc[nt][2 * hi + e] * inv[nt][e];
+            grad_cos = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], h.params).grad_cos;
+            radial[nt][e] += grad_cos * cos;
+          }
+          gts[c * ld_g + r] = Operand<W>::bits(grad_cos);
+        }
+      }
+    }
+    __syncthreads();
+    gradient_product<W, kBM>(grad_w_hat, gts, ld_g, wm * 16, xs, ld, wn * half, n_tiles, lane);
+  }
+
+  // radial_j = sum_i dL/dcos_ij cos_ij: the 8 lanes of a column, then the 4 row groups in order
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float v = radial[nt][e];
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      if (lane < 4) radial_part[wm * kBN + wn * 32 + nt * 8 + 2 * t + e] = v;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    const int c = wm * 16 + lane / 4 + 8 * hi;
+    const int64_t j = col0 + c;
+    const bool class_ok = c < n_cols;
+    const float rad = ((radial_part[c] + radial_part[kBN + c]) + radial_part[2 * kBN + c]) + radial_part[3 * kBN + c];
+    const float norm = class_ok ? h.norms[j] : 1.f;
+#pragma unroll
+    for (int nt = 0; nt < kMaxDTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = wn * half + nt * 8 + 2 * t + e;
+        if (class_ok && nt < n_tiles && d < h.dim) {
+          const float wv = Operand<W>::value(ws[c * ld + d]);
+          grad_w[j * h.dim + d] = Operand<W>::bits(tile::weight_grad(grad_w_hat[nt][2 * hi + e], wv, norm, rad));
+        }
+      }
+    }
+  }
+}
+
+// out[k] = sum over splits of parts[s * n + k], in split order.
+__global__ void sum_splits_kernel(const float* __restrict__ parts, int splits, int64_t n, float* __restrict__ out) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= n) return;
+  float v = parts[k];
+  for (int s = 1; s < splits; ++s) v += parts[s * n + k];
+  out[k] = v;
+}
+
+template <typename W>
+__global__ void centre_norms_kernel(const W* __restrict__ w, int64_t cols, int64_t dim, float* __restrict__ norms) {
+  constexpr int kWarps = 8;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (j >= cols) return;  // whole warps leave together
+  float sum_sq = 0.f;
+  for (int64_t d = lane; d < dim; d += kWarp) {
+    const float v = static_cast<float>(w[j * dim + d]);
+    sum_sq += v * v;
+  }
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+  if (lane == 0) norms[j] = sqrtf(sum_sq);
+}
+
+unsigned int blocks_for(int64_t n, int threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }
+
+bool vector_loads(const FusedHead& h) {
+  return h.dim % 8 == 0 && reinterpret_cast<uintptr_t>(h.x) % 16 == 0 && reinterpret_cast<uintptr_t>(h.w) % 16 == 0;
+}
+
+tile::TileGrid tile_grid(const FusedHead& h, int splits) { return {h.rows, h.cols, kBM, kBN, splits}; }
+
+constexpr LaunchStatus kOk{cudaSuccess, nullptr};
+
+template <class Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename W>
+LaunchStatus launch_forward(const FusedHead& h, int splits, float* split_stats, float* lse, float* target,
+                            cudaStream_t stream) {
+  const tile::TileGrid grid = tile_grid(h, splits);
+  const size_t smem = fused_forward_smem(h.dim);
+  cudaError_t err = allow_smem(fused_forward_kernel<W>, smem);
+  if (err != cudaSuccess) return {err, "fused_forward_kernel"};
+  fused_forward_kernel<W><<<dim3(static_cast<unsigned int>(grid.row_tiles()), splits), kForwardThreads, smem,
+                            stream>>>(h, grid, vector_loads(h), split_stats);
+  if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_forward_kernel"};
+  merge_splits_kernel<<<blocks_for(h.rows, kMergeThreads), kMergeThreads, 0, stream>>>(split_stats, splits, h.rows,
+                                                                                      lse, target);
+  if ((err = cudaGetLastError()) != cudaSuccess) return {err, "merge_splits_kernel"};
+  return kOk;
+}
+
+template <typename W>
+LaunchStatus launch_backward(const FusedHead& h, BackwardArgs g, int splits, float* split_grad_x,
+                             float* split_grad_scale, float* grad_x, float* grad_scale, void* grad_w,
+                             cudaStream_t stream) {
+  const tile::TileGrid grid = tile_grid(h, splits);
+  const size_t smem = fused_backward_smem(h.dim);
+  const bool vec = vector_loads(h);
+  cudaError_t err = allow_smem(fused_grad_features_kernel<W>, smem);
+  if (err != cudaSuccess) return {err, "fused_grad_features_kernel"};
+  fused_grad_features_kernel<W><<<dim3(static_cast<unsigned int>(grid.row_tiles()), splits), kBackwardThreads,
+                                  smem, stream>>>(h, grid, vec, g, split_grad_x, split_grad_scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_grad_features_kernel"};
+  if ((err = allow_smem(fused_grad_weight_kernel<W>, smem)) != cudaSuccess) return {err, "fused_grad_weight_kernel"};
+  fused_grad_weight_kernel<W><<<static_cast<unsigned int>(grid.col_tiles()), kBackwardThreads, smem, stream>>>(
+      h, grid, vec, g, static_cast<uint16_t*>(grad_w));
+  if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_grad_weight_kernel"};
+  if (splits > 1 || split_grad_x != grad_x || split_grad_scale != grad_scale) {
+    const int64_t n = h.rows * h.dim;
+    sum_splits_kernel<<<blocks_for(n, kMergeThreads), kMergeThreads, 0, stream>>>(split_grad_x, splits, n, grad_x);
+    sum_splits_kernel<<<blocks_for(h.rows, kMergeThreads), kMergeThreads, 0, stream>>>(split_grad_scale, splits,
+                                                                                       h.rows, grad_scale);
+    if ((err = cudaGetLastError()) != cudaSuccess) return {err, "sum_splits_kernel"};
+  }
+  return kOk;
+}
+
+}  // namespace
+
+size_t fused_forward_smem(int64_t dim) {
+  return static_cast<size_t>(kBM * (padded_dim(dim) + kPad) + kBN * (kBK + kPad)) * sizeof(uint16_t);
+}
+
+size_t fused_backward_smem(int64_t dim) {
+  return static_cast<size_t>((kBM + kBN) * (padded_dim(dim) + kPad) + kBN * (kBM + kPad)) * sizeof(uint16_t) +
+         4 * kBN * sizeof(float);
+}
+
+bool fused_supported(int device, int64_t dim) {
+  int major = 0, smem_optin = 0;
+  if (dim < 1 || dim > kFusedMaxDim) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
+  return major >= 8 && fused_backward_smem(dim) <= static_cast<size_t>(smem_optin) &&
+         fused_forward_smem(dim) <= static_cast<size_t>(smem_optin);
+}
+
+LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_t dim, float* norms,
+                          cudaStream_t stream) {
+  if (cols == 0) return kOk;
+  const unsigned int blocks = blocks_for(cols, 8);
+  if (w_type == WeightType::kBFloat16) {
+    centre_norms_kernel<<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const __nv_bfloat16*>(w), cols, dim, norms);
+  } else if (w_type == WeightType::kFloat16) {
+    centre_norms_kernel<<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const __half*>(w), cols, dim, norms);
+  } else {
+    return {cudaErrorInvalidValue, "centre_norms_kernel"};
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? kOk : LaunchStatus{err, "centre_norms_kernel"};
+}
+
+LaunchStatus fused_forward(const FusedHead& head, int splits, float* split_stats, float* lse, float* target_logit,
+                           cudaStream_t stream) {
+  if (head.rows == 0) return kOk;
+  if (head.w_type == WeightType::kBFloat16)
+    return launch_forward<__nv_bfloat16>(head, splits, split_stats, lse, target_logit, stream);
+  if (head.w_type == WeightType::kFloat16)
+    return launch_forward<__half>(head, splits, split_stats, lse, target_logit, stream);
+  return {cudaErrorInvalidValue, "fused_forward_kernel"};
+}
+
+LaunchStatus fused_backward(const FusedHead& head, const float* lse, const float* grad_lse,
+                            const float* grad_target, int splits, float* split_grad_x, float* split_grad_scale,
+                            float* grad_x, float* grad_scale, void* grad_w, cudaStream_t stream) {
+  if (head.rows == 0 || head.cols == 0) return kOk;
+  const BackwardArgs g{lse, grad_lse, grad_target};
+  if (head.w_type == WeightType::kBFloat16)
+    return launch_backward<__nv_bfloat16>(head, g, splits, split_grad_x, split_grad_scale, grad_x, grad_scale,
+                                          grad_w, stream);
+  if (head.w_type == WeightType::kFloat16)
+    return launch_backward<__half>(head, g, splits, split_grad_x, split_grad_scale, grad_x, grad_scale, grad_w,
+                                   stream);
+  return {cudaErrorInvalidValue, "fused_grad_features_kernel"};
+}
+
+}  // namespace gpu
+}  // namespace margin_ext

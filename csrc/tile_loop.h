@@ -1,0 +1,138 @@
+// The fused head's tile logic, written once for the CUDA kernels and the CPU tile run.
+//
+// The (B x C) logits are cut into (tile_m rows x tile_n classes) tiles; the class tiles
+// are cut into `splits` contiguous ranges. Forward: one block per (row tile, split) walks
+// its class tiles, folds each tile's margin logits into per-row (max, sum-exp, target)
+// statistics and writes them per split; the splits are merged afterwards in split order.
+// Backward: each tile's logits are recomputed and turned into dL/dcos from the saved
+// log-sum-exp. Only the products (x . w) differ between the devices: tensor cores on
+// CUDA, plain dot products on CPU. __host__ __device__, no torch headers.
+#pragma once
+
+#include <stdint.h>
+
+#include "margin_math.h"
+
+namespace margin_ext {
+namespace tile {
+
+MX_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+MX_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Tile order and split ranges over a (rows x cols) problem.
+struct TileGrid {
+  int64_t rows;  // B
+  int64_t cols;  // C
+  int tile_m;
+  int tile_n;
+  int splits;    // >= 1; a split may own no tile when splits > class tiles
+
+  MX_HD int64_t row_tiles() const { return cdiv(rows, tile_m); }
+  MX_HD int64_t col_tiles() const { return cdiv(cols, tile_n); }
+
+  // Class tiles [first, stop) of `split`: ceil(tiles / splits) each, the last ones
+  // shorter or empty (Triton's split_range).
+  MX_HD void split_tiles(int split, int64_t& first, int64_t& stop) const {
+    const int64_t per_split = cdiv(col_tiles(), splits);
+    first = min64(split * per_split, col_tiles());
+    stop = min64(first + per_split, col_tiles());
+  }
+  // Valid rows / classes of a tile: masking at the B and C edges.
+  MX_HD int rows_in(int64_t row_tile) const { return static_cast<int>(min64(tile_m, rows - row_tile * tile_m)); }
+  MX_HD int cols_in(int64_t col_tile) const { return static_cast<int>(min64(tile_n, cols - col_tile * tile_n)); }
+};
+
+// Class splits for a launch of (row tiles x splits) blocks: enough blocks to fill
+// `min_blocks` slots, never more splits than class tiles.
+MX_HD int choose_splits(int64_t row_tiles, int64_t col_tiles, int64_t min_blocks) {
+  if (row_tiles <= 0 || col_tiles <= 0) return 1;
+  const int64_t want = cdiv(min_blocks, row_tiles);
+  const int64_t splits = want < 1 ? 1 : (want > col_tiles ? col_tiles : want);
+  return static_cast<int>(splits > 65535 ? 65535 : splits);  // gridDim.y limit
+}
+
+// Column of the row's target inside the tile starting at class col0 with n_cols valid
+// classes, or -1 (a label of -1 or another shard's class never matches).
+MX_HD int target_in_tile(int64_t label, int64_t col0, int n_cols) {
+  const int64_t t = label - col0;
+  return (t >= 0 && t < n_cols) ? static_cast<int>(t) : -1;
+}
+
+// 1 / max(|w_j|, eps): the column scale that turns x . w_j into a cosine.
+template <typename T>
+MX_HD T inv_norm(T norm) { return T(1) / math::clamp_min(norm, T(kNormEps)); }
+
+// One row's running statistics: log-sum-exp as (max, sum) and the target logit (0 when
+// the target is in no tile seen).
+template <typename T>
+struct RowStats {
+  T max;
+  T sum;
+  T target;
+
+  MX_HD static RowStats empty() { return {math::neg_inf<T>(), T(0), T(0)}; }
+  MX_HD void push(T z, bool is_target) {
+    lse_push(max, sum, z);
+    if (is_target) target = z;
+  }
+  // The target sits in exactly one split (or none): the others add 0.
+  MX_HD void merge(const RowStats& other) {
+    lse_merge(max, sum, other.max, other.sum);
+    target += other.target;
+  }
+  MX_HD T lse() const { return lse_value(max, sum); }
+};
+
+// What the epilogue reads of one row.
+template <typename T>
+struct TileRow {
+  int64_t label;  // global class of the target (-1: none)
+  T scale;        // s_i
+  T margin;       // r_i
+  T theta_y;      // InterFace only
+};
+
+// What the backward reads of one row besides TileRow.
+template <typename T>
+struct RowGrads {
+  T lse;
+  T grad_lse;
+  T grad_target;
+};
+
+// The logit z_ij of an accumulator element: dot = x_i . w_j (raw centre), class_dot =
+// centre_y(i) . w_j (InterFace), column scaled by inv_norm_j.
+template <typename T>
+MX_HD T logit(T dot, T class_dot, T inv_norm_j, int64_t col, const TileRow<T>& row, const MarginParams& p) {
+  return row.scale *
+         logit_transform(dot * inv_norm_j, col, row.label, row.margin, row.theta_y, class_dot * inv_norm_j, p).value;
+}
+
+// dL/dcos_ij and the element's share of dL/ds_i, from the saved log-sum-exp:
+// dL/dz = grad_lse * softmax + grad_target on the target column; dz/dcos = s * phi'(c).
+template <typename T>
+struct CosGrad {
+  T grad_cos;
+  T grad_scale;
+};
+
+template <typename T>
+MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& row, const RowGrads<T>& g,
+                             const MarginParams& p) {
+  const ValueGrad<T> vg = logit_transform(cos, col, row.label, row.margin, row.theta_y, class_cos, p);
+  T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
+  if (col == row.label) grad_z += g.grad_target;
+  return {grad_z * vg.grad * row.scale, grad_z * vg.value};
+}
+
+// Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient:
+// g_hat = sum_i dL/dcos_ij x_i (the gradient w.r.t. w_hat_j) and
+// radial = <w_hat_j, g_hat> = sum_i dL/dcos_ij cos_ij, taken from the tiles.
+template <typename T>
+MX_HD T weight_grad(T g_hat, T w, T norm, T radial) {
+  const T inv = inv_norm(norm);
+  return norm > T(kNormEps) ? (g_hat - w * inv * radial) * inv : g_hat * inv;
+}
+
+}  // namespace tile
+}  // namespace margin_ext

@@ -1,0 +1,165 @@
+"""The fused CUDA kernels' tile loop (csrc/tile_loop.h), run on the CPU.
+
+The ops tile_forward / tile_backward walk the same blocks as the CUDA kernels -- (row
+tile, class split) for the forward and grad_x, class tiles for grad_w -- with the same
+tile logic; only the tensor-core product is a plain dot product. These tests check all
+of that against the reference: shapes that end mid-tile in both directions, the target
+on the last tile of the last split, splits that own no tile, B = 1, ignored rows, every
+spec, and 16-bit operands.
+"""
+
+import pytest
+import torch
+
+import margin_ext as mx
+from margin_ext import functional
+from margin_ext.backends import extension as ext
+from margin_ext.rows import RowInputs, normalize
+from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_and_grads, make_inputs,
+                   reference_loss_and_grads)
+
+# C = 37 in tiles of 8: 5 class tiles, the last one 5 classes wide; 3 splits own tiles
+# {0, 1}, {2, 3}, {4}. Labels at both sides of every tile edge, 36 on the last tile of
+# the last split. B = 9 in row tiles of 4: the last row tile holds one row.
+BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
+
+
+def with_tiles(monkeypatch, tile_m, tile_n, splits):
+    """Routes margin_cross_entropy(backend="cpp") through the CPU tile run."""
+    kernels = ext.tile_kernels(tile_m, tile_n, splits)
+    monkeypatch.setattr(functional, "resolve", lambda name, device: kernels)
+
+
+@pytest.mark.parametrize("name", SPEC_CASES)
+def test_float64_matches_reference(name, monkeypatch):
+    spec = SPEC_CASES[name]
+    x, w, y = make_inputs(9, 37, 16, torch.float64, labels=BOUNDARY_LABELS, ignore_rows=(4,))
+    with_tiles(monkeypatch, 4, 8, 3)
+    got = loss_and_grads(x, w, y, spec, backend="cpp")
+    want = loss_and_grads(x, w, y, spec, backend="reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# (B, C, D, tile_m, tile_n, splits): B = 1; one tile smaller than C and B; more splits
+# than class tiles (splits 3..6 own nothing); one class per tile and every tile its own
+# split; a single split over many tiles.
+GRIDS = [(1, 37, 16, 4, 8, 3), (5, 3, 8, 16, 64, 1), (7, 37, 24, 2, 16, 7), (6, 11, 8, 1, 1, 11),
+         (10, 50, 12, 3, 7, 1)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+@pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "interface", "elastic_cosface_plus"])
+def test_grids_match_reference(name, grid, monkeypatch):
+    n_rows, n_classes, dim, tile_m, tile_n, splits = grid
+    spec = SPEC_CASES[name]
+    labels = [(n_classes - 1 - 3 * i) % n_classes for i in range(n_rows)]  # the last class first
+    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=1, labels=labels,
+                          ignore_rows=(1,) if n_rows > 2 else ())
+    with_tiles(monkeypatch, tile_m, tile_n, splits)
+    got = loss_and_grads(x, w, y, spec, backend="cpp")
+    want = loss_and_grads(x, w, y, spec, backend="reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", SPEC_CASES)
+def test_low_precision_within_reference_error(name, dtype, monkeypatch):
+    """float32 accumulation over 16-bit operands (the features cast once to the
+    weight's dtype, dL/dcos rounded to it before the gradient products): within the
+    16-bit reference's own error. The inputs of the Triton backend's test, which rounds
+    the same operands: with one loss value per case, the reference's own loss error can
+    be far below its typical size by cancellation (D = 16, seed 2: bfloat16 loss error
+    0.008 where the gradients' is 0.04), so the case is not picked per backend."""
+    spec = SPEC_CASES[name]
+    x, w, y = make_inputs(9, 37, 24, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(8,))
+    with_tiles(monkeypatch, 4, 8, 3)
+    got = loss_and_grads(x, w, y, spec, backend="cpp")
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
+    ref_lowp = reference_loss_and_grads(x, w, y, spec, None)
+    assert_within_reference_error(got, ref32, ref_lowp, f"{name} {dtype}", logit_scale(spec, x))
+
+
+def op_inputs(spec, weight_dtype, n_rows=9, n_classes=37, dim=16):
+    if n_classes == 37 and n_rows <= len(BOUNDARY_LABELS):
+        labels = BOUNDARY_LABELS[:n_rows]
+    else:
+        labels = [(n_classes - 1 - 7 * i) % n_classes for i in range(n_rows)]  # the last class first
+    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=5, labels=labels,
+                          ignore_rows=(2,) if n_rows > 2 else ())
+    x_hat = normalize(x)
+    rows = RowInputs(labels=y, scale=torch.full((n_rows,), float(spec.s), dtype=torch.float64),
+                     margin=torch.full((n_rows,), spec.margin_value(), dtype=torch.float64))
+    return x_hat, w.to(weight_dtype), rows, spec.kernel_params()
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", ["arcface", "combined", "sphereface_normalized", "cosface"])
+def test_forward_reads_the_operands_in_the_weights_dtype(name, weight_dtype):
+    """With float64 accumulation, the tile forward equals the chunk loop fed the
+    features rounded to the weight's dtype: the only rounding is that one cast."""
+    x_hat, w, rows, params = op_inputs(SPEC_CASES[name], weight_dtype)
+    got = ext.tile_kernels(4, 8, 3).forward(x_hat, w, rows, params, 0)
+    rounded = x_hat.to(weight_dtype).double()
+    want = ext.CPP_KERNELS.forward(rounded, w, rows, params, 8)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_splits_and_tiles_do_not_change_the_result():
+    x_hat, w, rows, params = op_inputs(SPEC_CASES["arcface"], torch.float64)
+    ones = torch.ones(x_hat.shape[0], dtype=torch.float64)
+    results = []
+    for tile_m, tile_n, splits in [(4, 8, 1), (4, 8, 5), (16, 64, 2), (3, 5, 4), (1, 1, 37)]:
+        kernels = ext.tile_kernels(tile_m, tile_n, splits)
+        lse, target = kernels.forward(x_hat, w, rows, params, 0)
+        results.append((lse, target, *kernels.backward(x_hat, w, rows, params, 0, lse, ones, -ones)))
+    for result in results[1:]:
+        for a, b in zip(result, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_without_target_have_target_logit_zero():
+    x_hat, w, rows, params = op_inputs(SPEC_CASES["arcface"], torch.float64)
+    _, target = ext.tile_kernels(4, 8, 3).forward(x_hat, w, rows, params, 0)
+    assert target[2] == 0 and torch.all(target[rows.labels >= 0] != 0)
+
+
+def test_bad_tile_arguments_are_named():
+    x_hat, w, rows, params = op_inputs(SPEC_CASES["arcface"], torch.float64)
+    with pytest.raises(RuntimeError, match="tile_m=0"):
+        ext.tile_kernels(0, 8, 1).forward(x_hat, w, rows, params, 0)
+    with pytest.raises(RuntimeError, match="splits=0"):
+        ext.tile_kernels(4, 8, 0).forward(x_hat, w, rows, params, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the fused kernels are only compiled "
+                    "(csrc/compile_check.sh); their tile logic is what this file tests on the CPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 37, 16), (70, 200, 40), (129, 1000, 512)], ids=str)
+@pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "combined", "elastic_cosface_plus"])
+def test_cuda_fused_kernels_match_the_cpu_tile_run(name, shape, dtype):
+    """The fused CUDA kernels (64 x 64 tiles) against the CPU run of the same tiles over
+    the same operands: only the float32 summation order differs, and the rare dL/dcos
+    whose 16-bit rounding it flips."""
+    if not ext.cuda_is_built():
+        pytest.fail("a CUDA device is present but margin_ext._C was built without its CUDA kernels")
+    n_rows, n_classes, dim = shape
+    x_hat, w, rows, params = op_inputs(SPEC_CASES[name], dtype, n_rows, n_classes, dim)
+    x_hat = x_hat.float()
+    rows = RowInputs(**{k: None if v is None else (v if k == "labels" else v.float()) for k, v in vars(rows).items()})
+    grads = torch.rand(n_rows, generator=torch.Generator().manual_seed(0)), -torch.ones(n_rows)
+    cpu_kernels = ext.tile_kernels(64, 64, 3)
+    want = cpu_kernels.forward(x_hat, w, rows, params, 0)
+    want = (*want, *cpu_kernels.backward(x_hat, w, rows, params, 0, want[0], *grads))
+    on_gpu = RowInputs(**{k: None if v is None else v.cuda() for k, v in vars(rows).items()})
+    got = ext.CUDA_KERNELS.forward(x_hat.cuda(), w.cuda(), on_gpu, params, 0)
+    got = (*got, *ext.CUDA_KERNELS.backward(x_hat.cuda(), w.cuda(), on_gpu, params, 0, want[0].cuda(),
+                                             *(g.cuda() for g in grads)))
+    for what, a, b in zip(("lse", "target", "grad_x", "grad_w", "grad_scale"), got, want):
+        magnitude = max(b.double().abs().max().item(), 1.0)
+        tolerance = 16 * torch.finfo(dtype).eps * magnitude  # a few flipped 16-bit roundings
+        assert (a.cpu().double() - b.double()).abs().max().item() <= tolerance, what
