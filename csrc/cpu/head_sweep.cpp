@@ -61,8 +61,9 @@ int64_t grain_for(int64_t row_length) {
 
 // Cache-sized chunks: the (rows x chunk) cosines are written by one GEMM and read by the
 // row kernel and (backward) two more GEMMs; at this size they stay in the last-level
-// cache in between. Never below kMinChunk classes, where the GEMMs would get thin.
-constexpr int64_t kCosineBytes = int64_t{8} << 20;
+// cache in between. The (chunk x D) buffers (converted centres, H) obey the same bound,
+// which matters when B is small. Never below kMinChunk classes, where the GEMMs would get thin.
+constexpr int64_t kChunkBytes = int64_t{8} << 20;
 constexpr int64_t kMinChunk = 256;
 
 template <typename T>
@@ -82,7 +83,8 @@ struct Sweep {
         rows(inputs.x_hat.size(0)),
         classes(inputs.weight.size(0)),
         dim(inputs.x_hat.size(1)) {
-    const int64_t cache_chunk = std::max(kMinChunk, kCosineBytes / std::max<int64_t>(rows * int64_t(sizeof(T)), 1));
+    const int64_t widest = std::max<int64_t>(std::max(rows, dim), 1) * int64_t(sizeof(T));
+    const int64_t cache_chunk = std::max(kMinChunk, kChunkBytes / widest);
     chunk = std::max<int64_t>(1, std::min({in.chunk_size, classes, cache_chunk}));
     const auto opts = in.x_hat.options();
     converts = in.weight.scalar_type() != in.x_hat.scalar_type();
