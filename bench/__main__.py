@@ -1,6 +1,7 @@
 """Benchmark the margin-softmax heads: forward + backward time and peak memory.
 
     python -m bench                  # CPU-sized default (B=512, D=128, C up to 200k, fp32)
+    python -m bench --cpu-scale      # CPU, C up to 10M (B=256, D=128, fp32): cpp, torch, naive; peak RSS
     python -m bench --gpu-full       # H100-class numbers (B=1024, D=512, C up to 2M, bf16 + fp32)
     python -m bench --classes 10k,1M --batch 256 --dtype bfloat16 --backends torch,naive
 
@@ -29,12 +30,15 @@ import margin_ext as mx
 
 from . import report
 from .heads import BY_NAME, HEADS, SPEC
-from .measure import MEMORY_METHODS
+from .measure import MEMORY_METHODS, loadavg
 from .sweep import DTYPES, grid, run
 
 PRESETS = {
     "default": dict(classes=[10_000, 50_000, 100_000, 200_000], batch=[512], dim=[128], dtype=["float32"],
                     repeats=3, warmup=0),
+    # about 10 GiB at C=10M (weights + their gradient); the naive head is skipped by its estimate there
+    "cpu-scale": dict(classes=[100_000, 1_000_000, 3_000_000, 10_000_000], batch=[256], dim=[128],
+                      dtype=["float32"], repeats=2, warmup=0, backends=["cpp", "torch", "naive"]),
     "gpu-full": dict(classes=[100_000, 250_000, 500_000, 1_000_000, 2_000_000], batch=[1024], dim=[512],
                      dtype=["bfloat16", "float32"], repeats=10, warmup=3),
 }
@@ -69,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="heads: " + ", ".join(h.name for h in HEADS))
     parser.add_argument("--gpu-full", action="store_true", help="the H100-class preset (needs CUDA)")
+    parser.add_argument("--cpu-scale", action="store_true",
+                        help="the CPU scale preset: C up to 10M, cpp/torch/naive, into bench/results/<device>-scale")
     parser.add_argument("--classes", type=_list(_count), help="comma list, e.g. 10k,50k,1M")
     parser.add_argument("--batch", type=_list(int), help="comma list of batch sizes B")
     parser.add_argument("--dim", type=_list(int), help="comma list of embedding sizes D")
@@ -86,7 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-readme", action="store_true",
                         help="do not rewrite bench/results/PERFORMANCE.md and README's Performance section")
     args = parser.parse_args(argv)
-    preset = PRESETS["gpu-full" if args.gpu_full else "default"]
+    if args.gpu_full and args.cpu_scale:
+        parser.error("--gpu-full and --cpu-scale are two presets: pick one")
+    args.preset = "gpu-full" if args.gpu_full else "cpu-scale" if args.cpu_scale else "default"
+    preset = PRESETS[args.preset]
     # a hand-picked sweep must not overwrite the committed results of a preset
     args.custom = any(getattr(args, name) is not None for name in (*preset, "backends", "threads"))
     for name, value in preset.items():
@@ -143,13 +152,6 @@ def _revision():
     return found.stdout.strip() or None
 
 
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def main(argv=None) -> Path:
     args = parse_args(argv)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -159,7 +161,8 @@ def main(argv=None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = device_info(device)
-    out = args.out or report.RESULTS_ROOT / info["slug"] / ("custom" if args.custom else "")
+    slug = info["slug"] + ("-scale" if args.preset == "cpu-scale" else "")
+    out = args.out or report.RESULTS_ROOT / slug / ("custom" if args.custom else "")
     out.mkdir(parents=True, exist_ok=True)
 
     names = args.backends or [h.name for h in HEADS]
@@ -170,14 +173,14 @@ def main(argv=None) -> Path:
     print(f"{len(shapes)} shape(s) x {len(heads)} head(s) on {info['name']} ({device.type}); results in {out}")
     print(f"peak memory: {MEMORY_METHODS[device.type]}")
 
-    info["loadavg_start"] = _loadavg()
+    info["loadavg_start"] = loadavg()
     if device.type == "cpu" and (info["loadavg_start"] or 0) > (os.cpu_count() or 1):
         print(f"warning: load average {info['loadavg_start']} on {os.cpu_count()} cores: other processes "
               "compete for the CPU, timings will be slow and noisy")
     started = time.perf_counter()
     records, unavailable = run(heads, shapes, device, args.repeats, args.warmup, seed=args.seed,
                                progress=not args.no_progress)
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     data = {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -190,10 +193,12 @@ def main(argv=None) -> Path:
         "margin": f"ArcFace s={SPEC.s:g} m={SPEC.m:g}",
         "memory_method": MEMORY_METHODS[device.type],
         "allocator_method": MEMORY_METHODS["cpu_allocator"] if device.type == "cpu" else None,
+        "rss_method": MEMORY_METHODS["cpu_rss"] if device.type == "cpu" else None,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "timing": {"repeats": args.repeats, "warmup": args.warmup,
                    "clock": "CUDA events" if device.type == "cuda" else "time.perf_counter",
-                   "order": "rounds over the heads of a shape, one run of each head per round"},
+                   "order": "rounds over the heads of a shape, one run of each head per round",
+                   "noisy_above_load": os.cpu_count()},
         "wall_s": round(time.perf_counter() - started, 1),
         "unavailable": unavailable,
         "results": records,

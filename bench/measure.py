@@ -13,7 +13,10 @@ The dispatch mode sees the tensors each op returns, not what an op allocates ins
 its own implementation (the compiled extension's chunk buffers, for one). On the CPU
 the same pass therefore also replays the allocator's events recorded by
 ``torch.profiler`` (``profile_memory=True``) into a second peak, ``allocator_peak_bytes``,
-which does count them; for heads made of plain aten ops the two agree.
+which does count them; for heads made of plain aten ops the two agree. It also records the
+process's peak resident set size during the step (Linux: VmHWM, reset before the step
+through /proc/self/clear_refs), the memory the machine actually had to give, inputs and
+weights included.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ MEMORY_METHODS = {
            "(margin_ext.memory.PeakMemory; inputs and weights excluded)",
     "cpu_allocator": "peak of the CPU allocator's bytes during fwd+bwd, from torch.profiler memory events "
                      "(also counts buffers an op allocates inside its own implementation)",
+    "cpu_rss": "peak resident set size of the process during fwd+bwd (VmHWM after resetting it), "
+               "inputs and weights included",
 }
 
 
@@ -55,10 +60,35 @@ def peak_memory(step: Callable, device: torch.device) -> dict:
         sync(device)
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device) - before), "loss": _float(loss)}
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    rss_before = reset_peak_rss()
     with _quiet_stderr(), profiler, PeakMemory() as tracker:
         loss = step()
+    rss_peak = _proc_status_bytes("VmHWM") if rss_before is not None else None
     return {"peak_bytes": int(tracker.peak_bytes), "allocator_peak_bytes": _allocator_peak(profiler),
+            "peak_rss_bytes": rss_peak, "rss_before_bytes": rss_before,
             "largest_tensor": list(tracker.largest_shape or ()), "loss": _float(loss)}
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A "kB" field of /proc/self/status (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> Optional[int]:
+    """Resets the process's peak RSS to its current RSS (Linux >= 4.0); returns that RSS, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
 
 
 def _float(loss) -> Optional[float]:
@@ -119,6 +149,14 @@ def summarize(samples: list[float]) -> dict:
             "q1": q1, "q3": q3, "n": len(ordered)}
 
 
+def loadavg() -> Optional[float]:
+    """The 1-minute load average, None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
@@ -145,6 +183,4 @@ def available_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

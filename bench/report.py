@@ -131,6 +131,7 @@ def _about(data: dict) -> list[str]:
         f"- Load average (1 min) at start / end: {data['device'].get('loadavg_start')} / "
         f"{data['device'].get('loadavg_end')} (other processes share the machine when it is not 0); "
         f"the whole run took {data.get('wall_s')} s.",
+        *_noisy_note(data),
     ]
 
 
@@ -145,12 +146,56 @@ def _busy(data: dict) -> str:
             "smaller ops (the chunked backends); the memory figures do not depend on it.")
 
 
+# --- noisy runs: load average above the core count --------------------------------------------
+
+def _noisy_load(data: dict, r: dict):
+    """The load average that makes record ``r`` noisy (above the CPU's core count), else None.
+
+    Each shape's records carry the load before and after its timed rounds; older results
+    only the run's start and end.
+    """
+    dev = data["device"]
+    if dev["type"] != "cpu":
+        return None
+    loads = [r.get("load_before"), r.get("load_after")]
+    if all(v is None for v in loads):
+        loads = [dev.get("loadavg_start"), dev.get("loadavg_end")]
+    load = max((v for v in loads if v is not None), default=None)
+    return load if load is not None and load > (dev.get("cpu_count") or 1) else None
+
+
+def _time_cell(data: dict, r: dict, spread: bool = True) -> str:
+    t = r["time_ms"]
+    cell = f"{_ms(t['median'])} [{_ms(t['min'])}-{_ms(t['max'])}]" if spread else _ms(t["median"])
+    load = _noisy_load(data, r)
+    return cell if load is None else f"{cell} (noisy: load {load:g})"
+
+
+def _rss_cells(r: dict) -> list[str]:
+    peak, before = r.get("peak_rss_bytes"), r.get("rss_before_bytes")
+    if peak is None or r["head"] == "floor":
+        return ["", ""]
+    return [_mib(peak), "" if before is None else _mib(max(peak - before, 0))]
+
+
+def _noisy_note(data: dict) -> list[str]:
+    if not any(_noisy_load(data, r) for r in data["results"] if r["status"] == "ok"):
+        return []
+    return [f"- **noisy**: times marked \"noisy\" were taken while the load average exceeded the "
+            f"{data['device'].get('cpu_count')} cores (other processes competed for the CPU): they are slower and "
+            "noisier than on an idle machine. Heads of one shape are timed in the same rounds, so their ratios "
+            "share that noise."]
+
+
 def table(data: dict) -> str:
     """The full Markdown table of one results file."""
     lines = [f"# Margin-softmax head benchmark: {data['device']['name']}", "", *_about(data)]
     allocator = any(r.get("allocator_peak_bytes") is not None for r in data["results"])
     if allocator:
         lines.append(f"- Allocator peak (CPU cross-check): {data['allocator_method']}.")
+    rss = any(r.get("peak_rss_bytes") is not None for r in data["results"])
+    if rss:
+        lines.append(f"- Peak RSS: {data.get('rss_method')}; \"added\" subtracts the RSS before the step.")
     lines.append("")
     lines += _checks(data)
     if data.get("unavailable"):
@@ -159,6 +204,7 @@ def table(data: dict) -> str:
         lines.append("")
     columns = ["C", "head", "margin", "time (ms)", "peak memory (MiB)"]
     columns += ["allocator peak (MiB)"] if allocator else []
+    columns += ["peak RSS (MiB)", "added RSS (MiB)"] if rss else []
     columns += ["time / floor", "memory / floor", "loss"]
     for key, heads in _groups(data).items():
         batch, dim, dtype = key
@@ -174,11 +220,13 @@ def table(data: dict) -> str:
                 if r["status"] != "ok":
                     cells.append(_status_cell(r))
                 else:
-                    t, (rt, rm) = r["time_ms"], _ratios(r, floor)
-                    cells += [f"{_ms(t['median'])} [{_ms(t['min'])}-{_ms(t['max'])}]", _mib(r["peak_bytes"])]
+                    rt, rm = _ratios(r, floor)
+                    cells += [_time_cell(data, r), _mib(r["peak_bytes"])]
                     if allocator:
                         alloc = r.get("allocator_peak_bytes")
                         cells.append("" if alloc is None or r["head"] == "floor" else _mib(alloc))
+                    if rss:
+                        cells += _rss_cells(r)
                     cells += [_x(rt), _x(rm), "" if r.get("loss") is None else f"{r['loss']:.4f}"]
                 cells += [""] * (len(columns) - len(cells))
                 lines.append("| " + " | ".join(cells) + " |")
@@ -206,7 +254,7 @@ def summary_table(data: dict, key, heads: dict) -> list[str]:
             cells.append(_status_cell(r))
         else:
             rt, rm = _ratios(r, floor)
-            cells += [_ms(r["time_ms"]["median"]), _mib(r["peak_bytes"])]
+            cells += [_time_cell(data, r, spread=False), _mib(r["peak_bytes"])]
             if allocator:
                 alloc = r.get("allocator_peak_bytes")
                 cells.append("" if alloc is None or r["head"] == "floor" else _mib(alloc))
@@ -304,6 +352,12 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
             xs, ys = _series(per, lambda r: r["peak_bytes"] / MiB)
             if xs:
                 ax.plot(xs, ys, label=_label(per), **_style(name))
+        for name, per in heads.items():
+            # the process's peak RSS (weights included), dotted, where it was recorded
+            rss = {c: r for c, r in per.items() if r.get("peak_rss_bytes") is not None and name != "floor"}
+            xs, ys = _series(rss, lambda r: r["peak_rss_bytes"] / MiB)
+            if xs:
+                ax.plot(xs, ys, label=f"{_label(per)}: peak RSS", **{**_style(name), "linestyle": ":"})
         ax.set_ylabel("peak memory during fwd+bwd (MiB)")
         path = out_dir / f"memory_vs_classes_{suffix}.png"
         _finish(fig, [ax], data, f"Peak memory of the head, {shape}", classes, path)

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from .heads import Head, available, estimate_bytes
-from .measure import available_bytes, is_oom, peak_memory, release, summarize, time_step
+from .measure import available_bytes, is_oom, loadavg, peak_memory, release, summarize, time_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: share of the free memory a head may be estimated to take before it is skipped
@@ -59,6 +59,7 @@ def run(heads: list[Head], shapes: list[Shape], device: torch.device, repeats: i
             unavailable[head.name] = reason
             tqdm.write(f"skip {head.name}: {reason}")
 
+    _first_calls(runnable, device, seed)
     records = []
     per_shape = len(runnable) * (1 + warmup + repeats)
     with tqdm(total=len(shapes) * per_shape, disable=not progress, unit="step", dynamic_ncols=True) as bar:
@@ -67,11 +68,26 @@ def run(heads: list[Head], shapes: list[Shape], device: torch.device, repeats: i
     return records, unavailable
 
 
+def _first_calls(heads: list[Head], device: torch.device, seed: int) -> None:
+    """One step of every head on a tiny shape, so that one-time costs (thread pools, library
+    buffers, lazy imports) fall on none of the measurements, the first memory pass included."""
+    shape = Shape(batch=8, dim=16, classes=64, dtype="float32")
+    x, w, y = _inputs(shape, device, seed)
+    for head in heads:
+        try:
+            head.build(x, w, y)()
+        except Exception:  # noqa: BLE001 - the measured run reports the failure with its reason
+            pass
+        x.grad = w.grad = None
+    release(device)
+
+
 def _measure_shape(heads, shape, device, repeats, warmup, seed, bar) -> list[dict]:
     """Memory pass head by head, then timed rounds that each run every head once.
 
     Going round the heads, rather than timing one head's runs back to back, lets a
-    change of load on a shared machine fall on every head alike.
+    change of load on a shared machine fall on every head alike. The load average before
+    and after the timed rounds goes into every record of the shape.
     """
     x, w, y = _inputs(shape, device, seed)
     records, steps, samples = [], {}, {}
@@ -86,6 +102,7 @@ def _measure_shape(heads, shape, device, repeats, warmup, seed, bar) -> list[dic
             steps[head.name], samples[head.name] = step, []
             bar.update()
     by_name = {r["head"]: r for r in records}
+    load_before = loadavg()
     for round_ in range(warmup + repeats):
         bar.set_description(f"{'warm-up' if round_ < warmup else 'timing'} {_where(shape)}")
         for name in list(steps):
@@ -101,8 +118,10 @@ def _measure_shape(heads, shape, device, repeats, warmup, seed, bar) -> list[dic
             if round_ >= warmup:
                 samples[name].append(elapsed)
             bar.update()
+    load_after = loadavg()
     for name in steps:
-        by_name[name].update(time_ms=summarize(samples[name]), samples_ms=samples[name])
+        by_name[name].update(time_ms=summarize(samples[name]), samples_ms=samples[name], load_before=load_before,
+                             load_after=load_after)
     del steps, x, w, y
     release(device)
     return records

@@ -1,9 +1,10 @@
 """The chunked pure-PyTorch backend: any device, any dtype, O(B x chunk) logits.
 
-Walks the classes in chunks; each chunk's centres are normalized on the fly (no
-normalized copy of the whole weight), its cosines formed by one GEMM in float32, the
-margin applied to the target column, and the per-row running max and sum-exp updated
-(online softmax). Backward recomputes each chunk from the saved log-sum-exp.
+Walks the classes in chunks. The class norms are computed once per call; each chunk's
+centres are normalized on the fly (no normalized copy of the whole weight), its cosines
+formed by one GEMM in float32, the margin applied to the target column, and the per-row
+running max and sum-exp updated (online softmax), in place on the GEMM's output.
+Backward recomputes each chunk from the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -15,29 +16,29 @@ from ..margin_math import nontarget_transform, target_transform
 from ..rows import NORM_EPS, RowInputs
 
 
-def _chunk_centres(weight: torch.Tensor, start: int, stop: int):
-    """Normalized centres of classes [start, stop) in float32, and their raw norms."""
-    w = weight[start:stop]
-    w = w if w.dtype == torch.float64 else w.float()
-    norm = w.norm(dim=1, keepdim=True)
-    return w / norm.clamp_min(NORM_EPS), norm
+def _class_norms(weight: torch.Tensor, acc: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """|w_j| of every class in ``acc``, once per call (never a converted copy of the whole weight)."""
+    if weight.dtype == acc:
+        return torch.linalg.vector_norm(weight, dim=1)
+    return torch.cat([torch.linalg.vector_norm(weight[start:start + chunk_size].to(acc), dim=1)
+                      for start in range(0, weight.shape[0], chunk_size)])
 
 
 def _chunk_logits(x_hat, w_hat, rows: RowInputs, params, start: int):
-    """Logits / s, their derivative w.r.t. the cosine, and where the targets sit."""
+    """Logits / s of a chunk, the non-target derivative (None: 1), the targets and their derivative.
+
+    For the cosine non-target the logits are the GEMM's output itself, overwritten in place.
+    """
     cos = x_hat @ w_hat.T
     class_cos = None if rows.target_centre is None else rows.target_centre.to(cos.dtype) @ w_hat.T
     theta_y = None if rows.theta_y is None else rows.theta_y.to(cos.dtype).unsqueeze(1)
-    value, deriv = nontarget_transform(cos, theta_y, class_cos, params)
-    value = value.clone() if value is cos else value
-    deriv = torch.ones_like(cos) if deriv is None else deriv
     local = rows.labels - start
     hit = ((local >= 0) & (local < cos.shape[1])).nonzero().squeeze(1)
     col = local[hit]
     t_value, t_deriv = target_transform(cos[hit, col], rows.margin[hit].to(cos.dtype), params)
+    value, deriv = nontarget_transform(cos, theta_y, class_cos, params)
     value[hit, col] = t_value
-    deriv[hit, col] = t_deriv
-    return value, deriv, hit, col
+    return value, deriv, hit, col, t_deriv
 
 
 def _forward(x_hat, weight, rows: RowInputs, params, chunk_size):
@@ -45,16 +46,18 @@ def _forward(x_hat, weight, rows: RowInputs, params, chunk_size):
     acc = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
     x_hat = x_hat.to(acc)
     scale = rows.scale.detach().to(acc).unsqueeze(1)
+    denom = _class_norms(weight, acc, chunk_size).clamp_min_(NORM_EPS).unsqueeze(1)
     run_max = torch.full((n_rows,), -torch.inf, dtype=acc, device=x_hat.device)
     run_sum = torch.zeros(n_rows, dtype=acc, device=x_hat.device)
     target_logit = torch.zeros(n_rows, dtype=acc, device=x_hat.device)
     for start in range(0, n_classes, chunk_size):
-        w_hat, _ = _chunk_centres(weight, start, min(start + chunk_size, n_classes))
-        value, _, hit, col = _chunk_logits(x_hat, w_hat.to(acc), rows, params, start)
+        stop = min(start + chunk_size, n_classes)
+        w_hat = weight[start:stop].to(acc) / denom[start:stop]
+        value, _, hit, col, _ = _chunk_logits(x_hat, w_hat, rows, params, start)
         logits = value.mul_(scale)
         target_logit[hit] = logits[hit, col]
         new_max = torch.maximum(run_max, logits.amax(dim=1))
-        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max.unsqueeze(1)).sum(dim=1)
+        run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1)
         run_max = new_max
     return run_max + torch.log(run_sum), target_logit
 
@@ -65,24 +68,30 @@ def _backward(x_hat, weight, rows: RowInputs, params, chunk_size, lse, grad_lse,
     x_hat = x_hat.to(acc)
     scale = rows.scale.detach().to(acc).unsqueeze(1)
     lse, grad_lse, grad_target = lse.to(acc), grad_lse.to(acc), grad_target.to(acc)
+    norm = _class_norms(weight, acc, chunk_size).unsqueeze(1)
+    denom = norm.clamp_min(NORM_EPS)
     grad_x = torch.zeros_like(x_hat)
     grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device)
     grad_scale = torch.zeros_like(lse)
     for start in range(0, n_classes, chunk_size):
         stop = min(start + chunk_size, n_classes)
-        w_hat, norm = _chunk_centres(weight, start, stop)
-        w_hat, norm = w_hat.to(acc), norm.to(acc)
-        value, deriv, hit, col = _chunk_logits(x_hat, w_hat, rows, params, start)
+        w_hat = weight[start:stop].to(acc) / denom[start:stop]
+        value, deriv, hit, col, t_deriv = _chunk_logits(x_hat, w_hat, rows, params, start)
         # dL/dz = grad_lse * softmax (+ grad_target on the target column)
-        grad_z = torch.exp(value * scale - lse.unsqueeze(1)).mul_(grad_lse.unsqueeze(1))
+        grad_z = torch.addcmul(-lse.unsqueeze(1), value, scale).exp_().mul_(grad_lse.unsqueeze(1))
         grad_z[hit, col] += grad_target[hit]
-        grad_scale += (grad_z * value).sum(dim=1)
-        grad_cos = grad_z.mul_(deriv).mul_(scale)
+        grad_scale += torch.bmm(grad_z.unsqueeze(1), value.unsqueeze(2)).view(-1)  # row-wise <dL/dz, value>
+        if deriv is None:  # cosine non-target: derivative 1 but on the target column
+            grad_z[hit, col] *= t_deriv
+        else:
+            deriv[hit, col] = t_deriv
+            grad_z.mul_(deriv)
+        grad_cos = grad_z.mul_(scale)
         grad_x += grad_cos @ w_hat
         grad_w_hat = grad_cos.T @ x_hat
         # backward of w / max(|w|, eps)
         radial = (w_hat * grad_w_hat).sum(dim=1, keepdim=True)
-        grad_w[start:stop] = torch.where(norm > NORM_EPS, (grad_w_hat - w_hat * radial) / norm,
+        grad_w[start:stop] = torch.where(norm[start:stop] > NORM_EPS, (grad_w_hat - w_hat * radial) / norm[start:stop],
                                          grad_w_hat / NORM_EPS)
     return grad_x, grad_w, grad_scale
 
