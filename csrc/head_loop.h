@@ -228,48 +228,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_loop(const HeadInputs& i
   return {grad_x, grad_w, grad_scale};
 }
 
-// The op entries of one device: checks, dtype dispatch, the loop.
-template <class Dev>
-std::tuple<at::Tensor, at::Tensor> head_forward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size) {
-  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
-                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
-  check_device_type(x_hat, Dev::kDeviceType);
-  typename Dev::Guard guard(x_hat.device());
-  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
-                                     chunk_size);
-  if (in.x_hat.scalar_type() == at::kDouble) return forward_loop<Dev, double>(in);
-  return forward_loop<Dev, float>(in);
-}
+// The backward's per-row statistics (lse, grad_lse, grad_target), checked against the
+// inputs and made contiguous in the compute dtype. Every device's backward entry uses it.
+struct RowStatistics {
+  at::Tensor lse, grad_lse, grad_target;
+};
 
-template <class Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse,
-    const at::Tensor& grad_target) {
-  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
-                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
-  check_device_type(x_hat, Dev::kDeviceType);
-  typename Dev::Guard guard(x_hat.device());
-  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
-                                     chunk_size);
+inline RowStatistics check_row_statistics(const HeadInputs& in, const at::Tensor& lse, const at::Tensor& grad_lse,
+                                          const at::Tensor& grad_target) {
   const int64_t b = in.x_hat.size(0);
   check_vector(lse, "lse", b, in.x_hat);
   check_vector(grad_lse, "grad_lse", b, in.x_hat);
   check_vector(grad_target, "grad_target", b, in.x_hat);
   const auto acc = in.x_hat.scalar_type();
-  const at::Tensor lse_c = lse.to(acc).contiguous();
-  const at::Tensor grad_lse_c = grad_lse.to(acc).contiguous();
-  const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
-  if (acc == at::kDouble) return backward_loop<Dev, double>(in, lse_c, grad_lse_c, grad_target_c);
-  return backward_loop<Dev, float>(in, lse_c, grad_lse_c, grad_target_c);
+  return {lse.to(acc).contiguous(), grad_lse.to(acc).contiguous(), grad_target.to(acc).contiguous()};
+}
+
+// The chunk loop on checked inputs, in their compute dtype.
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor> chunk_loop_forward(const HeadInputs& in) {
+  if (in.x_hat.scalar_type() == at::kDouble) return forward_loop<Dev, double>(in);
+  return forward_loop<Dev, float>(in);
+}
+
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_loop_backward(const HeadInputs& in,
+                                                                   const RowStatistics& stats) {
+  if (in.x_hat.scalar_type() == at::kDouble)
+    return backward_loop<Dev, double>(in, stats.lse, stats.grad_lse, stats.grad_target);
+  return backward_loop<Dev, float>(in, stats.lse, stats.grad_lse, stats.grad_target);
 }
 
 }  // namespace margin_ext

@@ -130,8 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const HeadInputs& 
   return {grad_x, grad_w, grad_scale};
 }
 
-// The op entries: the fused kernels where they apply, else the chunk loop (which checks
-// its inputs again: cheap, and it keeps one entry per device in head_loop.h).
+// The op entries: the fused kernels where they apply, else the chunk loop.
 std::tuple<at::Tensor, at::Tensor> cuda_head_forward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
     const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
@@ -145,9 +144,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_head_forward(
   const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
                                      chunk_size);
   if (fused_applies(in)) return fused_forward(in);
-  return head_forward<CudaDevice>(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                  fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                  inter_alpha, inter_dynamic, chunk_size);
+  return chunk_loop_forward<CudaDevice>(in);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_head_backward(
@@ -163,17 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_head_backward(
   CudaDevice::Guard guard(x_hat.device());
   const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
                                      chunk_size);
-  if (fused_applies(in)) {
-    const int64_t b = in.x_hat.size(0);
-    check_vector(lse, "lse", b, in.x_hat);
-    check_vector(grad_lse, "grad_lse", b, in.x_hat);
-    check_vector(grad_target, "grad_target", b, in.x_hat);
-    return fused_backward(in, lse.to(at::kFloat).contiguous(), grad_lse.to(at::kFloat).contiguous(),
-                          grad_target.to(at::kFloat).contiguous());
-  }
-  return head_backward<CudaDevice>(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                   fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                   inter_alpha, inter_dynamic, chunk_size, lse, grad_lse, grad_target);
+  const RowStatistics stats = check_row_statistics(in, lse, grad_lse, grad_target);
+  // the fused kernels take float32 x_hat (fused_applies), so the statistics are float32 too
+  if (fused_applies(in)) return fused_backward(in, stats.lse, stats.grad_lse, stats.grad_target);
+  return chunk_loop_backward<CudaDevice>(in, stats);
 }
 
 }  // namespace

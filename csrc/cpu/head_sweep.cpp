@@ -274,15 +274,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
   const HeadInputs in = checked(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind, fallback,
                                 straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu, inter_alpha,
                                 inter_dynamic, chunk_size);
-  const int64_t b = in.x_hat.size(0);
-  check_vector(lse, "lse", b, in.x_hat);
-  check_vector(grad_lse, "grad_lse", b, in.x_hat);
-  check_vector(grad_target, "grad_target", b, in.x_hat);
-  const auto acc = in.x_hat.scalar_type();
-  const at::Tensor l = lse.to(acc).contiguous(), gl = grad_lse.to(acc).contiguous();
-  const at::Tensor gt = grad_target.to(acc).contiguous();
-  if (acc == at::kDouble) return Sweep<double>(in).backward(l, gl, gt);
-  return Sweep<float>(in).backward(l, gl, gt);
+  const RowStatistics stats = check_row_statistics(in, lse, grad_lse, grad_target);
+  if (in.x_hat.scalar_type() == at::kDouble)
+    return Sweep<double>(in).backward(stats.lse, stats.grad_lse, stats.grad_target);
+  return Sweep<float>(in).backward(stats.lse, stats.grad_lse, stats.grad_target);
 }
 
 }  // namespace cpu
