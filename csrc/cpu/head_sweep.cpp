@@ -19,8 +19,10 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "../head_loop.h"
+#include "gemm_16bit.h"
 #include "row_kernels.h"
 
 namespace margin_ext {
@@ -72,6 +74,9 @@ struct Sweep {
   const RowKernels<T>& kernels;
   int64_t rows, classes, dim, chunk;
   bool converts;                  // centres stored in another dtype than T
+  bool native_16bit;              // 16-bit centres multiplied as stored (gemm_16bit.h)
+  at::Tensor x16, centre16;       // x_hat and InterFace's target centres in the centres' dtype
+  at::Tensor wt16;                // (D * chunk): a chunk of centres transposed, for the cosines
   at::Tensor norm, inv_norm;      // (C,) in T
   at::Tensor converted;           // (chunk, D) in T, when converts
   at::Tensor cos, class_cos;      // (rows * chunk) in T; class_cos for InterFace's dynamic phi
@@ -89,6 +94,12 @@ struct Sweep {
     const auto opts = in.x_hat.options();
     converts = in.weight.scalar_type() != in.x_hat.scalar_type();
     if (converts) converted = at::empty({chunk, dim}, opts);
+    native_16bit = std::is_same<T, float>::value && use_16bit_gemm(in.weight.scalar_type());
+    if (native_16bit) {
+      x16 = in.x_hat.to(in.weight.scalar_type());
+      if (interface_dynamic()) centre16 = in.target_centre.to(in.weight.scalar_type());
+      wt16 = at::empty({dim * chunk}, in.weight.options());
+    }
     cos = at::empty({rows * chunk}, opts);
     if (interface_dynamic()) class_cos = at::empty({rows * chunk}, opts);
     target = at::empty({rows}, in.labels.options());
@@ -106,6 +117,23 @@ struct Sweep {
     at::Tensor out = converted.narrow(0, 0, n);
     out.copy_(w);
     return out;
+  }
+
+  // The centres [start, start + n) as the cosine GEMM takes them: as stored when they
+  // are multiplied in 16 bits, else in T.
+  at::Tensor product_centres(int64_t start, int64_t n) {
+    return native_16bit ? in.weight.narrow(0, start, n) : centres(start, n);
+  }
+
+  // c = a @ w^T over the centres w of a chunk (a = x_hat, or InterFace's target centres).
+  void cosines_into(at::Tensor c, const at::Tensor& a, const at::Tensor& a16, const at::Tensor& w) {
+    if (!native_16bit) {
+      at::mm_out(c, a, w.t());
+      return;
+    }
+    at::Tensor wt = view(wt16, dim, w.size(0));
+    wt.copy_(w.t());
+    gemm_16bit(a16, wt, c, /*accumulate=*/false);
   }
 
   void class_norms() {
@@ -126,14 +154,14 @@ struct Sweep {
   // <centre_i, w_j>), the targets' columns, and the row kernels' view of them.
   RowChunk<T> chunk_cosines(const at::Tensor& w, int64_t start, int64_t n) {
     at::Tensor c = view(cos, rows, n);
-    at::mm_out(c, in.x_hat, w.t());
+    cosines_into(c, in.x_hat, x16, w);
     RowChunk<T> rc;
     rc.n_cols = n;
     rc.cos = c.template data_ptr<T>();
     rc.class_cos = nullptr;
     if (interface_dynamic()) {
       at::Tensor cc = view(class_cos, rows, n);
-      at::mm_out(cc, in.target_centre, w.t());
+      cosines_into(cc, in.target_centre, centre16, w);
       rc.class_cos = cc.template data_ptr<T>();
     }
     const int64_t* labels = in.labels.data_ptr<int64_t>();
@@ -165,7 +193,7 @@ struct Sweep {
     const T* margin = in.margin.template data_ptr<T>();
     for (int64_t start = 0; rows > 0 && start < classes; start += chunk) {
       const int64_t n = std::min(chunk, classes - start);
-      const RowChunk<T> rc = chunk_cosines(centres(start, n), start, n);
+      const RowChunk<T> rc = chunk_cosines(product_centres(start, n), start, n);
       at::parallel_for(0, rows, grain_for(n), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           // the target first: InterFace's kernel writes its logits over the cosines
@@ -194,6 +222,14 @@ struct Sweep {
     at::Tensor grad_scale = at::zeros({rows}, opts);
     at::Tensor row_grad_scale = at::empty({rows}, opts);
     at::Tensor h = at::empty({chunk * dim}, opts);
+    // 16-bit products: G rounded once to the centres' dtype (as the GPU kernels do), and
+    // H computed transposed, H^T = x_hat^T G, so that both operands stay row-major.
+    at::Tensor g16, ht, x16t;
+    if (native_16bit) {
+      g16 = at::empty({rows * chunk}, in.weight.options());
+      ht = at::empty({dim * chunk}, opts);
+      x16t = x16.t().contiguous();
+    }
     const T *l = lse.template data_ptr<T>(), *gl = grad_lse.template data_ptr<T>();
     const T* gt = grad_target.template data_ptr<T>();
     const T* margin = in.margin.template data_ptr<T>();
@@ -202,7 +238,8 @@ struct Sweep {
     for (int64_t start = 0; start < classes; start += chunk) {
       const int64_t n = std::min(chunk, classes - start);
       const at::Tensor w = centres(start, n);
-      const RowChunk<T> rc = chunk_cosines(w, start, n);
+      const at::Tensor w_product = native_16bit ? product_centres(start, n) : w;
+      const RowChunk<T> rc = chunk_cosines(w_product, start, n);
       at::parallel_for(0, rows, grain_for(n), [&](int64_t b, int64_t e) {
         kernels.backward(rc, b, e, l, gl, rgs);
         for (int64_t i = b; i < e; ++i) {
@@ -221,9 +258,18 @@ struct Sweep {
       });
       // cos now holds G = dL/dcos scaled by inv_norm: the GEMMs take the raw centres
       const at::Tensor g = view(cos, rows, n);
-      grad_x.addmm_(g, w);
       at::Tensor hk = view(h, n, dim);
-      at::mm_out(hk, g.t(), in.x_hat);
+      if (native_16bit) {
+        at::Tensor g_product = view(g16, rows, n);
+        g_product.copy_(g);
+        gemm_16bit(g_product, w_product, grad_x, /*accumulate=*/true);
+        at::Tensor h_transposed = view(ht, dim, n);
+        gemm_16bit(x16t, g_product, h_transposed, /*accumulate=*/false);
+        hk.copy_(h_transposed.t());
+      } else {
+        grad_x.addmm_(g, w);
+        at::mm_out(hk, g.t(), in.x_hat);
+      }
       T* hp = hk.template data_ptr<T>();
       at::Tensor out = grad_w.narrow(0, start, n);
       T* op = converts ? hp : out.template data_ptr<T>();
