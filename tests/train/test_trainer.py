@@ -8,6 +8,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -331,3 +332,27 @@ def test_verification_files_of_the_same_name_stay_apart(tmp_path):
     paths = [tmp_path / "a/lfw.bin", tmp_path / "b/lfw.bin", tmp_path / "cfp.bin"]
     sets = build_val_sets(Namespace(val=",".join(map(str, paths))), (3, 16, 16))
     assert list(sets) == [str(paths[0]), str(paths[1]), "cfp"]
+
+
+def test_samples_per_second_leave_out_verification_time(tmp_path):
+    """Verification after every step sleeps PAUSE seconds: were that time counted, the
+    logged intervals would add up to more than the run's wall time less the pauses."""
+    pause = 0.5
+    options = parse_args(TINY + ["--epochs", "1", "--val-every", "1", "--no-plot", "--no-tensorboard",
+                                 "--output", str(tmp_path / "run")])
+    trainer = Trainer(options, setup_distributed("cpu"))
+    paused = []
+
+    def slow_evaluate():
+        time.sleep(pause)
+        paused.append(pause)
+        return {}
+
+    trainer.evaluate = slow_evaluate
+    started = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - started
+    rows = trainer.log.train
+    assert [row["step"] for row in rows] == [2, 4] and len(paused) >= 3  # after steps 1, 2, 3 at least
+    counted = 48 / rows[0]["samples_per_s"] + 32 / rows[1]["samples_per_s"]  # 24 + 24, then 24 + 8 images
+    assert counted <= wall - sum(paused) + 0.05, (counted, wall, paused)
