@@ -47,6 +47,11 @@ if [[ ${#sources[@]} -eq 0 ]]; then
   echo "compile_check: no .cu files found under $here" >&2
   exit 1
 fi
+# The defines torch's CUDAExtension passes to nvcc (torch.utils.cpp_extension
+# COMMON_NVCC_FLAGS): without them a .cu file can compile here and fail in the real build.
+torch_defines=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+               -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
+
 reports="${KEEP:-$tmp/reports}"
 mkdir -p "$reports"
 compile() {  # compile SRC ARCH: object, ptxas report and PTX into $reports
@@ -54,8 +59,8 @@ compile() {  # compile SRC ARCH: object, ptxas report and PTX into $reports
   name="$(basename "$src" .cu)"
   keep="$tmp/keep.$name.$arch"
   mkdir -p "$keep"
-  if "$nvcc" -std=c++17 -O3 -c "$src" -o "$keep/out.o" -gencode "arch=compute_$arch,code=sm_$arch" \
-      -Xptxas -v -keep -keep-dir "$keep" -Werror all-warnings -Xcompiler -Wall,-Werror \
+  if "$nvcc" -std=c++17 -O3 "${torch_defines[@]}" -c "$src" -o "$keep/out.o" \
+      -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v -keep -keep-dir "$keep" -Werror all-warnings -Xcompiler -Wall,-Werror \
       >"$reports/$name.sm_$arch.log" 2>&1; then
     cat "$keep"/*.ptx >"$reports/$name.sm_$arch.ptx"
     echo "ok    nvcc sm_$arch  ${src#./}"

@@ -491,15 +491,18 @@ __global__ void sum_splits_kernel(const float* __restrict__ parts, int splits, i
   out[k] = v;
 }
 
+// The stored 16-bit values are read as raw bits: torch builds CUDA sources with the
+// implicit __nv_bfloat16 / __half conversions switched off (__CUDA_NO_*_CONVERSIONS__).
 template <typename W>
-__global__ void centre_norms_kernel(const W* __restrict__ w, int64_t cols, int64_t dim, float* __restrict__ norms) {
+__global__ void centre_norms_kernel(const uint16_t* __restrict__ w, int64_t cols, int64_t dim,
+                                    float* __restrict__ norms) {
   constexpr int kWarps = 8;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (j >= cols) return;  // whole warps leave together
   float sum_sq = 0.f;
   for (int64_t d = lane; d < dim; d += kWarp) {
-    const float v = static_cast<float>(w[j * dim + d]);
+    const float v = Operand<W>::value(w[j * dim + d]);
     sum_sq += v * v;
   }
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
@@ -588,9 +591,10 @@ LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_
   if (cols == 0) return kOk;
   const unsigned int blocks = blocks_for(cols, 8);
   if (w_type == WeightType::kBFloat16) {
-    centre_norms_kernel<<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const __nv_bfloat16*>(w), cols, dim, norms);
+    centre_norms_kernel<__nv_bfloat16><<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const uint16_t*>(w), cols, dim,
+                                                                           norms);
   } else if (w_type == WeightType::kFloat16) {
-    centre_norms_kernel<<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const __half*>(w), cols, dim, norms);
+    centre_norms_kernel<__half><<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const uint16_t*>(w), cols, dim, norms);
   } else {
     return {cudaErrorInvalidValue, "centre_norms_kernel"};
   }
