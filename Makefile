@@ -56,10 +56,10 @@ test-compat:
 	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q "$(COMPAT_TORCH)" "$(COMPAT_TRITON)" "setuptools>=77" wheel ninja pybind11 \
 		"numpy$(COMPAT_NUMPY)" pytest matplotlib tqdm pillow pyyaml tensorboard
-	rm -rf $(COMPAT_SRC)/margin_ext $(COMPAT_SRC)/csrc $(COMPAT_SRC)/tests $(COMPAT_SRC)/bench
+	rm -rf $(COMPAT_SRC)/margin_ext $(COMPAT_SRC)/csrc $(COMPAT_SRC)/tests $(COMPAT_SRC)/bench $(COMPAT_SRC)/docs
 	mkdir -p $(COMPAT_SRC)
 	tar -cf - --exclude=__pycache__ --exclude='*.so' --exclude=bench/results \
-		setup.py pyproject.toml README.md margin_ext csrc tests bench | tar -xf - -C $(COMPAT_SRC)
+		setup.py pyproject.toml README.md margin_ext csrc tests bench docs | tar -xf - -C $(COMPAT_SRC)
 	cd $(COMPAT_SRC) && CUDA_HOME="$${CUDA_HOME:-$(NVCC_HOME)}" MAX_JOBS=$(NPROC) MARGIN_EXT_CUDA=$(COMPAT_CUDA) \
 		$(COMPAT_PY) setup.py -q build_ext --inplace
 	cd $(COMPAT_SRC) && $(COMPAT_PY) -m pytest tests
