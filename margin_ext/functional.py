@@ -45,6 +45,9 @@ def margin_cross_entropy(
     check_finite: raise if the embeddings or the weight hold NaN or inf (costs a device sync).
 
     Returns a float32 loss; differentiable w.r.t. ``embeddings`` and ``weight``.
+    With backend "cpp" and reduction "mean" or "sum", a forward that autograd records
+    computes the gradients too (one sweep over the classes instead of two) and keeps
+    them until the backward (csrc/README.md, "The CPU sweep").
     """
     check_head_inputs(embeddings, weight, labels, margin, ignore_index=ignore_index,
                       check_finite=check_finite)

@@ -357,3 +357,13 @@ def test_the_op_pair_where_the_gradients_are_not_known_before(reduction):
         torch.testing.assert_close(loss.detach(), want, rtol=1e-10, atol=1e-10)
     else:
         assert log.calls == ["head_forward", ("head_forward_backward", ROWS - 1)]
+
+
+def test_the_bench_cpp_head_takes_the_one_op():
+    from bench.heads import BY_NAME
+
+    x, w, y = make_inputs(ROWS, CLASSES, DIM, torch.float32, labels=BOUNDARY_LABELS)
+    step = BY_NAME["cpp"].build(x.requires_grad_(True), w.requires_grad_(True), y)
+    with OpLog() as log:
+        step()
+    assert log.calls == [("head_forward_backward", ROWS)]
