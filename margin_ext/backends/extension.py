@@ -85,14 +85,14 @@ def head_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, pa
 
 
 #: Bytes of stored cosines head_forward_backward may hold (a block of rows over every
-#: class). 256 MiB: four times the CPU chunk temporaries' budget (backends.default_chunk_size),
-#: small beside the centres and their gradient of a head large enough to need it, and
-#: enough for blocks of MIN_ROW_BLOCK rows up to 2M float32 classes per process.
+#: class). 256 MiB: four times the CPU chunk temporaries' budget (backends.default_chunk_size);
+#: one block then holds 512 rows over up to 131k float32 classes, and blocks of
+#: MIN_ROW_BLOCK rows reach 2M classes per process.
 LOGITS_BUDGET = 256 << 20
 #: Fewer rows per block than this run the op pair's sweeps instead: each block reads the
-#: centres twice and grad_weight once more, so at 4 bytes an element a block of Bb rows
-#: does 6 Bb C D flops per ~16 C D bytes, and below ~32 rows the step is bound by memory
-#: traffic rather than by the GEMMs.
+#: centres twice and grad_weight once more, ~16 C D bytes in float32 for 6 Bb C D flops,
+#: so at 32 rows a block does ~12 flops per byte, about what a CPU core's FMA units and
+#: its share of memory bandwidth balance at; thinner blocks are bound by memory traffic.
 MIN_ROW_BLOCK = 32
 
 
