@@ -258,6 +258,10 @@ def estimate_bytes(head: Head, batch: int, classes: int, dim: int, dtype: torch.
     extra = 0
     if head.logits_copies == 0:  # the fused heads' chunk temporaries (their budget)
         extra = (1 << 30) if device.type == "cuda" else (64 << 20)
+    if head.name == "cpp":  # a mean loss: head_forward_backward's stored cosines, at most its budget
+        from margin_ext.backends.extension import LOGITS_BUDGET
+
+        extra += LOGITS_BUDGET
     if head.name == "pml":
         extra = classes * dim * item  # its own (D, C) copy of the class centres
     return int(logits + grads + extra)

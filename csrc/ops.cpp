@@ -33,6 +33,16 @@ TORCH_LIBRARY(margin_ext, m) {
   m.def("head_backward(" MX_HEAD_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)",
         {at::Tag::pt2_compliant_tag});
+  // Both at once, for per-row weights known before the forward (grad_lse, grad_target:
+  // a mean or a sum of the row losses); the stored cosines take at most logits_budget
+  // bytes (cpu/row_block_sweep.cpp). CPU only.
+  m.def("head_forward_backward(" MX_HEAD_ARGS ", Tensor grad_lse, Tensor grad_target, int logits_budget, "
+        "int min_row_block) -> (Tensor lse, Tensor target_logit, Tensor grad_x, Tensor grad_weight, "
+        "Tensor grad_scale)",
+        {at::Tag::pt2_compliant_tag});
+  // Rows per block head_forward_backward takes for these inputs (0: the op pair's sweeps).
+  m.def("row_block_rows(Tensor x_hat, Tensor weight, int nontarget_kind, int logits_budget, int min_row_block) "
+        "-> int");
   // The fused CUDA kernels' tile loop run on the CPU (cpu/tile_reference.cpp), products
   // as plain dot products: the same outputs as head_forward / head_backward, computed
   // tile by tile with the given tile sizes and class splits. For tests.

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, default_chunk_size, resolve
-from .head_function import head_statistics
+from .head_function import head_statistics, reduced_head_loss
 from .margins import ArcFace, MarginSpec
 from .reference import reference_row_losses
 from .rows import normalize, prepare_rows, target_cosine
@@ -45,6 +45,9 @@ def margin_cross_entropy(
     check_finite: raise if the embeddings or the weight hold NaN or inf (costs a device sync).
 
     Returns a float32 loss; differentiable w.r.t. ``embeddings`` and ``weight``.
+    With backend "cpp" and reduction "mean" or "sum", a forward that autograd records
+    computes the gradients too (one sweep over the classes instead of two) and keeps
+    them until the backward (csrc/README.md, "The CPU sweep").
     """
     check_head_inputs(embeddings, weight, labels, margin, ignore_index=ignore_index,
                       check_finite=check_finite)
@@ -73,8 +76,11 @@ def margin_cross_entropy(
         row_losses = reference_row_losses(x, weight, y, margin, row_margin.to(x.device))
     else:
         kernels = resolve(backend, embeddings.device)
-        chunk = chunk_size or default_chunk_size(y.numel(), weight.shape[0], weight.device)
-        row_losses = _fused_row_losses(x, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator)
+        chunk = min(chunk_size or default_chunk_size(y.numel(), weight.shape[0], weight.device), weight.shape[0])
+        if reduction != "none" and kernels.forward_backward is not None and _needs_grad(embeddings, weight):
+            row_weight = 1.0 / rows.numel() if reduction == "mean" else 1.0
+            return _fused_reduced_loss(x, weight, y, margin, kernels, chunk, generator, row_weight)
+        row_losses = _fused_row_losses(x, weight, y, margin, kernels, chunk, generator)
 
     if reduction == "sum":
         return row_losses.sum()
@@ -105,14 +111,33 @@ def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend
     return row_losses
 
 
-def _fused_row_losses(x, weight, y, margin, kernels, chunk_size, generator):
+def _needs_grad(embeddings, weight):
+    return torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
+
+
+def _kernel_inputs(x, weight, y, margin, generator):
+    """x_hat, the rows' inputs and the target cosines (None when the spec needs none)."""
     x_hat = normalize(x)
     target_cos = target_centre = None
     if margin.needs_target_cos:
         target_centre = normalize(weight[y])
         target_cos = (x_hat * target_centre).sum(dim=1)
-    row_inputs = prepare_rows(margin, x, y, target_cos, target_centre, generator)
+    return x_hat, prepare_rows(margin, x, y, target_cos, target_centre, generator), target_cos
+
+
+def _fused_row_losses(x, weight, y, margin, kernels, chunk_size, generator):
+    x_hat, row_inputs, target_cos = _kernel_inputs(x, weight, y, margin, generator)
     lse, target_logit = head_statistics(x_hat, weight, row_inputs, margin.kernel_params(), kernels, chunk_size)
     losses = lse - target_logit
     extra = margin.extra_loss(target_cos) if target_cos is not None else None
     return losses if extra is None else losses + extra
+
+
+def _fused_reduced_loss(x, weight, y, margin, kernels, chunk_size, generator, row_weight):
+    """The mean (row_weight 1 / rows) or sum (1) of the row losses, the head's gradients
+    computed with its forward (kernels.forward_backward: one sweep instead of two).
+    The margin's extra loss on the target cosines keeps its own autograd path."""
+    x_hat, row_inputs, target_cos = _kernel_inputs(x, weight, y, margin, generator)
+    loss = reduced_head_loss(x_hat, weight, row_inputs, margin.kernel_params(), kernels, chunk_size, row_weight)
+    extra = margin.extra_loss(target_cos) if target_cos is not None else None
+    return loss if extra is None else loss + extra.sum() * row_weight

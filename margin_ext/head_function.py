@@ -1,4 +1,4 @@
-"""The autograd Function that every fast backend plugs its kernels into.
+"""The autograd Functions that every fast backend plugs its kernels into.
 
 Forward: per-row statistics over the classes of ``weight`` -- the log-sum-exp of the
 margin logits and the target logit -- never the logits themselves. Backward: the
@@ -17,12 +17,22 @@ storage dtype (kernels normalize them); rows: :class:`~margin_ext.rows.RowInputs
 lse, target_logit, grad_*: (B,) float32. target_logit is 0 for rows whose label is -1.
 grad_weight may be float32 or the weight's dtype; grad_scale may be None when the
 scale needs no gradient.
+
+A backend may also offer both at once, for a loss whose per-row weights are known before
+the forward (a mean or a sum of the row losses):
+
+    forward_backward(x_hat, weight, rows, params, chunk_size, grad_lse, grad_target)
+        -> (lse, target_logit, grad_x_hat, grad_weight, grad_scale)
+
+:func:`reduced_head_loss` then returns the reduced loss and hands the gradients it
+already holds to autograd, scaled by the incoming gradient: no second sweep (the "cpp"
+backend saves a GEMM per chunk that way, csrc/README.md "The CPU sweep").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -35,6 +45,7 @@ class Kernels:
     name: str
     forward: Callable
     backward: Callable
+    forward_backward: Optional[Callable] = None
 
 
 class _HeadStatistics(torch.autograd.Function):
@@ -68,3 +79,51 @@ def head_statistics(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs,
                     params: MarginParams, kernels: Kernels, chunk_size: int):
     """(lse, target_logit) per row, differentiable w.r.t. x_hat, weight and rows.scale."""
     return _HeadStatistics.apply(x_hat, weight, rows.scale, rows, params, kernels, chunk_size)
+
+
+class _ReducedHead(torch.autograd.Function):
+    """sum_i row_weight * (lse_i - target_logit_i), its gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, x_hat, weight, scale, rows, params, kernels, chunk_size, row_weight):
+        grad_lse = torch.full_like(x_hat[:, 0], row_weight)
+        lse, target_logit, grad_x, grad_w, grad_scale = kernels.forward_backward(
+            x_hat, weight, rows, params, chunk_size, grad_lse, -grad_lse)
+        # a plain attribute, not save_for_backward: the backward hands these very tensors
+        # to autograd, and a reference kept here would make it copy grad_w (C x D)
+        ctx.grads = (grad_x, grad_w.to(weight.dtype), grad_scale.to(scale.dtype))
+        ctx.save_for_backward(x_hat, weight, lse)
+        ctx.rows, ctx.params, ctx.kernels, ctx.chunk_size, ctx.row_weight = rows, params, kernels, chunk_size, row_weight
+        return (lse - target_logit).sum() * row_weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            # a second backward through a retained graph: the first one gave the
+            # gradients away, so the kernels' backward forms them again
+            x_hat, weight, lse = ctx.saved_tensors
+            grad_lse = torch.full_like(lse, ctx.row_weight) * grad_loss.to(lse.dtype)
+            grad_x, grad_w, grad_scale = ctx.kernels.backward(x_hat, weight, ctx.rows, ctx.params, ctx.chunk_size,
+                                                              lse, grad_lse, -grad_lse)
+            grads = (grad_x, grad_w.to(weight.dtype), grad_scale.to(ctx.rows.scale.dtype))
+        elif not bool(grad_loss == 1):
+            for g in grads:
+                g.mul_(grad_loss)
+        grad_x, grad_w, grad_scale = grads
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None,
+                grad_scale if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+
+
+def reduced_head_loss(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+                      kernels: Kernels, chunk_size: int, row_weight: float) -> torch.Tensor:
+    """sum_i row_weight * (lse_i - target_logit_i) over the rows, differentiable w.r.t.
+    x_hat, weight and rows.scale; needs ``kernels.forward_backward``.
+
+    The gradients are computed with the loss (one sweep for both): grad_weight (C x D)
+    lives from the forward to the backward, which returns it as the weight's gradient
+    (scaled in place by the incoming gradient). A second backward through a retained
+    graph runs the kernels' backward.
+    """
+    return _ReducedHead.apply(x_hat, weight, rows.scale, rows, params, kernels, chunk_size, row_weight)

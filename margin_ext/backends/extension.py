@@ -1,15 +1,20 @@
 """The compiled extension's kernels: "cpp" on CPU tensors, "cuda" on CUDA tensors.
 
-The Python face of ``margin_ext._C`` (sources in ``csrc/``), which defines two ops:
+The Python face of ``margin_ext._C`` (sources in ``csrc/``), which defines these ops:
 
 * ``torch.ops.margin_ext.head_forward(x_hat, weight, labels, scale, margin, theta_y,
   target_centre, <margin params>, chunk_size) -> (lse, target_logit)``
 * ``torch.ops.margin_ext.head_backward(<the same>, lse, grad_lse, grad_target)
   -> (grad_x, grad_weight, grad_scale)``
+* ``torch.ops.margin_ext.head_forward_backward(<head_forward's>, grad_lse, grad_target,
+  logits_budget, min_row_block) -> (lse, target_logit, grad_x, grad_weight, grad_scale)``
+  (CPU only): both at once for per-row weights known before the forward, 3 GEMMs per
+  chunk instead of 4 where ``logits_budget`` bytes hold a block of rows' cosines over
+  every class (csrc/README.md, "The CPU sweep").
 
 The margin params are :class:`~margin_ext.margins.MarginParams` field by field. This
 module gives them fake implementations (shapes, for torch.compile), makes
-``head_forward`` differentiable (its backward is ``head_backward``) and wraps both in
+``head_forward`` differentiable (its backward is ``head_backward``) and wraps them in
 the :class:`~margin_ext.head_function.Kernels` contract for ``backends.resolve``.
 """
 
@@ -79,6 +84,40 @@ def head_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, pa
                                               grad_lse, grad_target)
 
 
+#: Bytes of stored cosines head_forward_backward may hold (a block of rows over every
+#: class). 256 MiB: four times the CPU chunk temporaries' budget (backends.default_chunk_size);
+#: one block then holds 512 rows over up to 131k float32 classes, and blocks of
+#: MIN_ROW_BLOCK rows reach 2M classes per process.
+LOGITS_BUDGET = 256 << 20
+#: Fewer rows per block than this run the op pair's sweeps instead: each block reads the
+#: centres twice and grad_weight once more, ~16 C D bytes in float32 for 6 Bb C D flops,
+#: so at 32 rows a block does ~12 flops per byte, about what a CPU core's FMA units and
+#: its share of memory bandwidth balance at; thinner blocks are bound by memory traffic.
+MIN_ROW_BLOCK = 32
+
+
+def head_forward_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+                          chunk_size: int, grad_lse: torch.Tensor, grad_target: torch.Tensor,
+                          logits_budget: Optional[int] = None, min_row_block: Optional[int] = None):
+    """(lse, target_logit, grad_x_hat, grad_weight in the weight's dtype, grad_scale) for
+    the per-row weights grad_lse / grad_target of a loss sum_i grad_lse_i lse_i +
+    grad_target_i target_logit_i, known before the forward. None: LOGITS_BUDGET, MIN_ROW_BLOCK."""
+    budget = LOGITS_BUDGET if logits_budget is None else logits_budget
+    min_block = MIN_ROW_BLOCK if min_row_block is None else min_row_block
+    return torch.ops.margin_ext.head_forward_backward(x_hat, weight, rows.labels, rows.scale, rows.margin,
+                                                      rows.theta_y, rows.target_centre, *margin_args(params),
+                                                      chunk_size, grad_lse, grad_target, budget, min_block)
+
+
+def row_block_rows(x_hat: torch.Tensor, weight: torch.Tensor, params: MarginParams,
+                   logits_budget: Optional[int] = None, min_row_block: Optional[int] = None) -> int:
+    """Rows per block head_forward_backward takes for these inputs; 0 where it runs the
+    op pair's sweeps (4 GEMMs per chunk)."""
+    budget = LOGITS_BUDGET if logits_budget is None else logits_budget
+    min_block = MIN_ROW_BLOCK if min_row_block is None else min_row_block
+    return torch.ops.margin_ext.row_block_rows(x_hat, weight, int(params.nontarget), budget, min_block)
+
+
 def tile_kernels(tile_m: int, tile_n: int, splits: int) -> Kernels:
     """The fused CUDA kernels' tile loop run on the CPU (ops ``tile_forward`` /
     ``tile_backward``) with the given tile sizes and class splits; chunk_size is unused.
@@ -98,7 +137,7 @@ def tile_kernels(tile_m: int, tile_n: int, splits: int) -> Kernels:
     return Kernels(f"tile({tile_m}x{tile_n}, {splits} splits)", forward, backward)
 
 
-CPP_KERNELS = Kernels("cpp", head_forward, head_backward)
+CPP_KERNELS = Kernels("cpp", head_forward, head_backward, head_forward_backward)
 CUDA_KERNELS = Kernels("cuda", head_forward, head_backward)
 
 
@@ -144,6 +183,17 @@ def _head_backward_fake(x_hat, weight, labels, scale, margin, theta_y, target_ce
             x_hat.new_empty(x_hat.shape[0]))
 
 
+def _head_forward_backward_fake(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
+                                fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
+                                inter_alpha, inter_dynamic, chunk_size, grad_lse, grad_target, logits_budget,
+                                min_row_block):
+    torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
+    torch._check(x_hat.shape[1] == weight.shape[1], lambda: "x_hat and weight must have the same D")
+    rows = x_hat.shape[0]
+    return (x_hat.new_empty(rows), x_hat.new_empty(rows), x_hat.new_empty(x_hat.shape),
+            weight.new_empty(weight.shape), x_hat.new_empty(rows))
+
+
 _TENSOR_INPUTS = 7  # x_hat, weight, labels, scale, margin, theta_y, target_centre
 
 
@@ -168,5 +218,6 @@ def _head_forward_backward(ctx, grad_lse, grad_target):
 if _MISSING is None:
     torch.library.register_fake("margin_ext::head_forward", _head_forward_fake)
     torch.library.register_fake("margin_ext::head_backward", _head_backward_fake)
+    torch.library.register_fake("margin_ext::head_forward_backward", _head_forward_backward_fake)
     torch.library.register_autograd("margin_ext::head_forward", _head_forward_backward,
                                     setup_context=_setup_context)
