@@ -6,6 +6,8 @@
 // setup.py).
 #include "head_loop.h"
 
+#include <algorithm>
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -56,8 +58,10 @@ void check_launch(gpu::LaunchStatus status) {
 // Whether the fused kernels take these inputs; the chunk loop runs the rest.
 bool fused_applies(const HeadInputs& in) {
   const auto w = in.weight.scalar_type();
+  const int64_t b = in.x_hat.size(0);
   return in.x_hat.scalar_type() == at::kFloat && (w == at::kBFloat16 || w == at::kHalf) &&
-         in.params.nontarget == kCosine && in.x_hat.size(0) > 0 && in.weight.size(0) > 0 &&
+         in.params.nontarget == kCosine && b > 0 && in.weight.size(0) > 0 &&
+         tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
          gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1));
 }
 
@@ -109,24 +113,33 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const HeadInputs& in) {
   return {lse, target};
 }
 
-// Per-split grad_x partials beyond this many bytes are not worth the parallelism.
-constexpr int64_t kSplitWorkspaceBytes = int64_t(64) << 20;
-
+// Backward, chunk by chunk of classes: G (B x chunk, the centres' dtype) and the
+// partials allocated once, within tile::kChunkWorkspaceBytes, reused by every chunk.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const HeadInputs& in, const at::Tensor& lse,
                                                               const at::Tensor& grad_lse,
                                                               const at::Tensor& grad_target) {
   const FusedOperands op(in);
-  const int64_t b = op.head.rows, d = op.head.dim;
-  const int64_t max_splits = std::max<int64_t>(1, kSplitWorkspaceBytes / (b * d * int64_t(sizeof(float))));
-  const int splits = static_cast<int>(std::min<int64_t>(fused_splits(in), max_splits));
-  at::Tensor grad_x = at::empty({b, d}, in.x_hat.options()), grad_scale = at::empty({b}, in.x_hat.options());
+  const int64_t b = op.head.rows, c = op.head.cols, d = op.head.dim;
+  const int64_t capacity = tile::choose_chunk_cols(b, c, gpu::kFusedRows, gpu::kFusedCols,
+                                                   in.weight.element_size(), tile::kChunkWorkspaceBytes);
+  const at::TensorOptions f32 = in.x_hat.options();
+  at::Tensor grad_x = at::empty({b, d}, f32), grad_scale = at::empty({b}, f32);
   at::Tensor grad_w = at::empty(in.weight.sizes(), in.weight.options());
-  at::Tensor split_grad_x = splits > 1 ? at::empty({splits * b * d}, in.x_hat.options()) : grad_x;
-  at::Tensor split_grad_scale = splits > 1 ? at::empty({splits * b}, in.x_hat.options()) : grad_scale;
-  check_launch(gpu::fused_backward(op.head, lse.data_ptr<float>(), grad_lse.data_ptr<float>(),
-                                   grad_target.data_ptr<float>(), splits, split_grad_x.data_ptr<float>(),
-                                   split_grad_scale.data_ptr<float>(), grad_x.data_ptr<float>(),
-                                   grad_scale.data_ptr<float>(), grad_w.data_ptr(), CudaDevice::stream()));
+  at::Tensor grad_cos = at::empty({b, capacity}, in.weight.options());
+  at::Tensor scale_parts = at::empty({capacity / gpu::kFusedCols, b}, f32);
+  at::Tensor radial_parts = at::empty({tile::cdiv(b, gpu::kFusedRows), capacity}, f32);
+  const gpu::RowGradients rows{lse.data_ptr<float>(), grad_lse.data_ptr<float>(), grad_target.data_ptr<float>()};
+  for (int64_t start = 0; start < c; start += capacity) {
+    const gpu::BackwardChunk chunk{start,
+                                   std::min(capacity, c - start),
+                                   capacity,
+                                   grad_cos.data_ptr(),
+                                   scale_parts.data_ptr<float>(),
+                                   radial_parts.data_ptr<float>()};
+    check_launch(gpu::fused_backward_chunk(op.head, rows, chunk, /*accumulate=*/start > 0,
+                                           grad_x.data_ptr<float>(), grad_scale.data_ptr<float>(),
+                                           grad_w.data_ptr(), CudaDevice::stream()));
+  }
   return {grad_x, grad_w, grad_scale};
 }
 

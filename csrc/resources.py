@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 # The kernels whose products must run on tensor cores, and the 16-bit instantiations.
-PRODUCT_KERNELS = ("fused_forward_kernel", "fused_grad_features_kernel", "fused_grad_weight_kernel")
+PRODUCT_KERNELS = (
+    "fused_forward_kernel", "fused_cosine_grad_kernel", "fused_grad_features_kernel", "fused_grad_weight_kernel",
+)
 TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "f32", "d": "f64"}
 TENSOR_CORE = re.compile(r"\b(mma\.sync|wmma\.mma|wgmma\.mma_async)\b")
 BEGIN, END = "<!-- resources:begin -->", "<!-- resources:end -->"

@@ -1,12 +1,14 @@
 // The fused head's tile logic, written once for the CUDA kernels and the CPU tile run.
 //
-// The (B x C) logits are cut into (tile_m rows x tile_n classes) tiles; the class tiles
-// are cut into `splits` contiguous ranges. Forward: one block per (row tile, split) walks
-// its class tiles, folds each tile's margin logits into per-row (max, sum-exp, target)
-// statistics and writes them per split; the splits are merged afterwards in split order.
-// Backward: each tile's logits are recomputed and turned into dL/dcos from the saved
-// log-sum-exp. Only the products (x . w) differ between the devices: tensor cores on
-// CUDA, plain dot products on CPU. __host__ __device__, no torch headers.
+// The (B x C) logits are cut into (tile_m rows x tile_n classes) tiles. Forward: the
+// class tiles are cut into `splits` contiguous ranges; one block per (row tile, split)
+// walks its class tiles, folds each tile's margin logits into per-row (max, sum-exp,
+// target) statistics and writes them per split; the splits are merged afterwards in
+// split order. Backward: the classes are cut into chunks of whole tiles; each tile of a
+// chunk is recomputed once and turned into G = dL/dcos / |w_j| from the saved
+// log-sum-exp, stored for the chunk in the centres' dtype, and the two gradient products
+// read it. Only the products (x . w) differ between the devices: tensor cores on CUDA,
+// plain dot products on CPU. __host__ __device__, no torch headers.
 #pragma once
 
 #include <stdint.h>
@@ -49,6 +51,22 @@ MX_HD int choose_splits(int64_t row_tiles, int64_t col_tiles, int64_t min_blocks
   const int64_t want = cdiv(min_blocks, row_tiles);
   const int64_t splits = want < 1 ? 1 : (want > col_tiles ? col_tiles : want);
   return static_cast<int>(splits > 65535 ? 65535 : splits);  // gridDim.y limit
+}
+
+// Memory the backward may add for one chunk of classes: G (rows x chunk, elem_bytes
+// each) and its float32 partials, the radial terms (row tiles x chunk) and grad_scale
+// (chunk tiles x rows).
+constexpr int64_t kChunkWorkspaceBytes = int64_t(64) << 20;
+
+// Classes per backward chunk: whole tiles, as many as fit in `budget` bytes of workspace
+// (at least one tile, at most all of C).
+MX_HD int64_t choose_chunk_cols(int64_t rows, int64_t cols, int tile_m, int tile_n, int64_t elem_bytes,
+                                int64_t budget) {
+  const int64_t tile_bytes = tile_n * (rows * elem_bytes + cdiv(rows, tile_m) * 4) + rows * 4;
+  int64_t tiles = budget / (tile_bytes > 0 ? tile_bytes : 1);
+  const int64_t col_tiles = cdiv(cols, tile_n);
+  tiles = tiles > col_tiles ? col_tiles : tiles;
+  return (tiles < 1 ? 1 : tiles) * tile_n;
 }
 
 // Column of the row's target inside the tile starting at class col0 with n_cols valid
@@ -125,13 +143,15 @@ MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& 
   return {grad_z * vg.grad * row.scale, grad_z * vg.value};
 }
 
-// Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient:
-// g_hat = sum_i dL/dcos_ij x_i (the gradient w.r.t. w_hat_j) and
-// radial = <w_hat_j, g_hat> = sum_i dL/dcos_ij cos_ij, taken from the tiles.
+// Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient, from
+// h = sum_i G_ij x_i with G_ij = dL/dcos_ij / |w_j| (so h = g_hat / |w_j|, g_hat the
+// gradient w.r.t. w_hat_j) and radial = <w_hat_j, g_hat> = sum_i dL/dcos_ij cos_ij:
+// grad_w_j = (g_hat - w_hat_j radial) / |w_j| = h - w_j radial / |w_j|^2, and h itself
+// where |w_j| <= eps (w_hat = w / eps there: no radial part).
 template <typename T>
-MX_HD T weight_grad(T g_hat, T w, T norm, T radial) {
+MX_HD T weight_grad(T h, T w, T norm, T radial) {
   const T inv = inv_norm(norm);
-  return norm > T(kNormEps) ? (g_hat - w * inv * radial) * inv : g_hat * inv;
+  return norm > T(kNormEps) ? h - w * (inv * inv * radial) : h;
 }
 
 }  // namespace tile

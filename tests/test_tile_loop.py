@@ -1,11 +1,12 @@
 """The fused CUDA kernels' tile loop (csrc/tile_loop.h), run on the CPU.
 
 The ops tile_forward / tile_backward walk the same blocks as the CUDA kernels -- (row
-tile, class split) for the forward and grad_x, class tiles for grad_w -- with the same
-tile logic; only the tensor-core product is a plain dot product. These tests check all
-of that against the reference: shapes that end mid-tile in both directions, the target
-on the last tile of the last split, splits that own no tile, B = 1, ignored rows, every
-spec, and 16-bit operands.
+tile, class split) for the forward; per chunk of classes, each tile recomputed once into
+the chunk's dL/dcos buffer, then the grad_x and grad_w products -- with the same tile
+logic; only the tensor-core product is a plain dot product. These tests check all of
+that against the reference: shapes that end mid-tile in both directions, chunks that end
+mid-tile, the target on the last tile of the last split and of the last chunk, splits
+that own no tile, B = 1, ignored rows, every spec, and 16-bit operands.
 """
 
 import pytest
@@ -19,14 +20,16 @@ from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_
                    reference_loss_and_grads)
 
 # C = 37 in tiles of 8: 5 class tiles, the last one 5 classes wide; 3 splits own tiles
-# {0, 1}, {2, 3}, {4}. Labels at both sides of every tile edge, 36 on the last tile of
-# the last split. B = 9 in row tiles of 4: the last row tile holds one row.
+# {0, 1}, {2, 3}, {4}; backward chunks of 16 classes: [0, 16), [16, 32), [32, 37), the
+# last one partial and ending mid-tile. Labels at both sides of every tile edge, 36 on
+# the last tile of the last split and of the last chunk. B = 9 in row tiles of 4: the
+# last row tile holds one row.
 BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
 
 
-def with_tiles(monkeypatch, tile_m, tile_n, splits):
+def with_tiles(monkeypatch, tile_m, tile_n, splits, chunk_cols=0):
     """Routes margin_cross_entropy(backend="cpp") through the CPU tile run."""
-    kernels = ext.tile_kernels(tile_m, tile_n, splits)
+    kernels = ext.tile_kernels(tile_m, tile_n, splits, chunk_cols)
     monkeypatch.setattr(functional, "resolve", lambda name, device: kernels)
 
 
@@ -34,29 +37,31 @@ def with_tiles(monkeypatch, tile_m, tile_n, splits):
 def test_float64_matches_reference(name, monkeypatch):
     spec = SPEC_CASES[name]
     x, w, y = make_inputs(9, 37, 16, torch.float64, labels=BOUNDARY_LABELS, ignore_rows=(4,))
-    with_tiles(monkeypatch, 4, 8, 3)
+    with_tiles(monkeypatch, 4, 8, 3, 16)
     got = loss_and_grads(x, w, y, spec, backend="cpp")
     want = loss_and_grads(x, w, y, spec, backend="reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-# (B, C, D, tile_m, tile_n, splits): B = 1; one tile smaller than C and B; more splits
-# than class tiles (splits 3..6 own nothing); one class per tile and every tile its own
-# split; a single split over many tiles.
-GRIDS = [(1, 37, 16, 4, 8, 3), (5, 3, 8, 16, 64, 1), (7, 37, 24, 2, 16, 7), (6, 11, 8, 1, 1, 11),
-         (10, 50, 12, 3, 7, 1)]
+# (B, C, D, tile_m, tile_n, splits, chunk_cols): B = 1 over three chunks, the last
+# partial; one tile smaller than C and B; more splits than class tiles (splits 3..6 own
+# nothing) and chunks of one tile; one class per tile and every tile its own split,
+# chunks of 4 classes; a single split over many tiles and chunks of 2 tiles, the last
+# ending mid-tile (50 = 3 x 14 + 8); one chunk of all classes (0: the kernels' choice).
+GRIDS = [(1, 37, 16, 4, 8, 3, 16), (5, 3, 8, 16, 64, 1, 0), (7, 37, 24, 2, 16, 7, 16), (6, 11, 8, 1, 1, 11, 4),
+         (10, 50, 12, 3, 7, 1, 14), (9, 37, 16, 4, 8, 2, 0)]
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 @pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "interface", "elastic_cosface_plus"])
 def test_grids_match_reference(name, grid, monkeypatch):
-    n_rows, n_classes, dim, tile_m, tile_n, splits = grid
+    n_rows, n_classes, dim, tile_m, tile_n, splits, chunk_cols = grid
     spec = SPEC_CASES[name]
     labels = [(n_classes - 1 - 3 * i) % n_classes for i in range(n_rows)]  # the last class first
     x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=1, labels=labels,
                           ignore_rows=(1,) if n_rows > 2 else ())
-    with_tiles(monkeypatch, tile_m, tile_n, splits)
+    with_tiles(monkeypatch, tile_m, tile_n, splits, chunk_cols)
     got = loss_and_grads(x, w, y, spec, backend="cpp")
     want = loss_and_grads(x, w, y, spec, backend="reference")
     for a, b in zip(got, want):
@@ -67,14 +72,14 @@ def test_grids_match_reference(name, grid, monkeypatch):
 @pytest.mark.parametrize("name", SPEC_CASES)
 def test_low_precision_within_reference_error(name, dtype, monkeypatch):
     """float32 accumulation over 16-bit operands (the features cast once to the
-    weight's dtype, dL/dcos rounded to it before the gradient products): within the
-    16-bit reference's own error. The inputs of the Triton backend's test, which rounds
+    weight's dtype, dL/dcos / |w_j| stored in it for the gradient products), over three
+    backward chunks: within the 16-bit reference's own error. The inputs of the Triton backend's test, which rounds
     the same operands: with one loss value per case, the reference's own loss error can
     be far below its typical size by cancellation (D = 16, seed 2: bfloat16 loss error
     0.008 where the gradients' is 0.04), so the case is not picked per backend."""
     spec = SPEC_CASES[name]
     x, w, y = make_inputs(9, 37, 24, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(8,))
-    with_tiles(monkeypatch, 4, 8, 3)
+    with_tiles(monkeypatch, 4, 8, 3, 16)
     got = loss_and_grads(x, w, y, spec, backend="cpp")
     assert got[0].dtype == torch.float32
     assert got[1].dtype == dtype and got[2].dtype == dtype
@@ -109,12 +114,13 @@ def test_forward_reads_the_operands_in_the_weights_dtype(name, weight_dtype):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_splits_and_tiles_do_not_change_the_result():
+def test_splits_tiles_and_chunks_do_not_change_the_result():
     x_hat, w, rows, params = op_inputs(SPEC_CASES["arcface"], torch.float64)
     ones = torch.ones(x_hat.shape[0], dtype=torch.float64)
     results = []
-    for tile_m, tile_n, splits in [(4, 8, 1), (4, 8, 5), (16, 64, 2), (3, 5, 4), (1, 1, 37)]:
-        kernels = ext.tile_kernels(tile_m, tile_n, splits)
+    for tile_m, tile_n, splits, chunk_cols in [(4, 8, 1, 0), (4, 8, 5, 8), (16, 64, 2, 0), (3, 5, 4, 10),
+                                               (1, 1, 37, 1), (1, 1, 37, 36)]:
+        kernels = ext.tile_kernels(tile_m, tile_n, splits, chunk_cols)
         lse, target = kernels.forward(x_hat, w, rows, params, 0)
         results.append((lse, target, *kernels.backward(x_hat, w, rows, params, 0, lse, ones, -ones)))
     for result in results[1:]:
@@ -134,6 +140,11 @@ def test_bad_tile_arguments_are_named():
         ext.tile_kernels(0, 8, 1).forward(x_hat, w, rows, params, 0)
     with pytest.raises(RuntimeError, match="splits=0"):
         ext.tile_kernels(4, 8, 0).forward(x_hat, w, rows, params, 0)
+    lse, _ = ext.tile_kernels(4, 8, 1).forward(x_hat, w, rows, params, 0)
+    ones = torch.ones_like(lse)
+    for chunk_cols in (12, -8):  # not a multiple of tile_n; negative
+        with pytest.raises(RuntimeError, match=f"chunk_cols={chunk_cols}"):
+            ext.tile_kernels(4, 8, 1, chunk_cols).backward(x_hat, w, rows, params, 0, lse, ones, ones)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the fused kernels are only compiled "

@@ -1,11 +1,15 @@
 // The fused CUDA kernels' tile loop run on the CPU: the ops tile_forward / tile_backward.
 //
-// The same blocks in the same order as cuda/fused_head.cu -- (row tile, class split)
-// blocks for the forward and for grad_x, one block per class tile for grad_w -- and the
-// same tile logic (../tile_loop.h). Only the products differ: the tensor-core MMA is a
-// plain dot product here, over the same operands (the features cast once to the
-// weight's dtype, dL/dcos rounded to it before the gradient products), accumulated in
-// the compute type. Serial: it exists to test the tile loop, not to be fast.
+// The same blocks in the same order as cuda/fused_head.cu and the same tile logic
+// (../tile_loop.h). Forward: (row tile, class split) blocks, the splits merged in order.
+// Backward, per chunk of classes: each tile recomputed once into the chunk's G buffer
+// (dL/dcos / |w_j| rounded to the weight's dtype) and the partials (grad_scale per (class
+// tile, row), the radial terms per (row tile, class)); grad_x += G @ W_chunk; grad_w from
+// G^T @ x with the radial terms summed in row-tile order; grad_scale from its partials in
+// class-tile order. Only the products differ: the tensor-core MMA is a plain dot product
+// here, over the same operands (the features cast once to the weight's dtype, G as
+// stored), accumulated in the compute type. Serial: it exists to test the tile loop, not
+// to be fast.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -13,6 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../head_loop.h"
@@ -111,81 +116,107 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const TileProblem<T, W>& p, const
   return {lse, target};
 }
 
-// dL/dcos_ij, dL/ds share and the cosine itself, recomputed from the products.
+// Backward, chunk by chunk: the three kernels of cuda/fused_head.cu in turn, with their
+// buffers. Each output element has one writer per chunk and every sum a fixed order.
 template <typename T, typename W>
-struct Recomputed {
-  T cos;
-  tile::CosGrad<T> grad;
-};
-
-template <typename T, typename W>
-Recomputed<T, W> recompute(const TileProblem<T, W>& p, int64_t i, int64_t j, const tile::RowGrads<T>& rg) {
-  const T inv = tile::inv_norm(p.norms[j]);
-  const T cos = p.product(i, j) * inv;
-  return {cos, tile::cosine_grad(cos, p.class_product(i, j) * inv, j, p.row(i), rg, p.params)};
-}
-
-// Backward: grad_x per (row tile, split) block summed over splits in order; grad_w per
-// class tile walking every row tile (each block owns its outputs: deterministic).
-template <typename T, typename W>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T, W>& p, const at::Tensor& weight,
-                                                            const T* lse, const T* grad_lse, const T* grad_target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T, W>& p, int64_t chunk_cols,
+                                                            const at::Tensor& weight, const T* lse,
+                                                            const T* grad_lse, const T* grad_target,
                                                             const at::TensorOptions& opts) {
   const tile::TileGrid& g = p.grid;
-  const int64_t dim = p.dim;
-  std::vector<T> grad_x_split(g.splits * g.rows * dim, T(0)), grad_scale_split(g.splits * g.rows, T(0));
-  for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
-    for (int split = 0; split < g.splits; ++split) {
-      int64_t first, stop;
-      g.split_tiles(split, first, stop);
-      for (int64_t ct = first; ct < stop; ++ct) {
+  const int64_t dim = p.dim, rows = g.rows, tn = g.tile_n;
+  const int64_t capacity = chunk_cols > 0 ? chunk_cols
+                                          : tile::choose_chunk_cols(rows, g.cols, g.tile_m, g.tile_n, sizeof(W),
+                                                                    tile::kChunkWorkspaceBytes);
+  TORCH_CHECK(capacity % tn == 0, "margin_ext: chunk_cols=", chunk_cols,
+              " is invalid: expected 0 or a positive multiple of tile_n=", tn);
+  std::vector<W> grad_cos(rows * capacity);                                   // G
+  std::vector<T> scale_parts(capacity / tn * rows), radial_parts(g.row_tiles() * capacity);
+  at::Tensor grad_x = at::empty({rows, dim}, opts), grad_scale = at::empty({rows}, opts);
+  at::Tensor grad_w = at::empty(weight.sizes(), weight.options());
+  T* gx = grad_x.data_ptr<T>();
+  T* gs = grad_scale.data_ptr<T>();
+  W* gw = static_cast<W*>(grad_w.data_ptr());
+  std::vector<T> acc(std::max<int64_t>(tn, g.tile_m) * dim);
+  for (int64_t start = 0; start < g.cols; start += capacity) {
+    const int64_t n = std::min(capacity, g.cols - start), tiles = tile::cdiv(n, tn);
+    const bool accumulate = start > 0;
+    // fused_cosine_grad_kernel: one block per (class tile, row tile)
+    for (int64_t ct = 0; ct < tiles; ++ct) {
+      const int64_t col0 = start + ct * tn;
+      const int n_cols = g.cols_in(col0 / tn);
+      for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+        T* radial = &radial_parts[rt * capacity + ct * tn];
+        std::fill(radial, radial + tn, T(0));
         for (int r = 0; r < g.rows_in(rt); ++r) {
           const int64_t i = rt * g.tile_m + r;
           const tile::RowGrads<T> rg{lse[i], grad_lse[i], grad_target[i]};
-          T* gx = &grad_x_split[(split * g.rows + i) * dim];
-          for (int c = 0; c < g.cols_in(ct); ++c) {
-            const int64_t j = ct * g.tile_n + c;
-            const Recomputed<T, W> rc = recompute(p, i, j, rg);
-            grad_scale_split[split * g.rows + i] += rc.grad.grad_scale;
-            // the grad_x product's operand: dL/dcos / |w_j| in the weight's dtype
-            const T a = static_cast<T>(static_cast<W>(rc.grad.grad_cos * tile::inv_norm(p.norms[j])));
-            for (int64_t d = 0; d < dim; ++d) gx[d] += a * static_cast<T>(p.w[j * dim + d]);
+          T scale_part = T(0);
+          for (int c = 0; c < tn; ++c) {
+            T scaled = T(0);  // zero past C: the products read whole tiles
+            if (c < n_cols) {
+              const int64_t j = col0 + c;
+              const T inv = tile::inv_norm(p.norms[j]);
+              const T cos = p.product(i, j) * inv;
+              const tile::CosGrad<T> cg = tile::cosine_grad(cos, p.class_product(i, j) * inv, j, p.row(i), rg,
+                                                            p.params);
+              scale_part += cg.grad_scale;
+              radial[c] += cg.grad_cos * cos;
+              scaled = cg.grad_cos * inv;
+            }
+            grad_cos[i * capacity + ct * tn + c] = static_cast<W>(scaled);
+          }
+          scale_parts[ct * rows + i] = scale_part;
+        }
+      }
+    }
+    // fused_grad_features_kernel: per row tile, grad_x (+)= G @ W over the chunk's class tiles
+    for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t ct = 0; ct < tiles; ++ct) {
+        for (int r = 0; r < g.rows_in(rt); ++r) {
+          const int64_t i = rt * g.tile_m + r;
+          for (int c = 0; c < g.cols_in((start + ct * tn) / tn); ++c) {
+            const T a = static_cast<T>(grad_cos[i * capacity + ct * tn + c]);
+            const W* w_j = p.w + (start + ct * tn + c) * dim;
+            for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] += a * static_cast<T>(w_j[d]);
           }
         }
       }
-    }
-  }
-  at::Tensor grad_x = at::zeros({g.rows, dim}, opts), grad_scale = at::zeros({g.rows}, opts);
-  for (int split = 0; split < g.splits; ++split) {
-    for (int64_t k = 0; k < g.rows * dim; ++k) grad_x.data_ptr<T>()[k] += grad_x_split[split * g.rows * dim + k];
-    for (int64_t i = 0; i < g.rows; ++i) grad_scale.data_ptr<T>()[i] += grad_scale_split[split * g.rows + i];
-  }
-
-  at::Tensor grad_w = at::empty(weight.sizes(), weight.options());
-  W* gw = static_cast<W*>(grad_w.data_ptr());
-  std::vector<T> g_hat(g.tile_n * dim), radial(g.tile_n);
-  for (int64_t ct = 0; ct < g.col_tiles(); ++ct) {
-    std::fill(g_hat.begin(), g_hat.end(), T(0));
-    std::fill(radial.begin(), radial.end(), T(0));
-    const int n = g.cols_in(ct);
-    for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
       for (int r = 0; r < g.rows_in(rt); ++r) {
-        const int64_t i = rt * g.tile_m + r;
-        const tile::RowGrads<T> rg{lse[i], grad_lse[i], grad_target[i]};
-        for (int c = 0; c < n; ++c) {
-          const Recomputed<T, W> rc = recompute(p, i, ct * g.tile_n + c, rg);
-          radial[c] += rc.grad.grad_cos * rc.cos;
-          const T a = static_cast<T>(static_cast<W>(rc.grad.grad_cos));  // the grad_w product's operand
-          for (int64_t d = 0; d < dim; ++d) g_hat[c * dim + d] += a * static_cast<T>(p.x[i * dim + d]);
+        T* out = gx + (rt * g.tile_m + r) * dim;
+        for (int64_t d = 0; d < dim; ++d) out[d] = accumulate ? out[d] + acc[r * dim + d] : acc[r * dim + d];
+      }
+    }
+    // fused_grad_weight_kernel: per class tile, H = G^T @ x over every row tile
+    for (int64_t ct = 0; ct < tiles; ++ct) {
+      const int64_t col0 = start + ct * tn;
+      const int n_cols = g.cols_in(col0 / tn);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
+        for (int r = 0; r < g.rows_in(rt); ++r) {
+          const int64_t i = rt * g.tile_m + r;
+          for (int c = 0; c < n_cols; ++c) {
+            const T a = static_cast<T>(grad_cos[i * capacity + ct * tn + c]);
+            for (int64_t d = 0; d < dim; ++d) acc[c * dim + d] += a * static_cast<T>(p.x[i * dim + d]);
+          }
+        }
+      }
+      for (int c = 0; c < n_cols; ++c) {
+        const int64_t j = col0 + c;
+        T radial = T(0);
+        for (int64_t rt = 0; rt < g.row_tiles(); ++rt) radial += radial_parts[rt * capacity + ct * tn + c];
+        for (int64_t d = 0; d < dim; ++d) {
+          gw[j * dim + d] = static_cast<W>(
+              tile::weight_grad(acc[c * dim + d], static_cast<T>(p.w[j * dim + d]), p.norms[j], radial));
         }
       }
     }
-    for (int c = 0; c < n; ++c) {
-      const int64_t j = ct * g.tile_n + c;
-      for (int64_t d = 0; d < dim; ++d) {
-        gw[j * dim + d] = static_cast<W>(
-            tile::weight_grad(g_hat[c * dim + d], static_cast<T>(p.w[j * dim + d]), p.norms[j], radial[c]));
-      }
+    // sum_scale_parts_kernel: the chunk's class tiles in order
+    for (int64_t i = 0; i < rows; ++i) {
+      T v = scale_parts[i];
+      for (int64_t ct = 1; ct < tiles; ++ct) v += scale_parts[ct * rows + i];
+      gs[i] = accumulate ? gs[i] + v : v;
     }
   }
   return {grad_x, grad_w, grad_scale};
@@ -238,12 +269,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
     const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
     const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
     double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t splits, const at::Tensor& lse,
+    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t chunk_cols, const at::Tensor& lse,
     const at::Tensor& grad_lse, const at::Tensor& grad_target) {
   const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
                                     fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
                                     inter_alpha, inter_dynamic);
   const int64_t b = in.x_hat.size(0);
+  TORCH_CHECK(chunk_cols >= 0, "margin_ext: chunk_cols=", chunk_cols,
+              " is invalid: expected 0 (the CUDA kernels' choice) or a positive multiple of tile_n");
   check_vector(lse, "lse", b, in.x_hat);
   check_vector(grad_lse, "grad_lse", b, in.x_hat);
   check_vector(grad_target, "grad_target", b, in.x_hat);
@@ -253,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
   const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
   return dispatch(in, [&]<typename T, typename W>() {
-    return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, splits), in.weight,
+    return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, /*splits=*/1), chunk_cols, in.weight,
                         lse_c.data_ptr<T>(), grad_lse_c.data_ptr<T>(), grad_target_c.data_ptr<T>(),
                         in.x_hat.options());
   });

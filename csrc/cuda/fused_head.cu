@@ -25,7 +25,8 @@ constexpr int kBK = 64;                    // forward: centre columns staged per
 constexpr int kPad = 8;                    // 16-bit elements of padding per shared row
 constexpr int kForwardThreads = 128;       // 4 warps of 16 rows
 constexpr int kBackwardThreads = 256;      // 8 warps: 4 groups of 16 rows (or classes) x 2 halves
-constexpr int kMaxDTiles = kFusedMaxDim / 2 / 8;  // 8-wide column tiles in a warp's half of D
+constexpr int kDPart = 128;                // D columns of one gradient-product block
+constexpr int kPartTiles = kDPart / 2 / 8;  // 8-wide column tiles of a warp's half of a D part
 constexpr int kMergeThreads = 256;
 
 static_assert(kBM == 4 * 16 && kBN == 64, "the warp layouts below assume 64 x 64 tiles");
@@ -83,6 +84,15 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* s, int 
   a[1] = load32(p + 8 * ld);
   a[2] = load32(p + 8);
   a[3] = load32(p + 8 * ld + 8);
+}
+
+// A fragment at (m0, k0) of A[m][k] = s[k][m]: m contiguous (the transpose of a G tile).
+__device__ __forceinline__ void load_a_km(uint32_t (&a)[4], const uint16_t* s, int ld, int m0, int k0, int lane) {
+  const uint16_t* p = s + (k0 + 2 * (lane % 4)) * ld + m0 + lane / 4;
+  a[0] = pack(p[0], p[ld]);
+  a[1] = pack(p[8], p[ld + 8]);
+  a[2] = pack(p[8 * ld], p[9 * ld]);
+  a[3] = pack(p[8 * ld + 8], p[9 * ld + 8]);
 }
 
 // B fragment at (k0, n0) of B[k][n] = s[n][k]: k contiguous (a row of centres or features).
@@ -237,20 +247,19 @@ __global__ void merge_splits_kernel(const float* __restrict__ split_stats, int s
   target[i] = stats.target;
 }
 
-// ---- backward ----
+// ---- backward: three kernels per chunk of classes ----
 //
-// Both kernels recompute a (kBM rows x kBN classes) tile with 8 warps: warp w forms rows
-// 16 (w % 4) .. + 16 of classes 32 (w / 4) .. + 32. The gradient products then give each
-// warp 16 rows (or classes) and half of D, accumulated in registers over the walk.
+// fused_cosine_grad_kernel recomputes one (kBM rows x kBN classes) tile with 8 warps:
+// warp w forms rows 16 (w % 4) .. + 16 of classes 32 (w / 4) .. + 32. The two gradient
+// products give each block a (64 x kDPart) output tile, each warp 16 rows (or classes) x
+// kDPart / 2 of it, accumulated in registers over the product's walk.
 
-// This warp's 16 x 32 part of the tile x_tile . w_tile^T, over all of D.
+// acc += this warp's 16 x 32 part of x_tile . w_tile^T over kBK columns of D.
 template <typename W>
-__device__ __forceinline__ void cosine_tile(float (&acc)[4][4], const uint16_t* xs, const uint16_t* ws, int ld,
-                                            int dk, int wm, int wn, int lane) {
+__device__ __forceinline__ void cosine_step(float (&acc)[4][4], const uint16_t* xs, const uint16_t* ws, int ld,
+                                            int wm, int wn, int lane) {
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-  for (int k0 = 0; k0 < dk; k0 += 16) {
+  for (int k0 = 0; k0 < kBK; k0 += 16) {
     uint32_t a[4];
     load_a(a, xs, ld, wm * 16, k0, lane);
 #pragma unroll
@@ -262,17 +271,22 @@ __device__ __forceinline__ void cosine_tile(float (&acc)[4][4], const uint16_t* 
   }
 }
 
-// out[16 x (n_tiles * 8)] += a_tile[16 x kK] @ b_tile[kK x half]: the gradient products,
-// A row-major in shared memory at (m0, 0), B n-contiguous at (0, n0).
-template <typename W, int kK>
-__device__ __forceinline__ void gradient_product(float (&out)[kMaxDTiles][4], const uint16_t* as, int lda, int m0,
-                                                 const uint16_t* bs, int ldb, int n0, int n_tiles, int lane) {
+// out[16 x (n_tiles * 8)] += A[16 x 64] @ B[64 x n_tiles * 8], the gradient products over
+// one 64-deep step: A at rows m0 of a row-major tile (kTransposedA: of the transpose of
+// one), B n-contiguous at column n0.
+template <typename W, bool kTransposedA>
+__device__ __forceinline__ void gradient_step(float (&out)[kPartTiles][4], const uint16_t* as, int lda, int m0,
+                                              const uint16_t* bs, int ldb, int n0, int n_tiles, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < kK; kk += 16) {
+  for (int kk = 0; kk < 64; kk += 16) {
     uint32_t a[4];
-    load_a(a, as, lda, m0, kk, lane);
+    if (kTransposedA) {
+      load_a_km(a, as, lda, m0, kk, lane);
+    } else {
+      load_a(a, as, lda, m0, kk, lane);
+    }
 #pragma unroll
-    for (int nt = 0; nt < kMaxDTiles; ++nt) {
+    for (int nt = 0; nt < kPartTiles; ++nt) {
       if (nt < n_tiles) {
         uint32_t b[2];
         load_b_kn(b, bs, ldb, kk, n0 + nt * 8, lane);
@@ -282,32 +296,43 @@ __device__ __forceinline__ void gradient_product(float (&out)[kMaxDTiles][4], co
   }
 }
 
-struct BackwardArgs {
-  const float* lse;
-  const float* grad_lse;
-  const float* grad_target;
-};
+// 8-wide column tiles of D from column d0 on, at most a warp's kPartTiles.
+__device__ __forceinline__ int part_tiles(int64_t dim, int64_t d0) {
+  const int64_t n = tile::cdiv(dim - d0, 8);
+  return n < 0 ? 0 : (n > kPartTiles ? kPartTiles : static_cast<int>(n));
+}
 
-// grad_x and grad_scale of a row tile over one class split: one block per (row tile, split).
+__device__ __forceinline__ void store_pair(uint16_t* p, uint16_t lo, uint16_t hi) {
+  *reinterpret_cast<uint32_t*>(p) = pack(lo, hi);
+}
+
+// One tile of the chunk, recomputed once: G = dL/dcos / |w_j| in W into the chunk's
+// buffer, grad_scale's share per (class tile, row) and sum_i dL/dcos_ij cos_ij per
+// (row tile, class). Blocks: (class tile of the chunk, row tile).
 template <typename W>
-__global__ void __launch_bounds__(kBackwardThreads, 1)
-fused_grad_features_kernel(FusedHead h, tile::TileGrid grid, bool vec, BackwardArgs g,
-                           float* __restrict__ split_grad_x, float* __restrict__ split_grad_scale) {
-  extern __shared__ __align__(16) uint16_t smem[];
-  const int dk = static_cast<int>(padded_dim(h.dim));
-  const int ld = dk + kPad;
-  constexpr int ld_g = kBN + kPad;
-  uint16_t* xs = smem;             // [kBM][ld]: the row tile's features
-  uint16_t* ws = xs + kBM * ld;    // [kBN][ld]: the class tile's centres
-  uint16_t* gs = ws + kBN * ld;    // [kBM][ld_g]: dL/dcos / |w_j| in W, the grad_x product's A
-  float* scale_part = reinterpret_cast<float*>(gs + kBM * ld_g);  // [2][kBM]
+__global__ void __launch_bounds__(kBackwardThreads)
+fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool vec) {
+  constexpr int ld = kBK + kPad;
+  __shared__ __align__(16) uint16_t xs[kBM * ld];  // kBK columns of the row tile's features
+  __shared__ __align__(16) uint16_t ws[kBN * ld];  // the same columns of the class tile's centres
+  __shared__ float scale_part[2][kBM];
+  __shared__ float radial_part[4][kBN];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
   const int wm = warp % 4, wn = warp / 4;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int split = blockIdx.y;
+  const int64_t ct = blockIdx.x, row_tile = blockIdx.y;
+  const int64_t row0 = row_tile * kBM, col0 = chunk.start + ct * kBN;
+  const int n_cols = static_cast<int>(tile::min64(kBN, chunk.start + chunk.cols - col0));
   const auto* x = static_cast<const uint16_t*>(h.x);
   const auto* w = static_cast<const uint16_t*>(h.w);
-  stage_rows<kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, 0, dk, vec);
+  const int64_t dk = padded_dim(h.dim);
+  float acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < dk; k0 += kBK) {
+    __syncthreads();  // the previous step's reads of xs and ws are done
+    stage_rows<kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, k0, kBK, vec);
+    stage_rows<kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, k0, kBK, vec);
+    __syncthreads();
+    cosine_step<W>(acc, xs, ws, ld, wm, wn, lane);
+  }
 
   tile::TileRow<float> row[2];
   tile::RowGrads<float> row_grads[2];
@@ -317,178 +342,165 @@ fused_grad_features_kernel(FusedHead h, tile::TileGrid grid, bool vec, BackwardA
     row[hi] = load_row(h, i);
     row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
   }
-  const int half = dk / 2, n_tiles = half / 8;
-  float grad_x[kMaxDTiles][4] = {};
-  int64_t first, stop;
-  grid.split_tiles(split, first, stop);
-  for (int64_t ct = first; ct < stop; ++ct) {
-    const int64_t col0 = ct * kBN;
-    const int n_cols = grid.cols_in(ct);
-    __syncthreads();  // the previous tile's reads of ws and gs are done
-    stage_rows<kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, 0, dk, vec);
-    __syncthreads();
-    float acc[4][4];
-    cosine_tile<W>(acc, xs, ws, ld, dk, wm, wn, lane);
+  auto* grad_cos = static_cast<uint16_t*>(chunk.grad_cos);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+  for (int nt = 0; nt < 4; ++nt) {
+    float radial[2] = {0.f, 0.f};
+    uint16_t bits[2][2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = wn * 32 + nt * 8 + 2 * t + e;
-        const float inv = column_inv_norm(h, col0, c, n_cols);
+    for (int e = 0; e < 2; ++e) {
+      const int c = wn * 32 + nt * 8 + 2 * t + e;
+      const float inv = column_inv_norm(h, col0, c, n_cols);
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          const int r = wm * 16 + lane / 4 + 8 * hi;
-          float scaled = 0.f;
-          if (c < n_cols && row0 + r < h.rows) {
-            const tile::CosGrad<float> cg =
-                tile::cosine_grad(acc[nt][2 * hi + e] * inv, 0.f, col0 + c, row[hi], row_grads[hi], h.params);
-            grad_scale[hi] += cg.grad_scale;
-            scaled = cg.grad_cos * inv;
-          }
-          gs[r * ld_g + c] = Operand<W>::bits(scaled);
+      for (int hi = 0; hi < 2; ++hi) {
+        float scaled = 0.f;  // zero past C and B: the products read whole tiles
+        if (c < n_cols && row0 + wm * 16 + lane / 4 + 8 * hi < h.rows) {
+          const float cos = acc[nt][2 * hi + e] * inv;
+          const tile::CosGrad<float> cg = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], h.params);
+          grad_scale[hi] += cg.grad_scale;
+          radial[e] += cg.grad_cos * cos;
+          scaled = cg.grad_cos * inv;
         }
+        bits[hi][e] = Operand<W>::bits(scaled);
       }
     }
-    __syncthreads();
-    gradient_product<W, kBN>(grad_x, gs, ld_g, wm * 16, ws, ld, wn * half, n_tiles, lane);
-  }
-
-  float* out = split_grad_x + static_cast<int64_t>(split) * h.rows * h.dim;
-#pragma unroll
-  for (int nt = 0; nt < kMaxDTiles; ++nt) {
+    const int c0 = wn * 32 + nt * 8 + 2 * t;
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
+      if (i < h.rows) store_pair(grad_cos + i * chunk.capacity + ct * kBN + c0, bits[hi][0], bits[hi][1]);
+    }
+    // the column's 16 rows of this warp: 2 per lane, then the 8 lanes of the column
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t d = wn * half + nt * 8 + 2 * t + e;
-        if (nt < n_tiles && i < h.rows && d < h.dim) out[i * h.dim + d] = grad_x[nt][2 * hi + e];
-      }
+    for (int e = 0; e < 2; ++e) {
+      float v = radial[e];
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      if (lane < 4) radial_part[wm][c0 + e] = v;
     }
   }
   // grad_scale: the four lanes of a row, then the two warps of its row group, in order
   for (int hi = 0; hi < 2; ++hi) {
     grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 1);
     grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 2);
-    if (t == 0) scale_part[wn * kBM + wm * 16 + lane / 4 + 8 * hi] = grad_scale[hi];
+    if (t == 0) scale_part[wn][wm * 16 + lane / 4 + 8 * hi] = grad_scale[hi];
   }
   __syncthreads();
-  if (threadIdx.x < kBM && row0 + threadIdx.x < h.rows) {
-    split_grad_scale[split * h.rows + row0 + threadIdx.x] = scale_part[threadIdx.x] + scale_part[kBM + threadIdx.x];
+  const int k = threadIdx.x;
+  if (k < kBM) {
+    if (row0 + k < h.rows) chunk.scale_parts[ct * h.rows + row0 + k] = scale_part[0][k] + scale_part[1][k];
+  } else if (k < kBM + kBN) {
+    const int c = k - kBM;  // the 4 row groups in order; 0 past C
+    chunk.radial_parts[row_tile * chunk.capacity + ct * kBN + c] =
+        ((radial_part[0][c] + radial_part[1][c]) + radial_part[2][c]) + radial_part[3][c];
   }
 }
 
-// grad_w of a class tile: one block per class tile walking every row tile, the
-// normalization backward folded in, written once in W.
+// grad_x (+)= G @ W over the chunk's classes: one block per (row tile, D part) walking
+// the chunk's class tiles; each grad_x element has this block as its only writer.
 template <typename W>
-__global__ void __launch_bounds__(kBackwardThreads, 1)
-fused_grad_weight_kernel(FusedHead h, tile::TileGrid grid, bool vec, BackwardArgs g, uint16_t* __restrict__ grad_w) {
-  extern __shared__ __align__(16) uint16_t smem[];
-  const int dk = static_cast<int>(padded_dim(h.dim));
-  const int ld = dk + kPad;
-  constexpr int ld_g = kBM + kPad;
-  uint16_t* xs = smem;             // [kBM][ld]: the current row tile's features
-  uint16_t* ws = xs + kBM * ld;    // [kBN][ld]: this block's centres
-  uint16_t* gts = ws + kBN * ld;   // [kBN][ld_g]: dL/dcos transposed in W, the grad_w product's A
-  float* radial_part = reinterpret_cast<float*>(gts + kBN * ld_g);  // [4][kBN]
+__global__ void __launch_bounds__(kBackwardThreads)
+fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g, bool accumulate,
+                           float* __restrict__ grad_x) {
+  constexpr int ld_g = kBN + kPad, ld_w = kDPart + kPad;
+  __shared__ __align__(16) uint16_t gs[kBM * ld_g];  // G tile, rows x classes: A
+  __shared__ __align__(16) uint16_t ws[kBN * ld_w];  // centres, classes x D part: B
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
   const int wm = warp % 4, wn = warp / 4;
-  const int64_t ct = blockIdx.x;
-  const int64_t col0 = ct * kBN;
-  const int n_cols = grid.cols_in(ct);
-  const auto* x = static_cast<const uint16_t*>(h.x);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t d_warp = static_cast<int64_t>(blockIdx.y) * kDPart + wn * (kDPart / 2);
+  const int n_tiles = part_tiles(h.dim, d_warp);
+  const auto* grad_cos = static_cast<const uint16_t*>(chunk.grad_cos);
   const auto* w = static_cast<const uint16_t*>(h.w);
-  stage_rows<kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, 0, dk, vec);
-
-  float inv[4][2], radial[4][2];
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      inv[nt][e] = column_inv_norm(h, col0, wn * 32 + nt * 8 + 2 * t + e, n_cols);
-      radial[nt][e] = 0.f;
-    }
-  }
-  const int half = dk / 2, n_tiles = half / 8;
-  float grad_w_hat[kMaxDTiles][4] = {};
-  for (int64_t rt = 0; rt < grid.row_tiles(); ++rt) {
-    const int64_t row0 = rt * kBM;
-    __syncthreads();  // the previous row tile's reads of xs and gts are done
-    stage_rows<kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, 0, dk, vec);
+  float out[kPartTiles][4] = {};
+  for (int64_t ct = 0; ct < tile::cdiv(chunk.cols, kBN); ++ct) {
+    __syncthreads();  // the previous tile's reads of gs and ws are done
+    stage_rows<kBM, kBackwardThreads>(gs, ld_g, grad_cos, row0, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
+    stage_rows<kBN, kBackwardThreads>(ws, ld_w, w, chunk.start + ct * kBN, h.cols, h.dim,
+                                      static_cast<int64_t>(blockIdx.y) * kDPart, kDPart, vec);
     __syncthreads();
-    float acc[4][4];
-    cosine_tile<W>(acc, xs, ws, ld, dk, wm, wn, lane);
-    tile::TileRow<float> row[2];
-    tile::RowGrads<float> row_grads[2];
+    gradient_step<W, false>(out, gs, ld_g, wm * 16, ws, ld_w, wn * (kDPart / 2), n_tiles, lane);
+  }
+#pragma unroll
+  for (int nt = 0; nt < kPartTiles; ++nt) {
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
-      row[hi] = load_row(h, i);
-      row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int c = wn * 32 + nt * 8 + 2 * t + e;
-#pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          const int r = wm * 16 + lane / 4 + 8 * hi;
-          float grad_cos = 0.f;
-          if (c < n_cols && row0 + r < h.rows) {
-            const float cos = acc[nt][2 * hi + e] * inv[nt][e];
-            grad_cos = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], h.params).grad_cos;
-            radial[nt][e] += grad_cos * cos;
-          }
-          gts[c * ld_g + r] = Operand<W>::bits(grad_cos);
+        const int64_t d = d_warp + nt * 8 + 2 * t + e;
+        if (nt < n_tiles && i < h.rows && d < h.dim) {
+          float* p = grad_x + i * h.dim + d;
+          *p = accumulate ? *p + out[nt][2 * hi + e] : out[nt][2 * hi + e];
         }
       }
     }
-    __syncthreads();
-    gradient_product<W, kBM>(grad_w_hat, gts, ld_g, wm * 16, xs, ld, wn * half, n_tiles, lane);
   }
+}
 
-  // radial_j = sum_i dL/dcos_ij cos_ij: the 8 lanes of a column, then the 4 row groups in order
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float v = radial[nt][e];
-      v += __shfl_xor_sync(0xffffffffu, v, 4);
-      v += __shfl_xor_sync(0xffffffffu, v, 8);
-      v += __shfl_xor_sync(0xffffffffu, v, 16);
-      if (lane < 4) radial_part[wm * kBN + wn * 32 + nt * 8 + 2 * t + e] = v;
-    }
+// grad_w of one class tile and D part: H = G^T @ x walking every row tile, the
+// normalization backward with the radial terms summed in row-tile order, written once
+// in W.
+template <typename W>
+__global__ void __launch_bounds__(kBackwardThreads)
+fused_grad_weight_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g, uint16_t* __restrict__ grad_w) {
+  constexpr int ld_g = kBN + kPad, ld_x = kDPart + kPad;
+  __shared__ __align__(16) uint16_t gs[kBM * ld_g];  // G tile, rows x classes: A transposed
+  __shared__ __align__(16) uint16_t xs[kBM * ld_x];  // features, rows x D part: B
+  __shared__ float radial[kBN];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
+  const int wm = warp % 4, wn = warp / 4;
+  const int64_t ct = blockIdx.x, col0 = chunk.start + ct * kBN;
+  const int n_cols = static_cast<int>(tile::min64(kBN, chunk.start + chunk.cols - col0));
+  const int64_t d_part = static_cast<int64_t>(blockIdx.y) * kDPart;
+  const int64_t d_warp = d_part + wn * (kDPart / 2);
+  const int n_tiles = part_tiles(h.dim, d_warp);
+  const int64_t row_tiles = tile::cdiv(h.rows, kBM);
+  const auto* grad_cos = static_cast<const uint16_t*>(chunk.grad_cos);
+  const auto* x = static_cast<const uint16_t*>(h.x);
+  const auto* w = static_cast<const uint16_t*>(h.w);
+  if (threadIdx.x < kBN) {  // visible after the walk's first barrier
+    float v = 0.f;
+    for (int64_t rt = 0; rt < row_tiles; ++rt) v += chunk.radial_parts[rt * chunk.capacity + ct * kBN + threadIdx.x];
+    radial[threadIdx.x] = v;
   }
-  __syncthreads();
+  float out[kPartTiles][4] = {};
+  for (int64_t rt = 0; rt < row_tiles; ++rt) {
+    __syncthreads();  // the previous row tile's reads of gs and xs are done
+    stage_rows<kBM, kBackwardThreads>(gs, ld_g, grad_cos, rt * kBM, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
+    stage_rows<kBM, kBackwardThreads>(xs, ld_x, x, rt * kBM, h.rows, h.dim, d_part, kDPart, vec);
+    __syncthreads();
+    gradient_step<W, true>(out, gs, ld_g, wm * 16, xs, ld_x, wn * (kDPart / 2), n_tiles, lane);
+  }
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int c = wm * 16 + lane / 4 + 8 * hi;
     const int64_t j = col0 + c;
-    const bool class_ok = c < n_cols;
-    const float rad = ((radial_part[c] + radial_part[kBN + c]) + radial_part[2 * kBN + c]) + radial_part[3 * kBN + c];
-    const float norm = class_ok ? h.norms[j] : 1.f;
+    if (c >= n_cols) continue;
+    const float norm = h.norms[j], rad = radial[c];
 #pragma unroll
-    for (int nt = 0; nt < kMaxDTiles; ++nt) {
+    for (int nt = 0; nt < kPartTiles; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int d = wn * half + nt * 8 + 2 * t + e;
-        if (class_ok && nt < n_tiles && d < h.dim) {
-          const float wv = Operand<W>::value(ws[c * ld + d]);
-          grad_w[j * h.dim + d] = Operand<W>::bits(tile::weight_grad(grad_w_hat[nt][2 * hi + e], wv, norm, rad));
+        const int64_t d = d_warp + nt * 8 + 2 * t + e;
+        if (nt < n_tiles && d < h.dim) {
+          const float wv = Operand<W>::value(w[j * h.dim + d]);
+          grad_w[j * h.dim + d] = Operand<W>::bits(tile::weight_grad(out[nt][2 * hi + e], wv, norm, rad));
         }
       }
     }
   }
 }
 
-// out[k] = sum over splits of parts[s * n + k], in split order.
-__global__ void sum_splits_kernel(const float* __restrict__ parts, int splits, int64_t n, float* __restrict__ out) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= n) return;
-  float v = parts[k];
-  for (int s = 1; s < splits; ++s) v += parts[s * n + k];
-  out[k] = v;
+// grad_scale (+)= the chunk's per-class-tile partials, in class-tile order.
+__global__ void sum_scale_parts_kernel(const float* __restrict__ parts, int64_t n_parts, int64_t rows,
+                                       bool accumulate, float* __restrict__ grad_scale) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  float v = parts[i];
+  for (int64_t p = 1; p < n_parts; ++p) v += parts[p * rows + i];
+  grad_scale[i] = accumulate ? grad_scale[i] + v : v;
 }
 
 // The stored 16-bit values are read as raw bits: torch builds CUDA sources with the
@@ -541,28 +553,26 @@ LaunchStatus launch_forward(const FusedHead& h, int splits, float* split_stats, 
 }
 
 template <typename W>
-LaunchStatus launch_backward(const FusedHead& h, BackwardArgs g, int splits, float* split_grad_x,
-                             float* split_grad_scale, float* grad_x, float* grad_scale, void* grad_w,
-                             cudaStream_t stream) {
-  const tile::TileGrid grid = tile_grid(h, splits);
-  const size_t smem = fused_backward_smem(h.dim);
+LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, const BackwardChunk& chunk,
+                                   bool accumulate, float* grad_x, float* grad_scale, void* grad_w,
+                                   cudaStream_t stream) {
   const bool vec = vector_loads(h);
-  cudaError_t err = allow_smem(fused_grad_features_kernel<W>, smem);
-  if (err != cudaSuccess) return {err, "fused_grad_features_kernel"};
-  fused_grad_features_kernel<W><<<dim3(static_cast<unsigned int>(grid.row_tiles()), splits), kBackwardThreads,
-                                  smem, stream>>>(h, grid, vec, g, split_grad_x, split_grad_scale);
+  const bool vec_g = reinterpret_cast<uintptr_t>(chunk.grad_cos) % 16 == 0;  // capacity % 64 == 0
+  const auto row_tiles = static_cast<unsigned int>(tile::cdiv(h.rows, kBM));
+  const auto col_tiles = static_cast<unsigned int>(tile::cdiv(chunk.cols, kBN));
+  const auto d_parts = static_cast<unsigned int>(tile::cdiv(h.dim, kDPart));
+  fused_cosine_grad_kernel<W><<<dim3(col_tiles, row_tiles), kBackwardThreads, 0, stream>>>(h, g, chunk, vec);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return {err, "fused_cosine_grad_kernel"};
+  fused_grad_features_kernel<W><<<dim3(row_tiles, d_parts), kBackwardThreads, 0, stream>>>(h, chunk, vec, vec_g,
+                                                                                          accumulate, grad_x);
   if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_grad_features_kernel"};
-  if ((err = allow_smem(fused_grad_weight_kernel<W>, smem)) != cudaSuccess) return {err, "fused_grad_weight_kernel"};
-  fused_grad_weight_kernel<W><<<static_cast<unsigned int>(grid.col_tiles()), kBackwardThreads, smem, stream>>>(
-      h, grid, vec, g, static_cast<uint16_t*>(grad_w));
+  fused_grad_weight_kernel<W><<<dim3(col_tiles, d_parts), kBackwardThreads, 0, stream>>>(
+      h, chunk, vec, vec_g, static_cast<uint16_t*>(grad_w));
   if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_grad_weight_kernel"};
-  if (splits > 1 || split_grad_x != grad_x || split_grad_scale != grad_scale) {
-    const int64_t n = h.rows * h.dim;
-    sum_splits_kernel<<<blocks_for(n, kMergeThreads), kMergeThreads, 0, stream>>>(split_grad_x, splits, n, grad_x);
-    sum_splits_kernel<<<blocks_for(h.rows, kMergeThreads), kMergeThreads, 0, stream>>>(split_grad_scale, splits,
-                                                                                       h.rows, grad_scale);
-    if ((err = cudaGetLastError()) != cudaSuccess) return {err, "sum_splits_kernel"};
-  }
+  sum_scale_parts_kernel<<<blocks_for(h.rows, kMergeThreads), kMergeThreads, 0, stream>>>(
+      chunk.scale_parts, col_tiles, h.rows, accumulate, grad_scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return {err, "sum_scale_parts_kernel"};
   return kOk;
 }
 
@@ -572,18 +582,12 @@ size_t fused_forward_smem(int64_t dim) {
   return static_cast<size_t>(kBM * (padded_dim(dim) + kPad) + kBN * (kBK + kPad)) * sizeof(uint16_t);
 }
 
-size_t fused_backward_smem(int64_t dim) {
-  return static_cast<size_t>((kBM + kBN) * (padded_dim(dim) + kPad) + kBN * (kBM + kPad)) * sizeof(uint16_t) +
-         4 * kBN * sizeof(float);
-}
-
 bool fused_supported(int device, int64_t dim) {
   int major = 0, smem_optin = 0;
   if (dim < 1 || dim > kFusedMaxDim) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
-  return major >= 8 && fused_backward_smem(dim) <= static_cast<size_t>(smem_optin) &&
-         fused_forward_smem(dim) <= static_cast<size_t>(smem_optin);
+  return major >= 8 && fused_forward_smem(dim) <= static_cast<size_t>(smem_optin);
 }
 
 LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_t dim, float* norms,
@@ -612,18 +616,17 @@ LaunchStatus fused_forward(const FusedHead& head, int splits, float* split_stats
   return {cudaErrorInvalidValue, "fused_forward_kernel"};
 }
 
-LaunchStatus fused_backward(const FusedHead& head, const float* lse, const float* grad_lse,
-                            const float* grad_target, int splits, float* split_grad_x, float* split_grad_scale,
-                            float* grad_x, float* grad_scale, void* grad_w, cudaStream_t stream) {
-  if (head.rows == 0 || head.cols == 0) return kOk;
-  const BackwardArgs g{lse, grad_lse, grad_target};
+LaunchStatus fused_backward_chunk(const FusedHead& head, const RowGradients& rows, const BackwardChunk& chunk,
+                                  bool accumulate, float* grad_x, float* grad_scale, void* grad_w,
+                                  cudaStream_t stream) {
+  if (head.rows == 0 || chunk.cols == 0) return kOk;
+  if (chunk.start % kBN != 0 || chunk.capacity % kBN != 0 || chunk.cols > chunk.capacity)
+    return {cudaErrorInvalidValue, "fused_cosine_grad_kernel"};
   if (head.w_type == WeightType::kBFloat16)
-    return launch_backward<__nv_bfloat16>(head, g, splits, split_grad_x, split_grad_scale, grad_x, grad_scale,
-                                          grad_w, stream);
+    return launch_backward_chunk<__nv_bfloat16>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
   if (head.w_type == WeightType::kFloat16)
-    return launch_backward<__half>(head, g, splits, split_grad_x, split_grad_scale, grad_x, grad_scale, grad_w,
-                                   stream);
-  return {cudaErrorInvalidValue, "fused_grad_features_kernel"};
+    return launch_backward_chunk<__half>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
+  return {cudaErrorInvalidValue, "fused_cosine_grad_kernel"};
 }
 
 }  // namespace gpu

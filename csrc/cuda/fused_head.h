@@ -4,7 +4,8 @@
 // as stored, the normalized features cast once to the centres' dtype. Products run on
 // tensor cores (mma.sync m16n8k16, float32 accumulators); 1 / max(|w_j|, eps) scales the
 // accumulator's columns; the margin, the scale and the per-row statistics happen on
-// chip (the tile logic of ../tile_loop.h). No (B x C) or (B x tile) array is written.
+// chip (the tile logic of ../tile_loop.h). The forward writes no (B x C) array; the
+// backward writes dL/dcos for one chunk of classes at a time (at most 64 MiB).
 // Each launcher returns the launch's cudaError_t; the glue names the kernel in the error.
 #pragma once
 
@@ -19,8 +20,8 @@ namespace gpu {
 // Tile shape of every fused kernel: kFusedRows x kFusedCols logits per tile.
 constexpr int kFusedRows = 64;
 constexpr int kFusedCols = 64;
-// Largest feature dimension the fused kernels take (the accumulators of the gradient
-// products hold a row tile's full D); larger D runs the chunk loop.
+// Largest feature dimension the fused kernels take (the forward keeps a row tile's full
+// D in shared memory); larger D runs the chunk loop.
 constexpr int64_t kFusedMaxDim = 512;
 
 // One head evaluation: every pointer is on the device, contiguous, row-major.
@@ -44,9 +45,9 @@ struct LaunchStatus {
   const char* kernel;  // the kernel that failed (null on success)
 };
 
-// Dynamic shared memory of each kernel for feature dimension `dim`.
+// Dynamic shared memory of the forward for feature dimension `dim` (the backward's
+// kernels use fixed, static shared memory).
 size_t fused_forward_smem(int64_t dim);
-size_t fused_backward_smem(int64_t dim);
 // Whether the device `device` can run the fused kernels at feature dimension `dim`
 // (sm_80 or later, enough shared memory per block); the glue falls back otherwise.
 bool fused_supported(int device, int64_t dim);
@@ -60,15 +61,35 @@ LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_
 LaunchStatus fused_forward(const FusedHead& head, int splits, float* split_stats, float* lse, float* target_logit,
                            cudaStream_t stream);
 
-// grad_x (B x D) and grad_scale (B,) in float32, grad_w (C x D) in the weight's dtype,
-// written once. grad_x comes from (row tile, split) blocks: with splits > 1 each split
-// writes its part of split_grad_x (splits x B x D) and split_grad_scale (splits x B),
-// summed in split order; with splits == 1 they may be grad_x and grad_scale themselves.
-// grad_w comes from one block per class tile walking every row tile. No atomics: the
-// result is deterministic.
-LaunchStatus fused_backward(const FusedHead& head, const float* lse, const float* grad_lse,
-                            const float* grad_target, int splits, float* split_grad_x, float* split_grad_scale,
-                            float* grad_x, float* grad_scale, void* grad_w, cudaStream_t stream);
+// The backward's per-row inputs (B,), float32.
+struct RowGradients {
+  const float* lse;
+  const float* grad_lse;
+  const float* grad_target;
+};
+
+// The classes [start, start + cols) of one backward chunk (start a multiple of
+// kFusedCols, cols <= capacity) and its workspace, allocated once per call for chunks of
+// `capacity` classes (a multiple of kFusedCols):
+struct BackwardChunk {
+  int64_t start;
+  int64_t cols;
+  int64_t capacity;
+  void* grad_cos;      // (B, capacity) G = dL/dcos / |w_j| in the weight's dtype
+  float* scale_parts;  // (capacity / kFusedCols, B) grad_scale per (class tile, row)
+  float* radial_parts;  // (row tiles, capacity) sum_i dL/dcos_ij cos_ij per (row tile, class)
+};
+
+// One chunk of the backward, three kernels on the stream: the tiles recomputed once into
+// G and the partials (fused_cosine_grad_kernel); grad_x (B x D, float32) += G @ W_chunk
+// (fused_grad_features_kernel); grad_w of the chunk's classes = normalization backward of
+// G^T @ x, written once in the weight's dtype (fused_grad_weight_kernel); grad_scale (B,)
+// += the chunk's partials in class-tile order. `accumulate` is false for the first chunk
+// (grad_x and grad_scale are written, not read). Every output element has one writer per
+// kernel and every sum a fixed order: no atomics, the result is deterministic.
+LaunchStatus fused_backward_chunk(const FusedHead& head, const RowGradients& rows, const BackwardChunk& chunk,
+                                  bool accumulate, float* grad_x, float* grad_scale, void* grad_w,
+                                  cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace margin_ext

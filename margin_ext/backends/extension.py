@@ -118,9 +118,10 @@ def row_block_rows(x_hat: torch.Tensor, weight: torch.Tensor, params: MarginPara
     return torch.ops.margin_ext.row_block_rows(x_hat, weight, int(params.nontarget), budget, min_block)
 
 
-def tile_kernels(tile_m: int, tile_n: int, splits: int) -> Kernels:
+def tile_kernels(tile_m: int, tile_n: int, splits: int, chunk_cols: int = 0) -> Kernels:
     """The fused CUDA kernels' tile loop run on the CPU (ops ``tile_forward`` /
-    ``tile_backward``) with the given tile sizes and class splits; chunk_size is unused.
+    ``tile_backward``) with the given tile sizes, class splits (forward) and classes per
+    backward chunk (a multiple of tile_n; 0: the CUDA kernels' choice); chunk_size is unused.
 
     Everything the CUDA kernels do but the tensor-core product, which is a plain dot
     product over the same operands here: the tests' view of the GPU's tile logic.
@@ -132,9 +133,10 @@ def tile_kernels(tile_m: int, tile_n: int, splits: int) -> Kernels:
     def backward(x_hat, weight, rows, params, chunk_size, lse, grad_lse, grad_target):
         return torch.ops.margin_ext.tile_backward(x_hat, weight, rows.labels, rows.scale, rows.margin,
                                                   rows.theta_y, rows.target_centre, *margin_args(params), tile_m,
-                                                  tile_n, splits, lse, grad_lse, grad_target)
+                                                  tile_n, chunk_cols, lse, grad_lse, grad_target)
 
-    return Kernels(f"tile({tile_m}x{tile_n}, {splits} splits)", forward, backward)
+    name = f"tile({tile_m}x{tile_n}, {splits} splits, chunks of {chunk_cols or 'auto'})"
+    return Kernels(name, forward, backward)
 
 
 CPP_KERNELS = Kernels("cpp", head_forward, head_backward, head_forward_backward)
