@@ -100,9 +100,11 @@ def test_op_matches_the_op_pair_float32(name, plan):
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_converted_centres_take_one_block_or_the_op_pair(weight_dtype):
+def test_converted_centres_take_one_block_or_the_op_pair(weight_dtype, monkeypatch):
     """Centres in another dtype than the compute one: one block converts them per chunk as
-    the op pair does; several blocks would sum H in the weight's dtype, so they fall back."""
+    the op pair does; several blocks would sum H in the weight's dtype, so they fall back.
+    (16-bit products off, as on a CPU without native 16-bit: with them the next test.)"""
+    monkeypatch.setenv("MARGIN_EXT_CPU_16BIT_GEMM", "0")
     spec = SPEC_CASES["arcface"]
     x_hat, w, rows, params, gl, gt = op_inputs(spec, weight_dtype=weight_dtype,
                                                compute=torch.float64 if weight_dtype == torch.float32 else torch.float32)
@@ -115,6 +117,19 @@ def test_converted_centres_take_one_block_or_the_op_pair(weight_dtype):
         assert got[3].dtype == weight_dtype
         for what, a, b in zip(OUTPUTS, got, want):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"block {block} {what}: {m}")
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_centres_multiplied_in_16_bits_take_the_op_pair(weight_dtype, monkeypatch):
+    """Where the 16-bit products run (forced here; by default on CPUs with native bf16 /
+    fp16), the one-op path keeps float32 products, so the op runs the op pair's sweeps."""
+    monkeypatch.setenv("MARGIN_EXT_CPU_16BIT_GEMM", "1")
+    spec = SPEC_CASES["arcface"]
+    x_hat, w, rows, params, gl, gt = op_inputs(spec, weight_dtype=weight_dtype, compute=torch.float32)
+    assert ext.row_block_rows(x_hat, w, params, budget_for(ROWS, x_hat.dtype), 1) == 0
+    got = ext.head_forward_backward(x_hat, w, rows, params, CHUNK, gl, gt, budget_for(ROWS, x_hat.dtype), 1)
+    for what, a, b in zip(OUTPUTS, got, op_pair(x_hat, w, rows, params, gl, gt)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
 
 
 def test_budget_below_one_row_falls_back():
@@ -268,9 +283,11 @@ def test_gradcheck_float64(name, plan):
 @pytest.mark.parametrize("plan", ["one_block", "blocks_4_4_1"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "intraloss", "interface"])
-def test_low_precision_within_reference_error(name, dtype, plan):
+def test_low_precision_within_reference_error(name, dtype, plan, monkeypatch):
     """16-bit centres: one block converts them chunk by chunk; several would need a
-    float32 C x D sum, so they take the op pair."""
+    float32 C x D sum, so they take the op pair. (16-bit products off, as on a CPU
+    without native 16-bit; with them the op pair runs: tests/test_cpu_gemm_16bit.py.)"""
+    monkeypatch.setenv("MARGIN_EXT_CPU_16BIT_GEMM", "0")
     spec = SPEC_CASES[name]
     plan.use(torch.float32)
     x, w, y = make_inputs(ROWS, CLASSES, DIM, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(3,))
