@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed runs after the memory run")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 products on TF32 tensor cores (torch.set_float32_matmul_precision('high')): "
+                             "every head's and the floor's matmuls, and margin_ext's fused CUDA kernels")
     parser.add_argument("--out", type=Path, help="results directory (default: bench/results/<device> for a "
                         "preset, bench/results/<device>/custom when shapes or heads are chosen)")
     parser.add_argument("--seed", type=int, default=0)
@@ -97,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.preset = "gpu-full" if args.gpu_full else "cpu-scale" if args.cpu_scale else "default"
     preset = PRESETS[args.preset]
     # a hand-picked sweep must not overwrite the committed results of a preset
-    args.custom = any(getattr(args, name) is not None for name in (*preset, "backends", "threads"))
+    args.custom = any(getattr(args, name) is not None for name in (*preset, "backends", "threads")) or args.tf32
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -160,6 +163,8 @@ def main(argv=None) -> Path:
     device = torch.device("cuda" if use_cuda else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     info = device_info(device)
     slug = info["slug"] + ("-scale" if args.preset == "cpu-scale" else "")
     out = args.out or report.RESULTS_ROOT / slug / ("custom" if args.custom else "")

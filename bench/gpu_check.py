@@ -12,7 +12,8 @@ or downloaded), on its first CUDA device, it:
 2. runs the CUDA cases of the compiled ops with opcheck, the Triton tests, the
    torch.compile tests and any other test file named for cuda or tile;
 3. times the heads at B in {1024, 8192}, C=1M, D=512 in bfloat16 and at B=1024 in
-   float32: backends cuda, triton and torch beside the naive head and the floor (the
+   float32 with TF32 products (``--tf32``: torch's matmuls and margin_ext's fused
+   kernels alike): backends cuda, triton and torch beside the naive head and the floor (the
    three bare GEMMs of the same shapes), plus Liger-Kernel and Cut Cross-Entropy where
    they are importable (``python -m bench``, one process per shape);
 4. writes results.json (the benchmark's format, plus the checks), results.md and the
@@ -55,7 +56,8 @@ MAX_FILE_BYTES = 16 * 2**20 - 4096
 LOGS = ("env.log", "build.log", "tests.log", "bench.log")
 RESULT_FILES = ("results.json", "results.md")
 
-#: (batch, classes, dim, dtype) of the benchmark, one child process each
+#: (batch, classes, dim, dtype) of the benchmark, one child process each; float32 with TF32
+#: products (the exact float32 chunk loop is what the tests cover)
 BENCH_SHAPES = ((1024, 1_000_000, 512, "bfloat16"), (8192, 1_000_000, 512, "bfloat16"),
                 (1024, 1_000_000, 512, "float32"))
 BENCH_HEADS = "cuda,triton,torch,naive,liger,cce"  # the floor always runs; peers only where importable
@@ -149,7 +151,7 @@ def plan(python: str, src: Path, capability: str = "9.0", cpu_count: int = 8, xd
         command = [python, "-m", "bench", "--classes", str(classes), "--batch", str(batch), "--dim", str(dim),
                    "--dtype", dtype, "--backends", BENCH_HEADS, "--repeats", str(BENCH_REPEATS),
                    "--warmup", str(BENCH_WARMUP), "--device", "cuda", "--out", str(out), "--no-progress",
-                   "--no-readme"]
+                   "--no-readme"] + (["--tf32"] if dtype == "float32" else [])
         max_s, min_s = (120, 40) if batch >= 8192 else (90, 30)
         stages.append(Stage(f"bench-B{batch}-{dtype}", f"heads at B={batch}, C={classes:,}, D={dim}, {dtype}",
                             [command], "bench.log", max_s, min_s, src, env, "bench"))

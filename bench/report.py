@@ -208,7 +208,7 @@ def table(data: dict) -> str:
     columns += ["time / floor", "memory / floor", "loss"]
     for key, heads in _groups(data).items():
         batch, dim, dtype = key
-        lines += [f"## B={batch}, D={dim}, {dtype}", "", "| " + " | ".join(columns) + " |",
+        lines += [f"## B={batch}, D={dim}, {_dtype_label(data, dtype)}", "", "| " + " | ".join(columns) + " |",
                   "| " + " | ".join("---" if c in ("head", "margin") else "---:" for c in columns) + " |"]
         for classes in sorted({c for per in heads.values() for c in per}):
             floor = _floor(heads, classes)
@@ -234,6 +234,13 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _dtype_label(data: dict, dtype: str) -> str:
+    """The dtype as measured: float32 says when its products ran on TF32 (python -m bench --tf32)."""
+    if dtype == "float32" and data.get("float32_matmul_precision", "highest") != "highest":
+        return "float32 (TF32 products)"
+    return dtype
+
+
 def summary_table(data: dict, key, heads: dict) -> list[str]:
     """The short table of one group at its largest C."""
     classes = max(c for per in heads.values() for c in per)
@@ -244,7 +251,8 @@ def summary_table(data: dict, key, heads: dict) -> list[str]:
     columns = ["head", "margin", "time (ms)", "peak memory (MiB)"]
     columns += ["allocator peak (MiB)"] if allocator else []
     columns += ["time / floor", "memory / floor"]
-    lines = [f"**{_device_line(data)}**: B={batch}, D={dim}, C={classes:,}, {dtype}, forward + backward, "
+    lines = [f"**{_device_line(data)}**: B={batch}, D={dim}, C={classes:,}, {_dtype_label(data, dtype)}, "
+             "forward + backward, "
              f"measured {data['date'][:10]} by `{data['command']}`.{_busy(data)}", "",
              "| " + " | ".join(columns) + " |",
              "| " + " | ".join("---" if c in ("head", "margin") else "---:" for c in columns) + " |"]
@@ -343,7 +351,7 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
     written = []
     for key, heads in _groups(data).items():
         batch, dim, dtype = key
-        shape = f"B={batch}, D={dim}, {dtype}"
+        shape = f"B={batch}, D={dim}, {_dtype_label(data, dtype)}"
         suffix = _group_name(key)
         classes = sorted({c for per in heads.values() for c in per})
 
@@ -439,7 +447,7 @@ def section(results_dirs: list[Path], relative_to: Path) -> str:
         path, data, (batch, dim, dtype) = plot
         rel = Path(os.path.relpath(path, relative_to)).as_posix()
         lines += [f"![peak memory vs classes on {data['device']['name']}]({rel})", "",
-                  f"*Peak memory vs C, B={batch}, D={dim}, {dtype}, measured {data['date'][:10]} on "
+                  f"*Peak memory vs C, B={batch}, D={dim}, {_dtype_label(data, dtype)}, measured {data['date'][:10]} on "
                   f"{_device_line(data)} by `{data['command']}`.*", ""]
     return "\n".join(lines + [END])
 

@@ -22,8 +22,8 @@ PyObject* PyInit__C(void) {
   "Tensor? target_centre, int target_kind, int fallback, bool straight_through, float m1, float m3, " \
   "float sphere_lambda, int nontarget_kind, float inter_mu, float inter_alpha, bool inter_dynamic"
 #define MX_HEAD_ARGS MX_ROW_ARGS ", int chunk_size"
-#define MX_TILE_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int splits"
-#define MX_TILE_BACKWARD_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int chunk_cols"
+#define MX_TILE_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int splits, bool tf32"
+#define MX_TILE_BACKWARD_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int chunk_cols, bool tf32"
 
 TORCH_LIBRARY(margin_ext, m) {
   m.set_python_module("margin_ext.backends.extension");
@@ -47,7 +47,8 @@ TORCH_LIBRARY(margin_ext, m) {
   // The fused CUDA kernels' tile loop run on the CPU (cpu/tile_reference.cpp), products
   // as plain dot products: the same outputs as head_forward / head_backward, computed
   // tile by tile with the given tile sizes, class splits (forward) and classes per
-  // backward chunk (0: the CUDA kernels' choice). For tests.
+  // backward chunk (0: the CUDA kernels' choice), and with tf32 every product operand
+  // rounded as the TF32 kernels round it (float32 weights only). For tests.
   m.def("tile_forward(" MX_TILE_ARGS ") -> (Tensor lse, Tensor target_logit)");
   m.def("tile_backward(" MX_TILE_BACKWARD_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)");

@@ -1,13 +1,15 @@
 // CUDA implementations of the margin_ext ops, on the current stream of the inputs'
-// device: the fused tensor-core kernels of cuda/fused_head.cu for 16-bit centres, the
-// chunk loop of head_loop.h over cuda/head_kernels.cu otherwise (float32 / float64
-// centres, float64 features, InterFace, D > 512, GPUs before sm_80). Compiled by the
-// host compiler (ATen stays out of the .cu files); built only when torch has CUDA (see
-// setup.py).
+// device: the fused tensor-core kernels of cuda/fused_head.cu for 16-bit centres, and
+// for float32 centres where torch allows TF32 in matmuls
+// (torch.backends.cuda.matmul.allow_tf32); the chunk loop of head_loop.h over
+// cuda/head_kernels.cu otherwise (exact float32, float64, InterFace, D > 512, GPUs before
+// sm_80). Compiled by the host compiler (ATen stays out of the .cu files); built only
+// when torch has CUDA (see setup.py).
 #include "head_loop.h"
 
 #include <algorithm>
 
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -55,14 +57,17 @@ void check_launch(gpu::LaunchStatus status) {
               " failed: ", cudaGetErrorString(status.error));
 }
 
-// Whether the fused kernels take these inputs; the chunk loop runs the rest.
+// Whether the fused kernels take these inputs; the chunk loop runs the rest. float32
+// centres go to the TF32 kernels under the flag that lets torch's own float32 matmuls
+// use TF32, and keep exact float32 products otherwise.
 bool fused_applies(const HeadInputs& in) {
   const auto w = in.weight.scalar_type();
   const int64_t b = in.x_hat.size(0);
-  return in.x_hat.scalar_type() == at::kFloat && (w == at::kBFloat16 || w == at::kHalf) &&
-         in.params.nontarget == kCosine && b > 0 && in.weight.size(0) > 0 &&
-         tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
-         gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1));
+  const bool tensor_core_type =
+      w == at::kBFloat16 || w == at::kHalf || (w == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && in.params.nontarget == kCosine && b > 0 &&
+         in.weight.size(0) > 0 && tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
+         gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1), weight_type(in.weight));
 }
 
 int multiprocessors(int device) {
@@ -71,7 +76,8 @@ int multiprocessors(int device) {
   return count;
 }
 
-// The features cast once to the centres' dtype, the centre norms, and the pointers.
+// The features cast once to the centres' dtype (none for float32), the centre norms,
+// and the pointers.
 struct FusedOperands {
   at::Tensor x, norms;
   gpu::FusedHead head;

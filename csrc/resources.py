@@ -7,8 +7,9 @@ script reads those files from a folder and
   instantiation and architecture (``--readme`` also writes it into csrc/README.md,
   between the ``resources`` markers);
 * fails (exit status 1) when a fused kernel (``fused_*``) stores spilled registers, or
-  when the PTX of a 16-bit instantiation of a fused product kernel has no tensor-core
-  instruction (mma / wmma / wgmma).
+  when the PTX of an instantiation of a fused product kernel has no tensor-core
+  instruction (mma / wmma / wgmma): bf16 and fp16, and f32, whose products run on TF32
+  (its mma must take tf32 operands).
 
 Usage: python csrc/resources.py DIR [--readme]   (DIR holds NAME.sm_XX.log and NAME.sm_XX.ptx)
 """
@@ -20,12 +21,15 @@ import re
 import sys
 from pathlib import Path
 
-# The kernels whose products must run on tensor cores, and the 16-bit instantiations.
+# The kernels whose products must run on tensor cores, in each of these instantiations.
 PRODUCT_KERNELS = (
     "fused_forward_kernel", "fused_cosine_grad_kernel", "fused_grad_features_kernel", "fused_grad_weight_kernel",
 )
 TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "f32", "d": "f64"}
 TENSOR_CORE = re.compile(r"\b(mma\.sync|wmma\.mma|wgmma\.mma_async)\b")
+TENSOR_CORE_TYPES = ("bf16", "fp16", "f32")
+# the operand type each instantiation's tensor-core instructions must name
+MMA_OPERAND = {"bf16": ".bf16", "fp16": ".f16", "f32": ".tf32"}
 BEGIN, END = "<!-- resources:begin -->", "<!-- resources:end -->"
 
 
@@ -94,18 +98,23 @@ def collect(folder: Path) -> tuple[list[dict], list[str]]:
         for row in found:
             if row["kernel"].startswith("fused_") and row.get("spill_stores", 0) > 0:
                 problems.append(f"{row['kernel']}<{row['type']}> {arch}: {row['spill_stores']} bytes of spill stores")
-            if row["kernel"] in PRODUCT_KERNELS and row["type"] in ("bf16", "fp16"):
+            if row["kernel"] in PRODUCT_KERNELS and row["type"] in TENSOR_CORE_TYPES:
                 body = entries.get(row["mangled"])
                 if body is None:
                     problems.append(f"{row['kernel']}<{row['type']}> {arch}: not found in {ptx_file.name}")
-                elif not TENSOR_CORE.search(body):
+                    continue
+                lines = [line for line in body.splitlines() if TENSOR_CORE.search(line)]
+                if not lines:
                     problems.append(f"{row['kernel']}<{row['type']}> {arch}: no tensor-core instruction in its PTX")
+                elif not all(MMA_OPERAND[row["type"]] in line for line in lines):
+                    problems.append(f"{row['kernel']}<{row['type']}> {arch}: a tensor-core instruction without "
+                                    f"{MMA_OPERAND[row['type']]} operands in its PTX")
                 else:
-                    row["mma"] = len(TENSOR_CORE.findall(body))
+                    row["mma"] = len(lines)
         if log.name.startswith("fused_head."):
             seen = {(r["kernel"], r["type"]) for r in found}
             for kernel in PRODUCT_KERNELS:
-                for typ in ("bf16", "fp16"):
+                for typ in TENSOR_CORE_TYPES:
                     if (kernel, typ) not in seen:
                         problems.append(f"{kernel}<{typ}> {arch}: not in the ptxas report {log.name}")
     return rows, problems

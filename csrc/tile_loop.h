@@ -12,6 +12,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #include "margin_math.h"
 
@@ -67,6 +68,27 @@ MX_HD int64_t choose_chunk_cols(int64_t rows, int64_t cols, int tile_m, int tile
   const int64_t col_tiles = cdiv(cols, tile_n);
   tiles = tiles > col_tiles ? col_tiles : tiles;
   return (tiles < 1 ? 1 : tiles) * tile_n;
+}
+
+// The TF32 operand of a float32 value: its mantissa rounded to 10 bits, to nearest with
+// ties away from zero (PTX's cvt.rna.tf32.f32), the 13 low bits zero. Float32 centres
+// run on TF32 tensor cores with every product operand rounded so, on the GPU as it is
+// staged, in the CPU tile run before its dot products. Infinities and NaNs pass as they
+// are; a finite value that rounds past the largest one becomes infinite, as in cvt.
+MX_HD float round_to_tf32(float v) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(v);
+#else
+  memcpy(&bits, &v, sizeof bits);
+#endif
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
 }
 
 // Column of the row's target inside the tile starting at class col0 with n_cols valid

@@ -1,6 +1,7 @@
 """Shared test material: one instance of every spec variant, inputs, and tolerances."""
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import margin_ext as mx
 
@@ -120,3 +121,42 @@ def assert_within_reference_error(actual, ref, ref_lowp, what, scale, factor=2.0
             f"{what} {name}: error {err:.3g} exceeds {factor} x the reference's own "
             f"low-precision error {own:.3g} + float32 floor {floor:.3g}")
 
+
+def round_to_tf32(t):
+    """float32 values rounded to TF32 (10-bit mantissa, to nearest, ties away from zero:
+    PTX's cvt.rna.tf32.f32); infinities and NaNs as they are."""
+    bits = t.float().contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, (bits + 0x1000) & -0x2000, bits).view(torch.float32)
+
+
+class _Tf32Matmul(torch.autograd.Function):
+    """a @ b as TF32 tensor cores compute it, forward and backward: each product's
+    operands rounded to TF32, float32 accumulation."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return round_to_tf32(a) @ round_to_tf32(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = round_to_tf32(grad)
+        return grad @ round_to_tf32(b).T, round_to_tf32(a).T @ grad
+
+
+class Tf32Products(TorchFunctionMode):
+    """Every matmul inside runs as _Tf32Matmul: the reference's own products in TF32."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+            return _Tf32Matmul.apply(*args)
+        return func(*args, **(kwargs or {}))
+
+
+def tf32_reference_loss_and_grads(x, w, labels, spec, seed=0, reduction="mean"):
+    """The float32 reference head with its three products in TF32: the error TF32
+    products alone leave, which sets the tolerance of the TF32 kernels."""
+    with Tf32Products():
+        return reference_loss_and_grads(x.float(), w.float(), labels, spec, torch.float32, seed, reduction)

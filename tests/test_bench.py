@@ -74,3 +74,22 @@ def test_out_of_memory_is_recorded_not_raised():
     record, step = sweep._memory_pass(head, shape, x, w, y, torch.device("cpu"))
     assert step is None
     assert record["status"] == "OOM" and "80.00 GiB" in record["reason"]
+
+
+def test_tf32_runs_are_labelled_and_leave_precision_as_it_was(tmp_path):
+    """--tf32 runs the matmuls at precision "high" (recorded in results.json) and the
+    tables and summary say that their float32 products ran on TF32; a run without it
+    says plain float32."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        main(["--classes", "500", "--batch", "8", "--dim", "8", "--repeats", "1", "--device", "cpu",
+              "--backends", "torch", "--tf32", "--out", str(tmp_path), "--no-progress", "--no-readme"])
+    finally:
+        torch.set_float32_matmul_precision(before)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["float32_matmul_precision"] == "high"
+    assert "## B=8, D=8, float32 (TF32 products)" in (tmp_path / "results.md").read_text()
+    assert "C=500, float32 (TF32 products), forward + backward" in report.section([tmp_path], tmp_path)
+    data["float32_matmul_precision"] = "highest"
+    assert report._dtype_label(data, "float32") == "float32"
+    assert report._dtype_label(dict(data, float32_matmul_precision="high"), "bfloat16") == "bfloat16"

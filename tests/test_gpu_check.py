@@ -40,8 +40,9 @@ def assert_plan(text):
     assert "tests/test_extension.py -k 'cuda or opcheck'" in text
     assert "tests/test_triton.py" in text and "tests/test_extension_compile.py" in text
     for batch, dtype in ((1024, "bfloat16"), (8192, "bfloat16"), (1024, "float32")):
-        assert (f"--classes 1000000 --batch {batch} --dim 512 --dtype {dtype} "
-                "--backends cuda,triton,torch,naive,liger,cce") in text
+        command = next(line for line in text.splitlines() if f"--batch {batch} --dim 512 --dtype {dtype} " in line)
+        assert "--classes 1000000" in command and "--backends cuda,triton,torch,naive,liger,cce" in command
+        assert command.endswith("--tf32") == (dtype == "float32"), command
     assert "480 s in all" in text
 
 

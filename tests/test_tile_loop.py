@@ -6,7 +6,8 @@ the chunk's dL/dcos buffer, then the grad_x and grad_w products -- with the same
 logic; only the tensor-core product is a plain dot product. These tests check all of
 that against the reference: shapes that end mid-tile in both directions, chunks that end
 mid-tile, the target on the last tile of the last split and of the last chunk, splits
-that own no tile, B = 1, ignored rows, every spec, and 16-bit operands.
+that own no tile, B = 1, ignored rows, every spec, 16-bit operands, and float32 operands
+rounded to TF32 as the kernels for float32 weights round them.
 """
 
 import pytest
@@ -17,7 +18,7 @@ from margin_ext import functional
 from margin_ext.backends import extension as ext
 from margin_ext.rows import RowInputs, normalize
 from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_and_grads, make_inputs,
-                   reference_loss_and_grads)
+                   reference_loss_and_grads, round_to_tf32, tf32_reference_loss_and_grads)
 
 # C = 37 in tiles of 8: 5 class tiles, the last one 5 classes wide; 3 splits own tiles
 # {0, 1}, {2, 3}, {4}; backward chunks of 16 classes: [0, 16), [16, 32), [32, 37), the
@@ -27,9 +28,9 @@ from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_
 BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
 
 
-def with_tiles(monkeypatch, tile_m, tile_n, splits, chunk_cols=0):
+def with_tiles(monkeypatch, tile_m, tile_n, splits, chunk_cols=0, tf32=False):
     """Routes margin_cross_entropy(backend="cpp") through the CPU tile run."""
-    kernels = ext.tile_kernels(tile_m, tile_n, splits, chunk_cols)
+    kernels = ext.tile_kernels(tile_m, tile_n, splits, chunk_cols, tf32)
     monkeypatch.setattr(functional, "resolve", lambda name, device: kernels)
 
 
@@ -114,6 +115,63 @@ def test_forward_reads_the_operands_in_the_weights_dtype(name, weight_dtype):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_round_to_tf32_rounds_to_nearest_with_ties_away_from_zero():
+    """The tests' TF32 rounding, on values whose rounding is known: 13 bits dropped, a
+    tie (bit 12 alone) rounds away from zero, just below a tie rounds down, a carry
+    moves into the exponent, the largest float32 rounds to infinity (cvt.rna's rule)."""
+    ulp = 2.0 ** -10  # TF32's mantissa step at 1
+    values = torch.tensor([1 + ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 - 2.0 ** -23, 1 + ulp, 2 - ulp / 2, 0.0,
+                           float("inf"), float("-inf"), torch.finfo(torch.float32).max])
+    want = torch.tensor([1 + ulp, -(1 + ulp), 1.0, 1 + ulp, 2.0, 0.0, float("inf"), float("-inf"), float("inf")])
+    assert torch.equal(round_to_tf32(values), want)
+    assert torch.isnan(round_to_tf32(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("name", ["arcface", "combined", "sphereface_normalized", "cosface"])
+def test_tf32_forward_rounds_the_features_like_cvt_rna(name):
+    """float32 weights with tf32: the tile forward (float64 accumulation) equals the
+    chunk loop fed the features rounded to TF32 by the tests' own rounding, when the
+    centres are TF32 values already (so that their norms agree). Every feature holds a
+    tie or a value just off one, which only the exact rule rounds alike."""
+    x_hat, w, rows, params = op_inputs(SPEC_CASES[name], torch.float32)
+    w = round_to_tf32(w)
+    ties = x_hat.float().abs().view(torch.int32) & ~0x1FFF | 0x1000  # exactly halfway, magnitudes kept
+    off = torch.tensor([0, -1, 1]).repeat(x_hat.numel() // 3 + 1)[:x_hat.numel()].view_as(x_hat).int()
+    x_ties = ((ties + off).view(torch.float32) * x_hat.sign().float()).double()
+    assert not torch.equal(round_to_tf32(x_ties), x_ties.float())
+    got = ext.tile_kernels(4, 8, 3, tf32=True).forward(x_ties, w, rows, params, 0)
+    want = ext.CPP_KERNELS.forward(round_to_tf32(x_ties).double(), w, rows, params, 8)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    untied = ext.tile_kernels(4, 8, 3).forward(x_ties, w, rows, params, 0)
+    assert not torch.equal(untied[0], got[0])  # the rounding is on only with tf32
+
+
+@pytest.mark.parametrize("name", SPEC_CASES)
+def test_tf32_within_the_tf32_reference_error(name, monkeypatch):
+    """float32 weights with every product operand rounded to TF32 (the features, the
+    centres and dL/dcos / |w_j|), float32 accumulation, over four backward chunks (the
+    last one partial, ending mid-tile): within the error of the float32 reference whose
+    own three products run in TF32. 40 x 200 so that the largest errors are typical ones
+    (at 9 x 37 a few amplified elements decide them, and the two roundings' draws differ
+    by up to 4x)."""
+    spec = SPEC_CASES[name]
+    labels = [(199 - 7 * i) % 200 for i in range(40)]  # the last class first
+    x, w, y = make_inputs(40, 200, 64, torch.float32, seed=2, labels=labels, ignore_rows=(3,))
+    with_tiles(monkeypatch, 16, 16, 3, 64, tf32=True)
+    got = loss_and_grads(x, w, y, spec, backend="cpp")
+    assert got[2].dtype == torch.float32
+    ref64 = reference_loss_and_grads(x.double(), w.double(), y, spec, torch.float64)
+    ref_tf32 = tf32_reference_loss_and_grads(x, w, y, spec)
+    assert_within_reference_error(got, ref64, ref_tf32, f"{name} tf32", logit_scale(spec, x))
+
+
+def test_tf32_needs_float32_weights():
+    x_hat, w, rows, params = op_inputs(SPEC_CASES["arcface"], torch.bfloat16)
+    with pytest.raises(RuntimeError, match="tf32=True needs float32 weight"):
+        ext.tile_kernels(4, 8, 1, tf32=True).forward(x_hat, w, rows, params, 0)
+
+
 def test_splits_tiles_and_chunks_do_not_change_the_result():
     x_hat, w, rows, params = op_inputs(SPEC_CASES["arcface"], torch.float64)
     ones = torch.ones(x_hat.shape[0], dtype=torch.float64)
@@ -174,3 +232,40 @@ def test_cuda_fused_kernels_match_the_cpu_tile_run(name, shape, dtype):
         magnitude = max(b.double().abs().max().item(), 1.0)
         tolerance = 16 * torch.finfo(dtype).eps * magnitude  # a few flipped 16-bit roundings
         assert (a.cpu().double() - b.double()).abs().max().item() <= tolerance, what
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the fused kernels are only compiled "
+                    "(csrc/compile_check.sh); their tile logic is what this file tests on the CPU")
+@pytest.mark.parametrize("shape", [(1, 37, 16), (70, 200, 40), (129, 1000, 512)], ids=str)
+@pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "combined", "elastic_cosface_plus"])
+def test_cuda_tf32_kernels_match_the_cpu_tile_run(name, shape, monkeypatch):
+    """float32 centres where torch allows TF32: the fused kernels on TF32 tensor cores
+    against the CPU run of the same tiles with the same TF32 rounding of every product
+    operand; only the float32 summation order differs, and the rare operand whose
+    rounding it flips. With TF32 off, the same call runs exact float32 products."""
+    if not ext.cuda_is_built():
+        pytest.fail("a CUDA device is present but margin_ext._C was built without its CUDA kernels")
+    n_rows, n_classes, dim = shape
+    x_hat, w, rows, params = op_inputs(SPEC_CASES[name], torch.float32, n_rows, n_classes, dim)
+    x_hat = x_hat.float()
+    rows = RowInputs(**{k: None if v is None else (v if k == "labels" else v.float()) for k, v in vars(rows).items()})
+    grads = torch.rand(n_rows, generator=torch.Generator().manual_seed(0)), -torch.ones(n_rows)
+    on_gpu = RowInputs(**{k: None if v is None else v.cuda() for k, v in vars(rows).items()})
+
+    def run_cuda():
+        out = ext.CUDA_KERNELS.forward(x_hat.cuda(), w.cuda(), on_gpu, params, 0)
+        return (*out, *ext.CUDA_KERNELS.backward(x_hat.cuda(), w.cuda(), on_gpu, params, 0, out[0],
+                                                  *(g.cuda() for g in grads)))
+
+    def run_cpu(tf32):
+        kernels = ext.tile_kernels(64, 64, 3, tf32=tf32)
+        out = kernels.forward(x_hat, w, rows, params, 0)
+        return (*out, *kernels.backward(x_hat, w, rows, params, 0, out[0], *grads))
+
+    for tf32, eps in ((True, 2.0 ** -10), (False, torch.finfo(torch.float32).eps)):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        got, want = run_cuda(), run_cpu(tf32)
+        for what, a, b in zip(("lse", "target", "grad_x", "grad_w", "grad_scale"), got, want):
+            magnitude = max(b.double().abs().max().item(), 1.0)
+            tolerance = 16 * eps * magnitude * (1 if tf32 else dim)  # exact float32: summation order over D
+            assert (a.cpu().double() - b.double()).abs().max().item() <= tolerance, (what, tf32)

@@ -8,8 +8,9 @@
 // G^T @ x with the radial terms summed in row-tile order; grad_scale from its partials in
 // class-tile order. Only the products differ: the tensor-core MMA is a plain dot product
 // here, over the same operands (the features cast once to the weight's dtype, G as
-// stored), accumulated in the compute type. Serial: it exists to test the tile loop, not
-// to be fast.
+// stored; with tf32, every product operand rounded by tile::round_to_tf32 as the TF32
+// kernels stage it), accumulated in the compute type. Serial: it exists to test the tile
+// loop, not to be fast.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -33,6 +34,12 @@ T dot(const W* a, const W* b, int64_t dim) {
   return acc;
 }
 
+// A product operand: as stored, or rounded to TF32 (float32 centres on TF32 tensor cores).
+template <typename T, typename W>
+T operand(W v, bool tf32) {
+  return tf32 ? static_cast<T>(tile::round_to_tf32(static_cast<float>(v))) : static_cast<T>(v);
+}
+
 // The operands and per-row inputs of one call, as raw pointers.
 template <typename T, typename W>
 struct TileProblem {
@@ -47,18 +54,27 @@ struct TileProblem {
   const T* margin;
   const T* theta_y;
   MarginParams params;
+  bool tf32;  // product operands rounded to TF32
 
   tile::TileRow<T> row(int64_t i) const {
     return {labels[i], scale[i], margin[i], theta_y ? theta_y[i] : T(0)};
   }
+  T operand(W v) const { return margin_ext::operand<T>(v, tf32); }
+  T dot_operands(const W* a, const W* b) const {
+    T acc = T(0);
+    for (int64_t d = 0; d < dim; ++d) acc += operand(a[d]) * operand(b[d]);
+    return acc;
+  }
   // x_i . w_j and centre_y(i) . w_j: the products the GPU runs on tensor cores.
-  T product(int64_t i, int64_t j) const { return dot<T>(x + i * dim, w + j * dim, dim); }
-  T class_product(int64_t i, int64_t j) const { return centre ? dot<T>(centre + i * dim, w + j * dim, dim) : T(0); }
+  T product(int64_t i, int64_t j) const { return dot_operands(x + i * dim, w + j * dim); }
+  T class_product(int64_t i, int64_t j) const { return centre ? dot_operands(centre + i * dim, w + j * dim) : T(0); }
 };
 
 template <typename T, typename W>
 TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, const at::Tensor& centre_w,
-                               int64_t tile_m, int64_t tile_n, int64_t splits) {
+                               int64_t tile_m, int64_t tile_n, int64_t splits, bool tf32) {
+  TORCH_CHECK(!tf32 || in.weight.scalar_type() == at::kFloat, "margin_ext: tf32=True needs float32 weight, got ",
+              in.weight.scalar_type());
   TORCH_CHECK(tile_m >= 1 && tile_n >= 1, "margin_ext: tile_m=", tile_m, ", tile_n=", tile_n,
               " are invalid: expected >= 1");
   TORCH_CHECK(splits >= 1, "margin_ext: splits=", splits, " is invalid: expected >= 1");
@@ -76,6 +92,7 @@ TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, cons
   p.margin = in.margin.data_ptr<T>();
   p.theta_y = in.theta_y.defined() ? in.theta_y.data_ptr<T>() : nullptr;
   p.params = in.params;
+  p.tf32 = tf32;
   return p;
 }
 
@@ -177,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
         for (int r = 0; r < g.rows_in(rt); ++r) {
           const int64_t i = rt * g.tile_m + r;
           for (int c = 0; c < g.cols_in((start + ct * tn) / tn); ++c) {
-            const T a = static_cast<T>(grad_cos[i * capacity + ct * tn + c]);
+            const T a = p.operand(grad_cos[i * capacity + ct * tn + c]);
             const W* w_j = p.w + (start + ct * tn + c) * dim;
-            for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] += a * static_cast<T>(w_j[d]);
+            for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] += a * p.operand(w_j[d]);
           }
         }
       }
@@ -197,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
         for (int r = 0; r < g.rows_in(rt); ++r) {
           const int64_t i = rt * g.tile_m + r;
           for (int c = 0; c < n_cols; ++c) {
-            const T a = static_cast<T>(grad_cos[i * capacity + ct * tn + c]);
-            for (int64_t d = 0; d < dim; ++d) acc[c * dim + d] += a * static_cast<T>(p.x[i * dim + d]);
+            const T a = p.operand(grad_cos[i * capacity + ct * tn + c]);
+            for (int64_t d = 0; d < dim; ++d) acc[c * dim + d] += a * p.operand(p.x[i * dim + d]);
           }
         }
       }
@@ -253,14 +270,14 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(
     const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
     const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
     double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t splits) {
+    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t splits, bool tf32) {
   const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
                                     fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
                                     inter_alpha, inter_dynamic);
   const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
   return dispatch(in, [&]<typename T, typename W>() {
-    return run_forward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, splits), in.x_hat.options());
+    return run_forward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, splits, tf32), in.x_hat.options());
   });
 }
 
@@ -269,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
     const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
     const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
     double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t chunk_cols, const at::Tensor& lse,
+    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t chunk_cols, bool tf32, const at::Tensor& lse,
     const at::Tensor& grad_lse, const at::Tensor& grad_target) {
   const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
                                     fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
@@ -286,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
   const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
   return dispatch(in, [&]<typename T, typename W>() {
-    return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, /*splits=*/1), chunk_cols, in.weight,
+    return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, /*splits=*/1, tf32), chunk_cols,
+                        in.weight,
                         lse_c.data_ptr<T>(), grad_lse_c.data_ptr<T>(), grad_target_c.data_ptr<T>(),
                         in.x_hat.options());
   });

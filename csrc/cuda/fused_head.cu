@@ -1,11 +1,13 @@
 // The fused head's CUDA kernels (see fused_head.h): mma.sync tensor-core products over
-// 16-bit operands staged in shared memory, the tile logic of ../tile_loop.h on the
-// float32 accumulators.
+// operands staged in shared memory, the tile logic of ../tile_loop.h on the float32
+// accumulators.
 //
-// Fragment layout of mma.m16n8k16 (g = lane / 4, t = lane % 4): A holds rows g and g + 8
-// at columns 2t, 2t + 1 (+ 8); B holds column g at rows 2t, 2t + 1 (+ 8); the
-// accumulator holds rows g and g + 8 at columns 2t, 2t + 1. Shared-memory rows are
-// padded by 8 elements (4 banks) so that the 32-bit fragment loads hit 32 distinct banks.
+// Fragment layouts (g = lane / 4, t = lane % 4). 16-bit operands, mma.m16n8k16: A holds
+// rows g and g + 8 at columns 2t, 2t + 1 (+ 8); B holds column g at rows 2t, 2t + 1
+// (+ 8). float32 operands on TF32, mma.m16n8k8: A holds rows g and g + 8 at columns t
+// (+ 4); B holds column g at rows t (+ 4). Both: the accumulator holds rows g and g + 8
+// at columns 2t, 2t + 1. Shared-memory rows are padded by 16 bytes (4 banks) so that the
+// 32-bit fragment loads of row-major tiles hit 32 distinct banks.
 #include "fused_head.h"
 
 #include <cuda_bf16.h>
@@ -22,11 +24,8 @@ constexpr int kWarp = 32;
 constexpr int kBM = kFusedRows;
 constexpr int kBN = kFusedCols;
 constexpr int kBK = 64;                    // forward: centre columns staged per step
-constexpr int kPad = 8;                    // 16-bit elements of padding per shared row
 constexpr int kForwardThreads = 128;       // 4 warps of 16 rows
 constexpr int kBackwardThreads = 256;      // 8 warps: 4 groups of 16 rows (or classes) x 2 halves
-constexpr int kDPart = 128;                // D columns of one gradient-product block
-constexpr int kPartTiles = kDPart / 2 / 8;  // 8-wide column tiles of a warp's half of a D part
 constexpr int kMergeThreads = 256;
 
 static_assert(kBM == 4 * 16 && kBN == 64, "the warp layouts below assume 64 x 64 tiles");
@@ -34,101 +33,166 @@ static_assert(kBM == 4 * 16 && kBN == 64, "the warp layouts below assume 64 x 64
 // D rounded up to the staging step: the padded columns read as zeros.
 __host__ __device__ int64_t padded_dim(int64_t dim) { return tile::cdiv(dim, kBK) * kBK; }
 
-// The 16-bit operand types: conversions of the raw bits and the tensor-core product.
-template <typename W>
-struct Operand;
-
-template <>
-struct Operand<__nv_bfloat16> {
-  __device__ static uint16_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16(v)); }
-  __device__ static float value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    __trap();  // the glue runs these kernels on sm_80 and later only
-#endif
-  }
-};
-
-template <>
-struct Operand<__half> {
-  __device__ static uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
-  __device__ static float value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    __trap();
-#endif
-  }
-};
-
 __device__ __forceinline__ uint32_t load32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ uint32_t pack(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
-// A fragment of the row-major tile s[m][k] at (m0, k0).
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* s, int ld, int m0, int k0, int lane) {
-  const uint16_t* p = s + (m0 + lane / 4) * ld + k0 + 2 * (lane % 4);
-  a[0] = load32(p);
-  a[1] = load32(p + 8 * ld);
-  a[2] = load32(p + 8);
-  a[3] = load32(p + 8 * ld + 8);
-}
+// One warp-wide mma.sync: c (4 float32 accumulators) += a (4 registers) x b (2 registers).
+// The glue runs these kernels on sm_80 and later only.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MX_MMA_SYNC(shape_and_types, c, a, b)                                                               \
+  asm volatile("mma.sync.aligned." shape_and_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+#else
+#define MX_MMA_SYNC(shape_and_types, c, a, b) __trap()
+#endif
 
-// A fragment at (m0, k0) of A[m][k] = s[k][m]: m contiguous (the transpose of a G tile).
-__device__ __forceinline__ void load_a_km(uint32_t (&a)[4], const uint16_t* s, int ld, int m0, int k0, int lane) {
-  const uint16_t* p = s + (k0 + 2 * (lane % 4)) * ld + m0 + lane / 4;
-  a[0] = pack(p[0], p[ld]);
-  a[1] = pack(p[8], p[ld + 8]);
-  a[2] = pack(p[8 * ld], p[9 * ld]);
-  a[3] = pack(p[8 * ld + 8], p[9 * ld + 8]);
-}
+// The operand types: their storage, conversions, the fragment loads of shared-memory
+// tiles and the tensor-core product. kDPart: D columns of one gradient-product block
+// (the float32 blocks take half as many, to stay in 48 KB of static shared memory).
+template <typename W>
+struct Operand;
 
-// B fragment at (k0, n0) of B[k][n] = s[n][k]: k contiguous (a row of centres or features).
-__device__ __forceinline__ void load_b_nk(uint32_t (&b)[2], const uint16_t* s, int ld, int n0, int k0, int lane) {
-  const uint16_t* p = s + (n0 + lane / 4) * ld + k0 + 2 * (lane % 4);
-  b[0] = load32(p);
-  b[1] = load32(p + 8);
-}
+// bfloat16 and float16: raw 16-bit storage, staged as stored, mma.m16n8k16.
+struct Operand16 {
+  using Storage = uint16_t;
+  static constexpr int kK = 16;  // depth of one mma
+  static constexpr int kDPart = 128;
 
-// B fragment at (k0, n0) of B[k][n] = s[k][n]: n contiguous.
-__device__ __forceinline__ void load_b_kn(uint32_t (&b)[2], const uint16_t* s, int ld, int k0, int n0, int lane) {
-  const uint16_t* p = s + (k0 + 2 * (lane % 4)) * ld + n0 + lane / 4;
-  b[0] = pack(p[0], p[ld]);
-  b[1] = pack(p[8 * ld], p[9 * ld]);
-}
+  __device__ static uint4 staged(uint4 v) { return v; }
+  __device__ static uint16_t staged(uint16_t v) { return v; }
 
-// dst[r][c] = src[(row0 + r) * dim + k0 + c] for r < kRows, c < cols (a multiple of 8);
-// zero past n_rows or dim: the B and C edges and the padded D. vec: dim % 8 == 0 and src
-// 16-byte aligned, so eight elements move per load.
-template <int kRows, int kThreads>
-__device__ __forceinline__ void stage_rows(uint16_t* dst, int ld, const uint16_t* __restrict__ src, int64_t row0,
+  // A fragment of the row-major tile s[m][k] at (m0, k0).
+  __device__ static void load_a(uint32_t (&a)[4], const uint16_t* s, int ld, int m0, int k0, int lane) {
+    const uint16_t* p = s + (m0 + lane / 4) * ld + k0 + 2 * (lane % 4);
+    a[0] = load32(p);
+    a[1] = load32(p + 8 * ld);
+    a[2] = load32(p + 8);
+    a[3] = load32(p + 8 * ld + 8);
+  }
+  // A fragment at (m0, k0) of A[m][k] = s[k][m]: m contiguous (the transpose of a G tile).
+  __device__ static void load_a_km(uint32_t (&a)[4], const uint16_t* s, int ld, int m0, int k0, int lane) {
+    const uint16_t* p = s + (k0 + 2 * (lane % 4)) * ld + m0 + lane / 4;
+    a[0] = pack(p[0], p[ld]);
+    a[1] = pack(p[8], p[ld + 8]);
+    a[2] = pack(p[8 * ld], p[9 * ld]);
+    a[3] = pack(p[8 * ld + 8], p[9 * ld + 8]);
+  }
+  // B fragment at (k0, n0) of B[k][n] = s[n][k]: k contiguous (a row of centres or features).
+  __device__ static void load_b_nk(uint32_t (&b)[2], const uint16_t* s, int ld, int n0, int k0, int lane) {
+    const uint16_t* p = s + (n0 + lane / 4) * ld + k0 + 2 * (lane % 4);
+    b[0] = load32(p);
+    b[1] = load32(p + 8);
+  }
+  // B fragment at (k0, n0) of B[k][n] = s[k][n]: n contiguous.
+  __device__ static void load_b_kn(uint32_t (&b)[2], const uint16_t* s, int ld, int k0, int n0, int lane) {
+    const uint16_t* p = s + (k0 + 2 * (lane % 4)) * ld + n0 + lane / 4;
+    b[0] = pack(p[0], p[ld]);
+    b[1] = pack(p[8 * ld], p[9 * ld]);
+  }
+  __device__ static void store_pair(uint16_t* p, uint16_t lo, uint16_t hi) {
+    *reinterpret_cast<uint32_t*>(p) = pack(lo, hi);
+  }
+};
+
+template <>
+struct Operand<__nv_bfloat16> : Operand16 {
+  __device__ static uint16_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16(v)); }
+  __device__ static float value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    MX_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32", c, a, b);
+  }
+};
+
+template <>
+struct Operand<__half> : Operand16 {
+  __device__ static uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ static float value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    MX_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32", c, a, b);
+  }
+};
+
+// float32 on TF32 tensor cores (the glue's choice when torch allows TF32): stored as
+// float32, every product operand rounded to TF32 as it is staged (tile::round_to_tf32,
+// which the CPU tile run applies too), mma.m16n8k8. G and grad_w stay float32.
+template <>
+struct Operand<float> {
+  using Storage = float;
+  static constexpr int kK = 8;
+  static constexpr int kDPart = 64;
+
+  __device__ static float bits(float v) { return v; }
+  __device__ static float value(float v) { return v; }
+  __device__ static float staged(float v) { return tile::round_to_tf32(v); }
+  __device__ static uint4 staged(uint4 v) {
+    return make_uint4(__float_as_uint(staged(__uint_as_float(v.x))), __float_as_uint(staged(__uint_as_float(v.y))),
+                      __float_as_uint(staged(__uint_as_float(v.z))), __float_as_uint(staged(__uint_as_float(v.w))));
+  }
+  __device__ static uint32_t word(float v) { return __float_as_uint(v); }
+
+  __device__ static void load_a(uint32_t (&a)[4], const float* s, int ld, int m0, int k0, int lane) {
+    const float* p = s + (m0 + lane / 4) * ld + k0 + lane % 4;
+    a[0] = word(p[0]);
+    a[1] = word(p[8 * ld]);
+    a[2] = word(p[4]);
+    a[3] = word(p[8 * ld + 4]);
+  }
+  __device__ static void load_a_km(uint32_t (&a)[4], const float* s, int ld, int m0, int k0, int lane) {
+    const float* p = s + (k0 + lane % 4) * ld + m0 + lane / 4;
+    a[0] = word(p[0]);
+    a[1] = word(p[8]);
+    a[2] = word(p[4 * ld]);
+    a[3] = word(p[4 * ld + 8]);
+  }
+  __device__ static void load_b_nk(uint32_t (&b)[2], const float* s, int ld, int n0, int k0, int lane) {
+    const float* p = s + (n0 + lane / 4) * ld + k0 + lane % 4;
+    b[0] = word(p[0]);
+    b[1] = word(p[4]);
+  }
+  __device__ static void load_b_kn(uint32_t (&b)[2], const float* s, int ld, int k0, int n0, int lane) {
+    const float* p = s + (k0 + lane % 4) * ld + n0 + lane / 4;
+    b[0] = word(p[0]);
+    b[1] = word(p[4 * ld]);
+  }
+  __device__ static void store_pair(float* p, float lo, float hi) { *reinterpret_cast<float2*>(p) = make_float2(lo, hi); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    MX_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32", c, a, b);
+  }
+};
+
+template <typename W>
+using Storage = typename Operand<W>::Storage;
+// Shared-memory row padding: 16 bytes.
+template <typename W>
+constexpr int kPad = 16 / static_cast<int>(sizeof(Storage<W>));
+// 8-wide column tiles of a warp's half of a D part.
+template <typename W>
+constexpr int kPartTiles = Operand<W>::kDPart / 2 / 8;
+
+// dst[r][c] = staged src[(row0 + r) * dim + k0 + c] for r < kRows, c < cols (a multiple
+// of 8); zero past n_rows or dim: the B and C edges and the padded D. vec: dim % 8 == 0
+// and src 16-byte aligned, so 16 bytes move per load.
+template <typename W, int kRows, int kThreads>
+__device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storage<W>* __restrict__ src, int64_t row0,
                                            int64_t n_rows, int64_t dim, int64_t k0, int cols, bool vec) {
   if (vec) {
-    const int per_row = cols / 8;
+    constexpr int kVec = 16 / static_cast<int>(sizeof(Storage<W>));
+    const int per_row = cols / kVec;
     for (int idx = threadIdx.x; idx < kRows * per_row; idx += kThreads) {
-      const int r = idx / per_row, c = (idx % per_row) * 8;
+      const int r = idx / per_row, c = (idx % per_row) * kVec;
       const int64_t row = row0 + r, k = k0 + c;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (row < n_rows && k < dim) v = __ldg(reinterpret_cast<const uint4*>(src + row * dim + k));
+      if (row < n_rows && k < dim) v = Operand<W>::staged(__ldg(reinterpret_cast<const uint4*>(src + row * dim + k)));
       *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
     }
   } else {
     for (int idx = threadIdx.x; idx < kRows * cols; idx += kThreads) {
       const int r = idx / cols, c = idx % cols;
       const int64_t row = row0 + r, k = k0 + c;
-      dst[r * ld + c] = (row < n_rows && k < dim) ? src[row * dim + k] : uint16_t(0);
+      dst[r * ld + c] = (row < n_rows && k < dim) ? Operand<W>::staged(src[row * dim + k]) : Storage<W>(0);
     }
   }
 }
@@ -153,18 +217,20 @@ __device__ __forceinline__ float column_inv_norm(const FusedHead& h, int64_t col
 template <typename W>
 __global__ void __launch_bounds__(kForwardThreads)
 fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restrict__ split_stats) {
-  extern __shared__ __align__(16) uint16_t smem[];
-  const int ld_x = static_cast<int>(padded_dim(h.dim)) + kPad;
-  constexpr int ld_w = kBK + kPad;
-  uint16_t* xs = smem;              // [kBM][ld_x]: the row tile's features, all of D
-  uint16_t* ws = smem + kBM * ld_x;  // [kBN][ld_w]: kBK columns of the class tile's centres
+  using S = Storage<W>;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];  // one declaration for every W
+  S* smem = reinterpret_cast<S*>(smem_bytes);
+  const int ld_x = static_cast<int>(padded_dim(h.dim)) + kPad<W>;
+  constexpr int ld_w = kBK + kPad<W>;
+  S* xs = smem;              // [kBM][ld_x]: the row tile's features, all of D
+  S* ws = smem + kBM * ld_x;  // [kBN][ld_w]: kBK columns of the class tile's centres
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int split = blockIdx.y;
-  const auto* x = static_cast<const uint16_t*>(h.x);
-  const auto* w = static_cast<const uint16_t*>(h.w);
+  const auto* x = static_cast<const S*>(h.x);
+  const auto* w = static_cast<const S*>(h.w);
   const int64_t dk = padded_dim(h.dim);
-  stage_rows<kBM, kForwardThreads>(xs, ld_x, x, row0, h.rows, h.dim, 0, static_cast<int>(dk), vec);
+  stage_rows<W, kBM, kForwardThreads>(xs, ld_x, x, row0, h.rows, h.dim, 0, static_cast<int>(dk), vec);
 
   // This thread's rows: warp * 16 + lane / 4, and 8 below.
   tile::TileRow<float> row[2];
@@ -181,16 +247,16 @@ fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restri
     float acc[kBN / 8][4] = {};
     for (int64_t k0 = 0; k0 < dk; k0 += kBK) {
       __syncthreads();  // the previous step's reads of ws are done
-      stage_rows<kBN, kForwardThreads>(ws, ld_w, w, col0, h.cols, h.dim, k0, kBK, vec);
+      stage_rows<W, kBN, kForwardThreads>(ws, ld_w, w, col0, h.cols, h.dim, k0, kBK, vec);
       __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
+      for (int kk = 0; kk < kBK; kk += Operand<W>::kK) {
         uint32_t a[4];
-        load_a(a, xs, ld_x, warp * 16, static_cast<int>(k0) + kk, lane);
+        Operand<W>::load_a(a, xs, ld_x, warp * 16, static_cast<int>(k0) + kk, lane);
 #pragma unroll
         for (int nt = 0; nt < kBN / 8; ++nt) {
           uint32_t b[2];
-          load_b_nk(b, ws, ld_w, nt * 8, kk, lane);
+          Operand<W>::load_b_nk(b, ws, ld_w, nt * 8, kk, lane);
           Operand<W>::mma(acc[nt], a, b);
         }
       }
@@ -256,16 +322,16 @@ __global__ void merge_splits_kernel(const float* __restrict__ split_stats, int s
 
 // acc += this warp's 16 x 32 part of x_tile . w_tile^T over kBK columns of D.
 template <typename W>
-__device__ __forceinline__ void cosine_step(float (&acc)[4][4], const uint16_t* xs, const uint16_t* ws, int ld,
+__device__ __forceinline__ void cosine_step(float (&acc)[4][4], const Storage<W>* xs, const Storage<W>* ws, int ld,
                                             int wm, int wn, int lane) {
 #pragma unroll
-  for (int k0 = 0; k0 < kBK; k0 += 16) {
+  for (int k0 = 0; k0 < kBK; k0 += Operand<W>::kK) {
     uint32_t a[4];
-    load_a(a, xs, ld, wm * 16, k0, lane);
+    Operand<W>::load_a(a, xs, ld, wm * 16, k0, lane);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       uint32_t b[2];
-      load_b_nk(b, ws, ld, wn * 32 + nt * 8, k0, lane);
+      Operand<W>::load_b_nk(b, ws, ld, wn * 32 + nt * 8, k0, lane);
       Operand<W>::mma(acc[nt], a, b);
     }
   }
@@ -275,21 +341,21 @@ __device__ __forceinline__ void cosine_step(float (&acc)[4][4], const uint16_t* 
 // one 64-deep step: A at rows m0 of a row-major tile (kTransposedA: of the transpose of
 // one), B n-contiguous at column n0.
 template <typename W, bool kTransposedA>
-__device__ __forceinline__ void gradient_step(float (&out)[kPartTiles][4], const uint16_t* as, int lda, int m0,
-                                              const uint16_t* bs, int ldb, int n0, int n_tiles, int lane) {
+__device__ __forceinline__ void gradient_step(float (&out)[kPartTiles<W>][4], const Storage<W>* as, int lda, int m0,
+                                              const Storage<W>* bs, int ldb, int n0, int n_tiles, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < 64; kk += 16) {
+  for (int kk = 0; kk < 64; kk += Operand<W>::kK) {
     uint32_t a[4];
     if (kTransposedA) {
-      load_a_km(a, as, lda, m0, kk, lane);
+      Operand<W>::load_a_km(a, as, lda, m0, kk, lane);
     } else {
-      load_a(a, as, lda, m0, kk, lane);
+      Operand<W>::load_a(a, as, lda, m0, kk, lane);
     }
 #pragma unroll
-    for (int nt = 0; nt < kPartTiles; ++nt) {
+    for (int nt = 0; nt < kPartTiles<W>; ++nt) {
       if (nt < n_tiles) {
         uint32_t b[2];
-        load_b_kn(b, bs, ldb, kk, n0 + nt * 8, lane);
+        Operand<W>::load_b_kn(b, bs, ldb, kk, n0 + nt * 8, lane);
         Operand<W>::mma(out[nt], a, b);
       }
     }
@@ -297,13 +363,10 @@ __device__ __forceinline__ void gradient_step(float (&out)[kPartTiles][4], const
 }
 
 // 8-wide column tiles of D from column d0 on, at most a warp's kPartTiles.
+template <typename W>
 __device__ __forceinline__ int part_tiles(int64_t dim, int64_t d0) {
   const int64_t n = tile::cdiv(dim - d0, 8);
-  return n < 0 ? 0 : (n > kPartTiles ? kPartTiles : static_cast<int>(n));
-}
-
-__device__ __forceinline__ void store_pair(uint16_t* p, uint16_t lo, uint16_t hi) {
-  *reinterpret_cast<uint32_t*>(p) = pack(lo, hi);
+  return n < 0 ? 0 : (n > kPartTiles<W> ? kPartTiles<W> : static_cast<int>(n));
 }
 
 // One tile of the chunk, recomputed once: G = dL/dcos / |w_j| in W into the chunk's
@@ -312,9 +375,10 @@ __device__ __forceinline__ void store_pair(uint16_t* p, uint16_t lo, uint16_t hi
 template <typename W>
 __global__ void __launch_bounds__(kBackwardThreads)
 fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool vec) {
-  constexpr int ld = kBK + kPad;
-  __shared__ __align__(16) uint16_t xs[kBM * ld];  // kBK columns of the row tile's features
-  __shared__ __align__(16) uint16_t ws[kBN * ld];  // the same columns of the class tile's centres
+  using S = Storage<W>;
+  constexpr int ld = kBK + kPad<W>;
+  __shared__ __align__(16) S xs[kBM * ld];  // kBK columns of the row tile's features
+  __shared__ __align__(16) S ws[kBN * ld];  // the same columns of the class tile's centres
   __shared__ float scale_part[2][kBM];
   __shared__ float radial_part[4][kBN];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
@@ -322,14 +386,14 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
   const int64_t ct = blockIdx.x, row_tile = blockIdx.y;
   const int64_t row0 = row_tile * kBM, col0 = chunk.start + ct * kBN;
   const int n_cols = static_cast<int>(tile::min64(kBN, chunk.start + chunk.cols - col0));
-  const auto* x = static_cast<const uint16_t*>(h.x);
-  const auto* w = static_cast<const uint16_t*>(h.w);
+  const auto* x = static_cast<const S*>(h.x);
+  const auto* w = static_cast<const S*>(h.w);
   const int64_t dk = padded_dim(h.dim);
   float acc[4][4] = {};
   for (int64_t k0 = 0; k0 < dk; k0 += kBK) {
     __syncthreads();  // the previous step's reads of xs and ws are done
-    stage_rows<kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, k0, kBK, vec);
-    stage_rows<kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, k0, kBK, vec);
+    stage_rows<W, kBM, kBackwardThreads>(xs, ld, x, row0, h.rows, h.dim, k0, kBK, vec);
+    stage_rows<W, kBN, kBackwardThreads>(ws, ld, w, col0, h.cols, h.dim, k0, kBK, vec);
     __syncthreads();
     cosine_step<W>(acc, xs, ws, ld, wm, wn, lane);
   }
@@ -342,11 +406,11 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
     row[hi] = load_row(h, i);
     row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
   }
-  auto* grad_cos = static_cast<uint16_t*>(chunk.grad_cos);
+  auto* grad_cos = static_cast<S*>(chunk.grad_cos);
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
     float radial[2] = {0.f, 0.f};
-    uint16_t bits[2][2];
+    S bits[2][2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int c = wn * 32 + nt * 8 + 2 * t + e;
@@ -368,7 +432,7 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
-      if (i < h.rows) store_pair(grad_cos + i * chunk.capacity + ct * kBN + c0, bits[hi][0], bits[hi][1]);
+      if (i < h.rows) Operand<W>::store_pair(grad_cos + i * chunk.capacity + ct * kBN + c0, bits[hi][0], bits[hi][1]);
     }
     // the column's 16 rows of this warp: 2 per lane, then the 8 lanes of the column
 #pragma unroll
@@ -403,27 +467,29 @@ template <typename W>
 __global__ void __launch_bounds__(kBackwardThreads)
 fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g, bool accumulate,
                            float* __restrict__ grad_x) {
-  constexpr int ld_g = kBN + kPad, ld_w = kDPart + kPad;
-  __shared__ __align__(16) uint16_t gs[kBM * ld_g];  // G tile, rows x classes: A
-  __shared__ __align__(16) uint16_t ws[kBN * ld_w];  // centres, classes x D part: B
+  using S = Storage<W>;
+  constexpr int kDPart = Operand<W>::kDPart;
+  constexpr int ld_g = kBN + kPad<W>, ld_w = kDPart + kPad<W>;
+  __shared__ __align__(16) S gs[kBM * ld_g];  // G tile, rows x classes: A
+  __shared__ __align__(16) S ws[kBN * ld_w];  // centres, classes x D part: B
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
   const int wm = warp % 4, wn = warp / 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t d_warp = static_cast<int64_t>(blockIdx.y) * kDPart + wn * (kDPart / 2);
-  const int n_tiles = part_tiles(h.dim, d_warp);
-  const auto* grad_cos = static_cast<const uint16_t*>(chunk.grad_cos);
-  const auto* w = static_cast<const uint16_t*>(h.w);
-  float out[kPartTiles][4] = {};
+  const int n_tiles = part_tiles<W>(h.dim, d_warp);
+  const auto* grad_cos = static_cast<const S*>(chunk.grad_cos);
+  const auto* w = static_cast<const S*>(h.w);
+  float out[kPartTiles<W>][4] = {};
   for (int64_t ct = 0; ct < tile::cdiv(chunk.cols, kBN); ++ct) {
     __syncthreads();  // the previous tile's reads of gs and ws are done
-    stage_rows<kBM, kBackwardThreads>(gs, ld_g, grad_cos, row0, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
-    stage_rows<kBN, kBackwardThreads>(ws, ld_w, w, chunk.start + ct * kBN, h.cols, h.dim,
+    stage_rows<W, kBM, kBackwardThreads>(gs, ld_g, grad_cos, row0, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
+    stage_rows<W, kBN, kBackwardThreads>(ws, ld_w, w, chunk.start + ct * kBN, h.cols, h.dim,
                                       static_cast<int64_t>(blockIdx.y) * kDPart, kDPart, vec);
     __syncthreads();
     gradient_step<W, false>(out, gs, ld_g, wm * 16, ws, ld_w, wn * (kDPart / 2), n_tiles, lane);
   }
 #pragma unroll
-  for (int nt = 0; nt < kPartTiles; ++nt) {
+  for (int nt = 0; nt < kPartTiles<W>; ++nt) {
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
@@ -441,13 +507,16 @@ fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_
 
 // grad_w of one class tile and D part: H = G^T @ x walking every row tile, the
 // normalization backward with the radial terms summed in row-tile order, written once
-// in W.
+// in W. Launch bounds of two blocks per SM: at most 128 registers, which the 16-bit
+// instantiations fill; without them ptxas caps the float32 one at 64, which spills on sm_80.
 template <typename W>
-__global__ void __launch_bounds__(kBackwardThreads)
-fused_grad_weight_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g, uint16_t* __restrict__ grad_w) {
-  constexpr int ld_g = kBN + kPad, ld_x = kDPart + kPad;
-  __shared__ __align__(16) uint16_t gs[kBM * ld_g];  // G tile, rows x classes: A transposed
-  __shared__ __align__(16) uint16_t xs[kBM * ld_x];  // features, rows x D part: B
+__global__ void __launch_bounds__(kBackwardThreads, 2)
+fused_grad_weight_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g, Storage<W>* __restrict__ grad_w) {
+  using S = Storage<W>;
+  constexpr int kDPart = Operand<W>::kDPart;
+  constexpr int ld_g = kBN + kPad<W>, ld_x = kDPart + kPad<W>;
+  __shared__ __align__(16) S gs[kBM * ld_g];  // G tile, rows x classes: A transposed
+  __shared__ __align__(16) S xs[kBM * ld_x];  // features, rows x D part: B
   __shared__ float radial[kBN];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
   const int wm = warp % 4, wn = warp / 4;
@@ -455,21 +524,21 @@ fused_grad_weight_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g,
   const int n_cols = static_cast<int>(tile::min64(kBN, chunk.start + chunk.cols - col0));
   const int64_t d_part = static_cast<int64_t>(blockIdx.y) * kDPart;
   const int64_t d_warp = d_part + wn * (kDPart / 2);
-  const int n_tiles = part_tiles(h.dim, d_warp);
+  const int n_tiles = part_tiles<W>(h.dim, d_warp);
   const int64_t row_tiles = tile::cdiv(h.rows, kBM);
-  const auto* grad_cos = static_cast<const uint16_t*>(chunk.grad_cos);
-  const auto* x = static_cast<const uint16_t*>(h.x);
-  const auto* w = static_cast<const uint16_t*>(h.w);
+  const auto* grad_cos = static_cast<const S*>(chunk.grad_cos);
+  const auto* x = static_cast<const S*>(h.x);
+  const auto* w = static_cast<const S*>(h.w);
   if (threadIdx.x < kBN) {  // visible after the walk's first barrier
     float v = 0.f;
     for (int64_t rt = 0; rt < row_tiles; ++rt) v += chunk.radial_parts[rt * chunk.capacity + ct * kBN + threadIdx.x];
     radial[threadIdx.x] = v;
   }
-  float out[kPartTiles][4] = {};
+  float out[kPartTiles<W>][4] = {};
   for (int64_t rt = 0; rt < row_tiles; ++rt) {
     __syncthreads();  // the previous row tile's reads of gs and xs are done
-    stage_rows<kBM, kBackwardThreads>(gs, ld_g, grad_cos, rt * kBM, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
-    stage_rows<kBM, kBackwardThreads>(xs, ld_x, x, rt * kBM, h.rows, h.dim, d_part, kDPart, vec);
+    stage_rows<W, kBM, kBackwardThreads>(gs, ld_g, grad_cos, rt * kBM, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
+    stage_rows<W, kBM, kBackwardThreads>(xs, ld_x, x, rt * kBM, h.rows, h.dim, d_part, kDPart, vec);
     __syncthreads();
     gradient_step<W, true>(out, gs, ld_g, wm * 16, xs, ld_x, wn * (kDPart / 2), n_tiles, lane);
   }
@@ -480,7 +549,7 @@ fused_grad_weight_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g,
     if (c >= n_cols) continue;
     const float norm = h.norms[j], rad = radial[c];
 #pragma unroll
-    for (int nt = 0; nt < kPartTiles; ++nt) {
+    for (int nt = 0; nt < kPartTiles<W>; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t d = d_warp + nt * 8 + 2 * t + e;
@@ -505,8 +574,9 @@ __global__ void sum_scale_parts_kernel(const float* __restrict__ parts, int64_t 
 
 // The stored 16-bit values are read as raw bits: torch builds CUDA sources with the
 // implicit __nv_bfloat16 / __half conversions switched off (__CUDA_NO_*_CONVERSIONS__).
+// float32 centres' norms come from the values as stored (not rounded to TF32).
 template <typename W>
-__global__ void centre_norms_kernel(const uint16_t* __restrict__ w, int64_t cols, int64_t dim,
+__global__ void centre_norms_kernel(const Storage<W>* __restrict__ w, int64_t cols, int64_t dim,
                                     float* __restrict__ norms) {
   constexpr int kWarps = 8;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
@@ -540,7 +610,7 @@ template <typename W>
 LaunchStatus launch_forward(const FusedHead& h, int splits, float* split_stats, float* lse, float* target,
                             cudaStream_t stream) {
   const tile::TileGrid grid = tile_grid(h, splits);
-  const size_t smem = fused_forward_smem(h.dim);
+  const size_t smem = fused_forward_smem(h.dim, h.w_type);
   cudaError_t err = allow_smem(fused_forward_kernel<W>, smem);
   if (err != cudaSuccess) return {err, "fused_forward_kernel"};
   fused_forward_kernel<W><<<dim3(static_cast<unsigned int>(grid.row_tiles()), splits), kForwardThreads, smem,
@@ -560,7 +630,7 @@ LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, co
   const bool vec_g = reinterpret_cast<uintptr_t>(chunk.grad_cos) % 16 == 0;  // capacity % 64 == 0
   const auto row_tiles = static_cast<unsigned int>(tile::cdiv(h.rows, kBM));
   const auto col_tiles = static_cast<unsigned int>(tile::cdiv(chunk.cols, kBN));
-  const auto d_parts = static_cast<unsigned int>(tile::cdiv(h.dim, kDPart));
+  const auto d_parts = static_cast<unsigned int>(tile::cdiv(h.dim, Operand<W>::kDPart));
   fused_cosine_grad_kernel<W><<<dim3(col_tiles, row_tiles), kBackwardThreads, 0, stream>>>(h, g, chunk, vec);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "fused_cosine_grad_kernel"};
@@ -568,7 +638,7 @@ LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, co
                                                                                           accumulate, grad_x);
   if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_grad_features_kernel"};
   fused_grad_weight_kernel<W><<<dim3(col_tiles, d_parts), kBackwardThreads, 0, stream>>>(
-      h, chunk, vec, vec_g, static_cast<uint16_t*>(grad_w));
+      h, chunk, vec, vec_g, static_cast<Storage<W>*>(grad_w));
   if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_grad_weight_kernel"};
   sum_scale_parts_kernel<<<blocks_for(h.rows, kMergeThreads), kMergeThreads, 0, stream>>>(
       chunk.scale_parts, col_tiles, h.rows, accumulate, grad_scale);
@@ -576,18 +646,24 @@ LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, co
   return kOk;
 }
 
-}  // namespace
-
-size_t fused_forward_smem(int64_t dim) {
-  return static_cast<size_t>(kBM * (padded_dim(dim) + kPad) + kBN * (kBK + kPad)) * sizeof(uint16_t);
+template <typename W>
+size_t forward_smem(int64_t dim) {
+  return static_cast<size_t>(kBM * (padded_dim(dim) + kPad<W>) + kBN * (kBK + kPad<W>)) * sizeof(Storage<W>);
 }
 
-bool fused_supported(int device, int64_t dim) {
+}  // namespace
+
+size_t fused_forward_smem(int64_t dim, WeightType w_type) {
+  return w_type == WeightType::kFloat32 ? forward_smem<float>(dim) : forward_smem<__half>(dim);
+}
+
+bool fused_supported(int device, int64_t dim, WeightType w_type) {
   int major = 0, smem_optin = 0;
   if (dim < 1 || dim > kFusedMaxDim) return false;
+  if (w_type != WeightType::kBFloat16 && w_type != WeightType::kFloat16 && w_type != WeightType::kFloat32) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
-  return major >= 8 && fused_forward_smem(dim) <= static_cast<size_t>(smem_optin);
+  return major >= 8 && fused_forward_smem(dim, w_type) <= static_cast<size_t>(smem_optin);
 }
 
 LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_t dim, float* norms,
@@ -599,6 +675,8 @@ LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_
                                                                            norms);
   } else if (w_type == WeightType::kFloat16) {
     centre_norms_kernel<__half><<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const uint16_t*>(w), cols, dim, norms);
+  } else if (w_type == WeightType::kFloat32) {
+    centre_norms_kernel<float><<<blocks, 8 * kWarp, 0, stream>>>(static_cast<const float*>(w), cols, dim, norms);
   } else {
     return {cudaErrorInvalidValue, "centre_norms_kernel"};
   }
@@ -613,6 +691,8 @@ LaunchStatus fused_forward(const FusedHead& head, int splits, float* split_stats
     return launch_forward<__nv_bfloat16>(head, splits, split_stats, lse, target_logit, stream);
   if (head.w_type == WeightType::kFloat16)
     return launch_forward<__half>(head, splits, split_stats, lse, target_logit, stream);
+  if (head.w_type == WeightType::kFloat32)
+    return launch_forward<float>(head, splits, split_stats, lse, target_logit, stream);
   return {cudaErrorInvalidValue, "fused_forward_kernel"};
 }
 
@@ -626,6 +706,8 @@ LaunchStatus fused_backward_chunk(const FusedHead& head, const RowGradients& row
     return launch_backward_chunk<__nv_bfloat16>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
   if (head.w_type == WeightType::kFloat16)
     return launch_backward_chunk<__half>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
+  if (head.w_type == WeightType::kFloat32)
+    return launch_backward_chunk<float>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
   return {cudaErrorInvalidValue, "fused_cosine_grad_kernel"};
 }
 

@@ -2,7 +2,10 @@
 //
 // Operands come straight from storage in 16-bit (bfloat16 or float16): the class centres
 // as stored, the normalized features cast once to the centres' dtype. Products run on
-// tensor cores (mma.sync m16n8k16, float32 accumulators); 1 / max(|w_j|, eps) scales the
+// tensor cores (mma.sync m16n8k16, float32 accumulators). float32 centres run on TF32
+// tensor cores (mma.sync m16n8k8), every product operand rounded to TF32 (10-bit
+// mantissa) as it is staged: the glue takes this path only where torch allows TF32 in
+// matmuls, as its own float32 matmuls would. 1 / max(|w_j|, eps) scales the
 // accumulator's columns; the margin, the scale and the per-row statistics happen on
 // chip (the tile logic of ../tile_loop.h). The forward writes no (B x C) array; the
 // backward writes dL/dcos for one chunk of classes at a time (at most 64 MiB).
@@ -30,8 +33,8 @@ struct FusedHead {
   int64_t cols;          // C
   int64_t dim;           // D
   const void* x;         // (B, D) x_hat in the weight's dtype
-  const void* w;         // (C, D) raw centres, bfloat16 or float16
-  WeightType w_type;     // kBFloat16 or kFloat16
+  const void* w;         // (C, D) raw centres, bfloat16, float16 or float32 (TF32 products)
+  WeightType w_type;     // kBFloat16, kFloat16 or kFloat32
   const float* norms;    // (C,) |w_j| (centre_norms)
   const int64_t* labels;  // (B,) target class, -1 or out of [0, C): none
   const float* scale;    // (B,) s_i
@@ -45,12 +48,13 @@ struct LaunchStatus {
   const char* kernel;  // the kernel that failed (null on success)
 };
 
-// Dynamic shared memory of the forward for feature dimension `dim` (the backward's
-// kernels use fixed, static shared memory).
-size_t fused_forward_smem(int64_t dim);
-// Whether the device `device` can run the fused kernels at feature dimension `dim`
-// (sm_80 or later, enough shared memory per block); the glue falls back otherwise.
-bool fused_supported(int device, int64_t dim);
+// Dynamic shared memory of the forward for feature dimension `dim` and centres of
+// `w_type` (the backward's kernels use fixed, static shared memory).
+size_t fused_forward_smem(int64_t dim, WeightType w_type);
+// Whether the device `device` can run the fused kernels at feature dimension `dim` over
+// centres of `w_type` (sm_80 or later, enough shared memory per block: float32 at D = 512
+// needs 146 KiB, which sm_86 / sm_89 lack); the glue falls back otherwise.
+bool fused_supported(int device, int64_t dim, WeightType w_type);
 
 // norms[j] = |w_j| accumulated in float32 from the stored values: one warp per class.
 LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_t dim, float* norms,

@@ -118,24 +118,27 @@ def row_block_rows(x_hat: torch.Tensor, weight: torch.Tensor, params: MarginPara
     return torch.ops.margin_ext.row_block_rows(x_hat, weight, int(params.nontarget), budget, min_block)
 
 
-def tile_kernels(tile_m: int, tile_n: int, splits: int, chunk_cols: int = 0) -> Kernels:
+def tile_kernels(tile_m: int, tile_n: int, splits: int, chunk_cols: int = 0, tf32: bool = False) -> Kernels:
     """The fused CUDA kernels' tile loop run on the CPU (ops ``tile_forward`` /
     ``tile_backward``) with the given tile sizes, class splits (forward) and classes per
     backward chunk (a multiple of tile_n; 0: the CUDA kernels' choice); chunk_size is unused.
+    ``tf32``: every product operand rounded to TF32 as the kernels for float32 weights
+    round it (float32 weights only).
 
     Everything the CUDA kernels do but the tensor-core product, which is a plain dot
     product over the same operands here: the tests' view of the GPU's tile logic.
     """
     def forward(x_hat, weight, rows, params, chunk_size):
         return torch.ops.margin_ext.tile_forward(x_hat, weight, rows.labels, rows.scale, rows.margin, rows.theta_y,
-                                                 rows.target_centre, *margin_args(params), tile_m, tile_n, splits)
+                                                 rows.target_centre, *margin_args(params), tile_m, tile_n, splits,
+                                                 tf32)
 
     def backward(x_hat, weight, rows, params, chunk_size, lse, grad_lse, grad_target):
         return torch.ops.margin_ext.tile_backward(x_hat, weight, rows.labels, rows.scale, rows.margin,
                                                   rows.theta_y, rows.target_centre, *margin_args(params), tile_m,
-                                                  tile_n, chunk_cols, lse, grad_lse, grad_target)
+                                                  tile_n, chunk_cols, tf32, lse, grad_lse, grad_target)
 
-    name = f"tile({tile_m}x{tile_n}, {splits} splits, chunks of {chunk_cols or 'auto'})"
+    name = f"tile({tile_m}x{tile_n}, {splits} splits, chunks of {chunk_cols or 'auto'}{', tf32' if tf32 else ''})"
     return Kernels(name, forward, backward)
 
 
