@@ -1,7 +1,7 @@
 """The CPU head with 16-bit centres multiplied as stored (csrc/cpu/gemm_16bit.*).
 
-Where the CPU multiplies bfloat16 / float16 natively (AMX, AVX512-BF16, AVX512-FP16) the
-sweep runs its three products in the centres' dtype with float32 accumulation: x_hat
+Where oneDNN packs bfloat16 / float16 for AMX the sweep runs its three products in the
+centres' dtype with float32 accumulation: x_hat
 cast once to that dtype, dL/dcos rounded to it before the gradient products, as the GPU
 kernels do. MARGIN_EXT_CPU_16BIT_GEMM=1 takes that path on any CPU (through ATen's
 portable 16-bit GEMM where oneDNN has no kernel), which is how these tests run it here.
@@ -87,12 +87,13 @@ def cpu_flags():
     return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
-NATIVE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
+# the CPUs where oneDNN packs the dtype for AMX, the only ones that default to 16-bit products
+NATIVE_FLAGS = {torch.bfloat16: {"amx_bf16"}, torch.float16: {"amx_fp16"}}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_path_follows_the_cpu(dtype, monkeypatch):
-    """Unforced, the 16-bit products run exactly where the CPU multiplies the dtype natively."""
+    """Unforced, the 16-bit products run exactly where the CPU multiplies the dtype on AMX."""
     flags = cpu_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo to read the CPU's flags from")

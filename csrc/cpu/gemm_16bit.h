@@ -14,9 +14,9 @@ namespace margin_ext {
 namespace cpu {
 
 // Whether the sweep should multiply centres stored in `dtype` (bfloat16 or float16) in
-// that dtype rather than convert them to float32: the CPU multiplies it natively
-// (AMX, AVX512-BF16 or AVX512-FP16). MARGIN_EXT_CPU_16BIT_GEMM overrides: "1" on any
-// CPU (slow without native support; the tests use it), "0" never.
+// that dtype rather than convert them to float32: where oneDNN packs them for AMX.
+// MARGIN_EXT_CPU_16BIT_GEMM overrides: "1" on any CPU (slower than converting where
+// measured without AMX, AVX512-BF16 included; the tests use it), "0" never.
 bool use_16bit_gemm(at::ScalarType dtype);
 
 // c = a @ b, or c += a @ b when `accumulate`: a (m x k) and b (k x n) in the same
