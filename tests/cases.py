@@ -155,6 +155,16 @@ class Tf32Products(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def assert_low_precision_result(got, x, w, labels, spec, dtype, what):
+    """A head's (loss, grad_x, grad_w) over 16-bit ``dtype`` inputs: a float32 loss,
+    gradients in ``dtype``, within the 16-bit reference's own error."""
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    ref32 = reference_loss_and_grads(x, w, labels, spec, torch.float32)
+    ref_lowp = reference_loss_and_grads(x, w, labels, spec, None)
+    assert_within_reference_error(got, ref32, ref_lowp, what, logit_scale(spec, x))
+
+
 def tf32_reference_loss_and_grads(x, w, labels, spec, seed=0, reduction="mean"):
     """The float32 reference head with its three products in TF32: the error TF32
     products alone leave, which sets the tolerance of the TF32 kernels."""

@@ -13,8 +13,8 @@ import margin_ext as mx
 from margin_ext.backends import BackendUnavailable
 from margin_ext.backends import extension as ext
 from margin_ext.rows import RowInputs, normalize
-from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_and_grads, make_inputs,
-                   reference_loss_and_grads)
+from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+                   loss_and_grads, make_inputs, reference_loss_and_grads)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -88,11 +88,7 @@ def test_low_precision_within_reference_error(name, dtype, device):
     spec = SPEC_CASES[name]
     x, w, y = make_inputs(9, 37, 16, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(3,))
     got = cpu(loss_and_grads(*on(device, x, w, y), spec, backend=BACKEND[device], chunk_size=8))
-    assert got[0].dtype == torch.float32
-    assert got[1].dtype == dtype and got[2].dtype == dtype
-    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
-    ref_lowp = reference_loss_and_grads(x, w, y, spec, None)
-    assert_within_reference_error(got, ref32, ref_lowp, f"{name} {dtype}", logit_scale(spec, x))
+    assert_low_precision_result(got, x, w, y, spec, dtype, f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

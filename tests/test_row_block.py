@@ -15,8 +15,8 @@ import margin_ext as mx
 from margin_ext.backends import extension as ext
 from margin_ext.memory import PeakMemory
 from margin_ext.rows import RowInputs, normalize
-from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_and_grads, make_inputs,
-                   reference_loss_and_grads)
+from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+                   loss_and_grads, make_inputs, reference_loss_and_grads)
 
 # C = 37 classes in chunks of 8 (the last one partial), B = 9 rows, labels on both sides
 # of every chunk boundary; row 8 ignored (label -1 at the op level).
@@ -293,10 +293,7 @@ def test_low_precision_within_reference_error(name, dtype, plan, monkeypatch):
     x, w, y = make_inputs(ROWS, CLASSES, DIM, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(3,))
     got, calls = cpp_loss_and_grads(x, w, y, spec)
     assert calls == [("head_forward_backward", plan.rows(8, spec, converts=True))], calls
-    assert got[1].dtype == dtype and got[2].dtype == dtype
-    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
-    ref_lowp = reference_loss_and_grads(x, w, y, spec, None)
-    assert_within_reference_error(got, ref32, ref_lowp, f"{name} {dtype}", logit_scale(spec, x))
+    assert_low_precision_result(got, x, w, y, spec, dtype, f"{name} {dtype}")
 
 
 def test_learnable_scale_gets_its_gradient():

@@ -17,8 +17,9 @@ import margin_ext as mx
 from margin_ext import functional
 from margin_ext.backends import extension as ext
 from margin_ext.rows import RowInputs, normalize
-from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_and_grads, make_inputs,
-                   reference_loss_and_grads, round_to_tf32, tf32_reference_loss_and_grads)
+from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+                   loss_and_grads, make_inputs, reference_loss_and_grads, round_to_tf32,
+                   tf32_reference_loss_and_grads)
 
 # C = 37 in tiles of 8: 5 class tiles, the last one 5 classes wide; 3 splits own tiles
 # {0, 1}, {2, 3}, {4}; backward chunks of 16 classes: [0, 16), [16, 32), [32, 37), the
@@ -82,11 +83,7 @@ def test_low_precision_within_reference_error(name, dtype, monkeypatch):
     x, w, y = make_inputs(9, 37, 24, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(8,))
     with_tiles(monkeypatch, 4, 8, 3, 16)
     got = loss_and_grads(x, w, y, spec, backend="cpp")
-    assert got[0].dtype == torch.float32
-    assert got[1].dtype == dtype and got[2].dtype == dtype
-    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
-    ref_lowp = reference_loss_and_grads(x, w, y, spec, None)
-    assert_within_reference_error(got, ref32, ref_lowp, f"{name} {dtype}", logit_scale(spec, x))
+    assert_low_precision_result(got, x, w, y, spec, dtype, f"{name} {dtype}")
 
 
 def op_inputs(spec, weight_dtype, n_rows=9, n_classes=37, dim=16):

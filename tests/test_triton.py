@@ -28,8 +28,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import margin_ext as mx  # noqa: E402
-from cases import (SPEC_CASES, assert_within_reference_error, logit_scale, loss_and_grads,  # noqa: E402
-                   make_inputs, reference_loss_and_grads)
+from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error,  # noqa: E402
+                   logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads)
 from margin_ext.backends import BackendUnavailable, resolve  # noqa: E402
 from margin_ext.backends.torch_chunked import TORCH_KERNELS  # noqa: E402
 from margin_ext.rows import normalize, prepare_rows  # noqa: E402
@@ -98,11 +98,7 @@ def test_low_precision_within_reference_error(name, dtype, device):
     spec = SPEC_CASES[name]
     x, w, y = make_inputs(9, 37, 24, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(8,))
     got = loss_and_grads(*on(device, x, w, y), spec, backend="triton")
-    assert got[0].dtype == torch.float32
-    assert got[1].dtype == dtype and got[2].dtype == dtype
-    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
-    ref_lowp = reference_loss_and_grads(x, w, y, spec, None)
-    assert_within_reference_error(cpu(got), ref32, ref_lowp, f"{name} {dtype}", logit_scale(spec, x))
+    assert_low_precision_result(cpu(got), x, w, y, spec, dtype, f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
