@@ -1,5 +1,7 @@
 """Shared test material: one instance of every spec variant, inputs, and tolerances."""
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -120,6 +122,18 @@ def assert_within_reference_error(actual, ref, ref_lowp, what, scale, factor=2.0
         assert err <= factor * own + floor, (
             f"{what} {name}: error {err:.3g} exceeds {factor} x the reference's own "
             f"low-precision error {own:.3g} + float32 floor {floor:.3g}")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``allowed`` inside, restored after
+    (monkeypatch cannot: it would delete the attribute, which torch's module refuses)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def round_to_tf32(t):

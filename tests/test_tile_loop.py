@@ -19,7 +19,7 @@ from margin_ext.backends import extension as ext
 from margin_ext.rows import RowInputs, normalize
 from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads, round_to_tf32,
-                   tf32_reference_loss_and_grads)
+                   tf32_matmuls, tf32_reference_loss_and_grads)
 
 # C = 37 in tiles of 8: 5 class tiles, the last one 5 classes wide; 3 splits own tiles
 # {0, 1}, {2, 3}, {4}; backward chunks of 16 classes: [0, 16), [16, 32), [32, 37), the
@@ -235,7 +235,7 @@ def test_cuda_fused_kernels_match_the_cpu_tile_run(name, shape, dtype):
                     "(csrc/compile_check.sh); their tile logic is what this file tests on the CPU")
 @pytest.mark.parametrize("shape", [(1, 37, 16), (70, 200, 40), (129, 1000, 512)], ids=str)
 @pytest.mark.parametrize("name", ["arcface", "sphereface_norm_scale", "combined", "elastic_cosface_plus"])
-def test_cuda_tf32_kernels_match_the_cpu_tile_run(name, shape, monkeypatch):
+def test_cuda_tf32_kernels_match_the_cpu_tile_run(name, shape):
     """float32 centres where torch allows TF32: the fused kernels on TF32 tensor cores
     against the CPU run of the same tiles with the same TF32 rounding of every product
     operand; only the float32 summation order differs, and the rare operand whose
@@ -260,8 +260,9 @@ def test_cuda_tf32_kernels_match_the_cpu_tile_run(name, shape, monkeypatch):
         return (*out, *kernels.backward(x_hat, w, rows, params, 0, out[0], *grads))
 
     for tf32, eps in ((True, 2.0 ** -10), (False, torch.finfo(torch.float32).eps)):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-        got, want = run_cuda(), run_cpu(tf32)
+        with tf32_matmuls(tf32):
+            got = run_cuda()
+        want = run_cpu(tf32)
         for what, a, b in zip(("lse", "target", "grad_x", "grad_w", "grad_scale"), got, want):
             magnitude = max(b.double().abs().max().item(), 1.0)
             tolerance = 16 * eps * magnitude * (1 if tf32 else dim)  # exact float32: summation order over D

@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 
 import margin_ext as mx  # noqa: E402
 from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error,  # noqa: E402
-                   logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads)
+                   logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads, tf32_matmuls)
 from margin_ext.backends import BackendUnavailable, resolve  # noqa: E402
 from margin_ext.backends.torch_chunked import TORCH_KERNELS  # noqa: E402
 from margin_ext.rows import normalize, prepare_rows  # noqa: E402
@@ -299,6 +299,22 @@ def test_tf32x3_float32_products(device, monkeypatch):
     for a, b, what in zip(got, want, ("loss", "grad_x", "grad_w")):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0),
                                    msg=what)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_float32_products_follow_torchs_tf32_flag_unless_chosen(allow_tf32, monkeypatch):
+    """Unset, MARGIN_EXT_TRITON_FP32_DOT follows torch.backends.cuda.matmul.allow_tf32
+    (as the cuda backend's kernels do); set, it wins over the flag."""
+    from margin_ext.backends.triton_head import _dot_modes
+    from margin_ext.backends.triton_margin import DOT_IEEE, DOT_TF32, DOT_TF32X3
+
+    w = torch.zeros(4, 8)
+    monkeypatch.delenv("MARGIN_EXT_TRITON_FP32_DOT", raising=False)
+    mode = (DOT_TF32 if allow_tf32 else DOT_IEEE).value
+    with tf32_matmuls(allow_tf32):
+        assert _dot_modes(w) == (mode, mode)
+        monkeypatch.setenv("MARGIN_EXT_TRITON_FP32_DOT", "tf32x3")
+        assert _dot_modes(w) == (DOT_TF32X3.value, DOT_TF32X3.value)
 
 
 @pytest.mark.parametrize("variable,value", [("MARGIN_EXT_TRITON_SKIP_EPS", "-1"),

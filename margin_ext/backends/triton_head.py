@@ -10,9 +10,11 @@ partial statistics.
 
 Knobs (environment variables, read at each call):
 
-* ``MARGIN_EXT_TRITON_FP32_DOT``: how float32 weights enter tl.dot: ``ieee`` (default,
-  exact float32 products), ``tf32x3`` (three tf32 products, near float32 accuracy and
-  much faster on tensor cores) or ``tf32`` (10-bit mantissa: not float32 accurate).
+* ``MARGIN_EXT_TRITON_FP32_DOT``: how float32 weights enter tl.dot: ``ieee`` (exact
+  float32 products), ``tf32x3`` (three tf32 products, near float32 accuracy and much
+  faster on tensor cores) or ``tf32`` (10-bit mantissa: not float32 accurate). Unset,
+  it follows torch's own flag for float32 matmuls, as the cuda backend does: ``tf32``
+  where ``torch.backends.cuda.matmul.allow_tf32`` is set, else ``ieee``.
 * ``MARGIN_EXT_TRITON_SKIP_EPS``: the backward drops the gradient of a tile whose
   probabilities are all below this value and that holds no target (off when unset or
   0: exact). Each dropped term is below eps * |grad_lse| * s * |d phi / d c|.
@@ -91,7 +93,8 @@ def _dot_modes(weight: torch.Tensor):
     from .triton_margin import DOT_BF16_EMULATED, DOT_IEEE, DOT_NATIVE, DOT_TF32, DOT_TF32X3
 
     if weight.dtype == torch.float32:
-        name = os.environ.get("MARGIN_EXT_TRITON_FP32_DOT", "ieee")
+        name = os.environ.get("MARGIN_EXT_TRITON_FP32_DOT") or (
+            "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
         if name not in _FP32_DOTS:
             raise ValueError(f"MARGIN_EXT_TRITON_FP32_DOT={name!r} is invalid: expected one of {_FP32_DOTS}")
         mode = {"ieee": DOT_IEEE, "tf32x3": DOT_TF32X3, "tf32": DOT_TF32}[name]
