@@ -141,9 +141,10 @@ def _busy(data: dict) -> str:
     load = max(dev.get("loadavg_start") or 0, dev.get("loadavg_end") or 0)
     if dev["type"] != "cpu" or load <= (dev.get("cpu_count") or 1):
         return ""
-    return (f" Other processes shared the machine (load average up to {load} on {dev.get('cpu_count')} cores): "
-            "the times are slower and noisier than on an idle machine, most of all for heads made of many "
-            "smaller ops (the chunked backends); the memory figures do not depend on it.")
+    return (f" The load average reached {load} on {dev.get('cpu_count')} cores (it counts the benchmark's own "
+            "threads too): other work competed for the CPU, so the times are slower and noisier than on an idle "
+            "machine, most of all for heads made of many smaller ops (the chunked backends); the memory figures "
+            "do not depend on it.")
 
 
 # --- noisy runs: load average above the core count --------------------------------------------
@@ -181,10 +182,10 @@ def _rss_cells(r: dict) -> list[str]:
 def _noisy_note(data: dict) -> list[str]:
     if not any(_noisy_load(data, r) for r in data["results"] if r["status"] == "ok"):
         return []
-    return [f"- **noisy**: times marked \"noisy\" were taken while the load average exceeded the "
-            f"{data['device'].get('cpu_count')} cores (other processes competed for the CPU): they are slower and "
-            "noisier than on an idle machine. Heads of one shape are timed in the same rounds, so their ratios "
-            "share that noise."]
+    return [f"- **noisy**: times marked \"noisy\" were taken while the load average (the benchmark's own "
+            f"threads included) exceeded the {data['device'].get('cpu_count')} cores: other work competed for "
+            "the CPU, so they are slower and noisier than on an idle machine. Heads of one shape are timed in the "
+            "same rounds, so their ratios share that noise."]
 
 
 def table(data: dict) -> str:
