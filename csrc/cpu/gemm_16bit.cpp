@@ -36,11 +36,6 @@ int env_override() {
   return value[0] == '1' ? 1 : 0;
 }
 
-// By default only where oneDNN packs for AMX (its own test): on an AMD EPYC with
-// AVX512-BF16 and no AMX, the unpacked 16-bit products took a bf16 head 137 ms against
-// 92 ms for converting the centres to float32 (B = 512, C = 20k, D = 128, fwd + bwd).
-bool multiplies_natively(at::ScalarType dtype) { return cpublas::could_pack(dtype); }
-
 template <typename H>
 void unpacked_gemm(const H* a, int64_t lda, const H* b, int64_t ldb, float* c, int64_t ldc, int64_t m, int64_t n,
                    int64_t k, bool accumulate) {
@@ -138,8 +133,11 @@ bool use_16bit_gemm(at::ScalarType dtype) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   const int forced = env_override();
   if (forced >= 0) return forced == 1;
-  static const bool bf16 = multiplies_natively(at::kBFloat16);
-  static const bool half = multiplies_natively(at::kHalf);
+  // By default only where oneDNN packs for AMX (its own test): on an AMD EPYC with
+  // AVX512-BF16 and no AMX, the unpacked 16-bit products took a bf16 head 137 ms against
+  // 92 ms for converting the centres to float32 (B = 512, C = 20k, D = 128, fwd + bwd).
+  static const bool bf16 = cpublas::could_pack(at::kBFloat16);
+  static const bool half = cpublas::could_pack(at::kHalf);
   return dtype == at::kHalf ? half : bf16;
 }
 

@@ -34,12 +34,6 @@ T dot(const W* a, const W* b, int64_t dim) {
   return acc;
 }
 
-// A product operand: as stored, or rounded to TF32 (float32 centres on TF32 tensor cores).
-template <typename T, typename W>
-T operand(W v, bool tf32) {
-  return tf32 ? static_cast<T>(tile::round_to_tf32(static_cast<float>(v))) : static_cast<T>(v);
-}
-
 // The operands and per-row inputs of one call, as raw pointers.
 template <typename T, typename W>
 struct TileProblem {
@@ -59,7 +53,10 @@ struct TileProblem {
   tile::TileRow<T> row(int64_t i) const {
     return {labels[i], scale[i], margin[i], theta_y ? theta_y[i] : T(0)};
   }
-  T operand(W v) const { return margin_ext::operand<T>(v, tf32); }
+  // A product operand: as stored, or rounded to TF32 (float32 centres on TF32 tensor cores).
+  T operand(W v) const {
+    return tf32 ? static_cast<T>(tile::round_to_tf32(static_cast<float>(v))) : static_cast<T>(v);
+  }
   T dot_operands(const W* a, const W* b) const {
     T acc = T(0);
     for (int64_t d = 0; d < dim; ++d) acc += operand(a[d]) * operand(b[d]);
@@ -304,8 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
   return dispatch(in, [&]<typename T, typename W>() {
     return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, /*splits=*/1, tf32), chunk_cols,
-                        in.weight,
-                        lse_c.data_ptr<T>(), grad_lse_c.data_ptr<T>(), grad_target_c.data_ptr<T>(),
+                        in.weight, lse_c.data_ptr<T>(), grad_lse_c.data_ptr<T>(), grad_target_c.data_ptr<T>(),
                         in.x_hat.options());
   });
 }
