@@ -10,14 +10,13 @@ step reads straight down:
 2. map each global label to its column in this shard (-1 where another rank owns it)
    and, with ``sample_rate < 1`` in training, keep the positives of the shard plus
    uniformly drawn negatives;
-3. where the spec needs cos(theta_y), the owner of each row's class computes it and
-   a sum over the ranks hands it to everybody; random margins are drawn once and
-   broadcast from rank 0;
-4. the shard's kernels give per-row (log-sum-exp, target logit)
-   (:func:`margin_ext.head_function.head_statistics`);
-5. log-sum-exp across ranks (MAX then SUM of rescaled sums), target logit from its
-   owner (a SUM), the spec's extra term: the loss, the mean over the global batch's
-   counted rows, identical on every rank.
+3. the head pipeline (:func:`margin_ext.pipeline.head_losses`, shared with the
+   functional op): the owner of each row's class computes cos(theta_y) and a sum over
+   the ranks hands it to everybody; the spec's target logit and its derivative per row
+   (random margins drawn once, broadcast from rank 0); the shard's kernels give per-row
+   (log-sum-exp, target logit); log-sum-exp across ranks (MAX then SUM of rescaled
+   sums), target logit from its owner (a SUM), the spec's extra term;
+4. the loss: the mean over the global batch's counted rows, identical on every rank.
 
 Backward: the kernels give each rank the gradient of its shard's centres and its
 classes' share of the gradient of every gathered row; the gather's backward sums the
@@ -36,10 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .backends import BACKENDS, default_chunk_size, resolve
-from .head_function import head_statistics
-from .margins import ArcFace, MarginSpec, NonTargetKind
+from .margins import ArcFace, MarginSpec
 from .monitoring import best_class
-from .rows import normalize, prepare_rows
+from .pipeline import head_losses
 from .validation import FLOAT_DTYPES
 
 INIT_STD = 0.01  # insightface's PartialFC initialises the centres from N(0, 0.01)
@@ -213,42 +211,11 @@ class PartialFC(nn.Module):
             weight = weight[index]  # gradient reaches only the sampled centres
             self.sampled_classes = index + self.start
 
-        spec, group = self.margin, self.process_group
-        x_hat = normalize(x)
-        target_cos = target_centre = None
-        if spec.needs_target_cos:
-            target_cos, target_centre = self._target_cosine(x_hat, weight, local_labels)
-        rows = prepare_rows(spec, x, local_labels, target_cos, target_centre, generator)
-        if spec.is_random:
-            rows.margin = distributed.broadcast_from_first(rows.margin, group)  # one draw for the whole batch
-
         kernels = self._kernels_for(weight.device)
         chunk = self.chunk_size or default_chunk_size(n_rows, weight.shape[0], weight.device)
-        lse, target_logit = head_statistics(x_hat, weight, rows, spec.kernel_params(), kernels,
-                                            min(chunk, weight.shape[0]))
-        losses = (distributed.logsumexp_across_ranks(lse, group)
-                  - distributed.sum_across_ranks(target_logit, group))
-        extra = spec.extra_loss(target_cos) if target_cos is not None else None
-        if extra is not None:
-            losses = losses + extra
+        losses = head_losses(x, weight, local_labels, self.margin, kernels, min(chunk, weight.shape[0]),
+                             group=self.process_group, generator=generator)
         return losses.sum() / n_rows
-
-    def _target_cosine(self, x_hat, weight, local_labels):
-        """cos(theta_y) (differentiable) and the normalized target centre, from each row's owner.
-
-        Each rank fills the rows whose class it owns and zeros elsewhere; the sum over
-        the ranks is then exact. The centres travel only for InterFace, which needs them.
-        """
-        mine = (local_labels >= 0).nonzero().squeeze(1)
-        centre = normalize(weight[local_labels[mine]])
-        mine_cos = (x_hat[mine] * centre).sum(dim=1)
-        cos = mine_cos.new_zeros(x_hat.shape[0]).index_put((mine,), mine_cos)
-        target_cos = distributed.sum_across_ranks(cos, self.process_group)
-        target_centre = None
-        if self.margin.kernel_params().nontarget == NonTargetKind.INTERFACE:
-            centres = x_hat.new_zeros(x_hat.shape).index_put((mine,), centre.detach().to(x_hat.dtype))
-            target_centre = distributed.sum_across_ranks(centres, self.process_group)
-        return target_cos, target_centre
 
     def _kernels_for(self, device):
         if device not in self._kernels:
