@@ -126,10 +126,11 @@ struct RowStats {
 // What the epilogue reads of one row.
 template <typename T>
 struct TileRow {
-  int64_t label;  // global class of the target (-1: none)
-  T scale;        // s_i
-  T margin;       // r_i
-  T theta_y;      // InterFace only
+  int64_t label;    // global class of the target (-1: none)
+  T scale;          // s_i, of the non-target logits
+  T target;         // t_i, the target logit
+  T target_grad;    // d_i = d t_i / d cos_y
+  T theta_y;        // InterFace only
 };
 
 // What the backward reads of one row besides TileRow.
@@ -141,15 +142,18 @@ struct RowGrads {
 };
 
 // The logit z_ij of an accumulator element: dot = x_i . w_j (raw centre), class_dot =
-// centre_y(i) . w_j (InterFace), column scaled by inv_norm_j.
+// centre_y(i) . w_j (InterFace), column scaled by inv_norm_j. The target column takes
+// the row's target logit t_i.
 template <typename T>
-MX_HD T logit(T dot, T class_dot, T inv_norm_j, int64_t col, const TileRow<T>& row, const MarginParams& p) {
-  return row.scale *
-         logit_transform(dot * inv_norm_j, col, row.label, row.margin, row.theta_y, class_dot * inv_norm_j, p).value;
+MX_HD T logit(T dot, T class_dot, T inv_norm_j, int64_t col, const TileRow<T>& row, const NonTargetParams& p) {
+  if (col == row.label) return row.target;
+  return row.scale * nontarget_transform(dot * inv_norm_j, row.theta_y, class_dot * inv_norm_j, p).value;
 }
 
 // dL/dcos_ij and the element's share of dL/ds_i, from the saved log-sum-exp:
-// dL/dz = grad_lse * softmax + grad_target on the target column; dz/dcos = s * phi'(c).
+// dL/dz = grad_lse * softmax (+ grad_target on the target column); dz/dcos = s * the
+// non-target derivative, or d_i on the target column (whose logit carries its own
+// dependence on the scale: no share of dL/ds_i).
 template <typename T>
 struct CosGrad {
   T grad_cos;
@@ -158,10 +162,13 @@ struct CosGrad {
 
 template <typename T>
 MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& row, const RowGrads<T>& g,
-                             const MarginParams& p) {
-  const ValueGrad<T> vg = logit_transform(cos, col, row.label, row.margin, row.theta_y, class_cos, p);
-  T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
-  if (col == row.label) grad_z += g.grad_target;
+                             const NonTargetParams& p) {
+  if (col == row.label) {
+    const T grad_z = math::exp_(row.target - g.lse) * g.grad_lse + g.grad_target;
+    return {grad_z * row.target_grad, T(0)};
+  }
+  const ValueGrad<T> vg = nontarget_transform(cos, row.theta_y, class_cos, p);
+  const T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
   return {grad_z * vg.grad * row.scale, grad_z * vg.value};
 }
 
