@@ -10,8 +10,8 @@ KiB on sm_90)::
     python -m margin_ext.backends.triton_resources --check    # the same, written nowhere; exit 1 on a dirty row
     python -m margin_ext.backends.triton_resources --dtypes bf16 --arches 90   # a part of it
 
-The kernels compile in their heaviest variant: every margin path on (ArcFace with its
-fallback; InterFace with the dynamic margin as the second product), gradient filtering
+The kernels compile in their heaviest variant: InterFace with the dynamic margin as the
+second product (target margins reach the kernels as per-row values), gradient filtering
 on, D a multiple of 16 but not known to be one of BLOCK_K, tensors and row strides
 aligned to 16 bytes as the launcher finds them. Run it without TRITON_INTERPRET.
 """
@@ -49,7 +49,7 @@ VARIANTS = {"forward": ("cosine", "interface"), "logit_grads": ("cosine", "inter
             "grad_features": ("-",), "grad_weight": ("-",)}
 INTS = {"B", "C", "D", "B_BIN", "C_BIN", "first_class", "stride_x", "stride_w", "stride_centre", "stride_g"}
 ALIGNED_INTS = {"D", "stride_x", "stride_w", "stride_centre", "stride_g"}
-FLOATS = {"m1", "m3", "lam", "mu", "alpha", "first", "skip_eps"}
+FLOATS = {"mu", "alpha", "first", "skip_eps"}
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def compile_case(case: Case) -> dict:
     fn = _jit_function(case.kernel)
     block_m, block_n, block_k, warps, stages = case.config
     _, _, dot, grad_dot = DTYPES[case.dtype]
-    constexprs = dict(TARGET=1, FALLBACK=1, STRAIGHT_THROUGH=False, NONTARGET=int(case.variant == "interface"),
+    constexprs = dict(NONTARGET=int(case.variant == "interface"),
                       DYNAMIC=True, DOT=dot, GRAD_DOT=grad_dot, SKIP=True, ACCUMULATE=True, EVEN_K=False,
                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
