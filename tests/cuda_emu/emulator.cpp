@@ -406,6 +406,20 @@ WarpSlot& arrive(Wait kind, const char* file, int line) {
   return w;
 }
 
+// After arriving at a collective: the last lane (its results formed) releases the warp
+// and yields; the others wait until it does.
+void wait_for_warp(WarpSlot& w, Wait kind, const char* file, int line) {
+  State& s = st();
+  if (w.arrived == kWarp) {
+    w.arrived = 0;
+    const int first = s.current - s.current % kWarp;
+    for (int l = 0; l < kWarp; ++l) release(s.fibers[first + l]);
+    yield_current();
+  } else {
+    block_current(kind, file, line);
+  }
+}
+
 // ---- mma.sync: the fragment layouts of the PTX ISA (9.7.14.5.7 "Matrix Fragments for
 // mma.m16n8k8", 9.7.14.5.8 "Matrix Fragments for mma.m16n8k16 with floating point
 // type"), groupID = lane >> 2, threadID_in_group = lane % 4 ----
@@ -616,13 +630,8 @@ uint64_t shfl_xor_bits(const char* file, int line, unsigned mask, uint64_t bits,
   w.lane_mask[lane] = lane_mask;
   if (++w.arrived == kWarp) {
     for (int l = 0; l < kWarp; ++l) w.out[l] = w.in[l ^ w.lane_mask[l]];
-    w.arrived = 0;
-    const int first = s.current - lane;
-    for (int l = 0; l < kWarp; ++l) release(s.fibers[first + l]);
-    yield_current();
-  } else {
-    block_current(Wait::kShuffle, file, line);
   }
+  wait_for_warp(w, Wait::kShuffle, file, line);
   return w.out[lane];
 }
 
@@ -640,15 +649,8 @@ void mma_sync(const char* file, int line, const char* shape_and_types, float (&c
   memcpy(w.a[lane], a, sizeof w.a[lane]);
   memcpy(w.b[lane], b, sizeof w.b[lane]);
   memcpy(w.c[lane], c, sizeof w.c[lane]);
-  if (++w.arrived == kWarp) {
-    warp_mma(w, sh);
-    w.arrived = 0;
-    const int first = s.current - lane;
-    for (int l = 0; l < kWarp; ++l) release(s.fibers[first + l]);
-    yield_current();
-  } else {
-    block_current(Wait::kMma, file, line);
-  }
+  if (++w.arrived == kWarp) warp_mma(w, sh);
+  wait_for_warp(w, Wait::kMma, file, line);
   memcpy(c, w.c[lane], sizeof c);
 }
 

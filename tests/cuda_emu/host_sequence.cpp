@@ -147,37 +147,16 @@ void fused_head(const EmuHeadCall& c) {
 
 // ---- the chunk loop: head_loop.h's forward_loop and backward_loop ----
 
-// out (m x n) = a (m x k) @ b^T (n x k), or += with accumulate; T accumulation (the GEMMs
-// the glue leaves to cuBLAS).
+// out (m x n) (+)= sum_p a(i, p) b(p, j), a(i, p) = a[i * a_row + p * a_col], b(p, j) likewise,
+// accumulated in T: the GEMMs the glue leaves to cuBLAS.
 template <typename T>
-void gemm_nt(const T* a, const T* b, T* out, int64_t m, int64_t n, int64_t k, bool accumulate) {
+void gemm(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t b_row, int64_t b_col, T* out, int64_t m,
+          int64_t n, int64_t k, bool accumulate) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       T acc = T(0);
-      for (int64_t p = 0; p < k; ++p) acc += a[i * k + p] * b[j * k + p];
+      for (int64_t p = 0; p < k; ++p) acc += a[i * a_row + p * a_col] * b[p * b_row + j * b_col];
       out[i * n + j] = accumulate ? out[i * n + j] + acc : acc;
-    }
-  }
-}
-// out (m x n) += a (m x k) @ b (k x n)
-template <typename T>
-void gemm_nn_add(const T* a, const T* b, T* out, int64_t m, int64_t n, int64_t k) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      T acc = T(0);
-      for (int64_t p = 0; p < k; ++p) acc += a[i * k + p] * b[p * n + j];
-      out[i * n + j] += acc;
-    }
-  }
-}
-// out (n x k) = a^T (n x m) @ b (m x k)
-template <typename T>
-void gemm_tn(const T* a, const T* b, T* out, int64_t m, int64_t n, int64_t k) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      T acc = T(0);
-      for (int64_t p = 0; p < m; ++p) acc += a[p * n + i] * b[p * k + j];
-      out[i * k + j] = acc;
     }
   }
 }
@@ -213,8 +192,8 @@ void chunk_loop(const EmuHeadCall& c) {
     check(gpu::normalize_rows<T>(w.get<char>() + start * d * elem, w_type, n, d, w_hat.get<T>(), norms.get<T>(),
                                  nullptr),
           "normalize_rows");
-    gemm_nt(x.get<T>(), w_hat.get<T>(), cos.get<T>(), b, n, d, false);
-    if (inter) gemm_nt(centre.get<T>(), w_hat.get<T>(), class_cos.get<T>(), b, n, d, false);
+    gemm(x.get<T>(), d, 1, w_hat.get<T>(), 1, d, cos.get<T>(), b, n, d, false);  // x_hat @ w_hat^T
+    if (inter) gemm(centre.get<T>(), d, 1, w_hat.get<T>(), 1, d, class_cos.get<T>(), b, n, d, false);
   };
 
   // forward
@@ -246,8 +225,9 @@ void chunk_loop(const EmuHeadCall& c) {
     check(gpu::backward_epilogue<T>(cos.get<T>(), rows_of(start, n), lse_d.get<T>(), grad_lse.get<T>(),
                                     grad_target.get<T>(), grad_scale.get<T>(), nullptr),
           "backward_epilogue");
-    gemm_nn_add(cos.get<T>(), w_hat.get<T>(), grad_x.get<T>(), b, d, n);  // cos holds dL/dcos now
-    gemm_tn(cos.get<T>(), x.get<T>(), grad_w_hat.get<T>(), b, n, d);
+    // cos holds dL/dcos now: grad_x += cos @ w_hat, grad_w_hat = cos^T @ x_hat
+    gemm(cos.get<T>(), n, 1, w_hat.get<T>(), d, 1, grad_x.get<T>(), b, d, n, true);
+    gemm(cos.get<T>(), 1, n, x.get<T>(), d, 1, grad_w_hat.get<T>(), n, d, b, false);
     check(gpu::normalize_rows_backward<T>(grad_w_hat.get<T>(), w_hat.get<T>(), norms.get<T>(), n, d,
                                           grad_w.get<char>() + start * d * elem, w_type, nullptr),
           "normalize_rows_backward");
