@@ -5,8 +5,10 @@ from .checkpoint import CheckpointError, load_head, save_head
 from .functional import margin_cross_entropy
 from .monitoring import best_class, iter_cosines, top1_accuracy
 from .partial_fc import PartialFC
+from .running_stats import RunningStatistics
 from .margins import (
     SPECS,
+    AdaFace,
     ArcFace,
     CombinedMargin,
     CosFace,
@@ -14,6 +16,7 @@ from .margins import (
     ElasticCosFace,
     InterFace,
     IntraLoss,
+    MagFace,
     MarginSpec,
     SphereFace,
     sphereface_lambda,
@@ -22,6 +25,7 @@ from .margins import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
     "BackendUnavailable",
     "CheckpointError",
@@ -31,8 +35,10 @@ __all__ = [
     "ElasticCosFace",
     "InterFace",
     "IntraLoss",
+    "MagFace",
     "MarginSpec",
     "PartialFC",
+    "RunningStatistics",
     "SPECS",
     "SphereFace",
     "best_class",

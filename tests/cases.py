@@ -25,7 +25,19 @@ SPEC_CASES = {
     "interface_static": mx.InterFace(dynamic=False),
     "intraloss": mx.IntraLoss(),
     "intraloss_cosface": mx.IntraLoss(base=mx.CosFace(), weight=0.5),
+    "adaface": mx.AdaFace(),
+    # the batch's own statistics (the authors' head.py default t_alpha=1): g_i spans [-1, 1], clipped at both ends
+    "adaface_batch_stats": mx.AdaFace(h=1.0, t_alpha=1.0),
+    "magface": mx.MagFace(),
+    # feature norms on both sides of [l_a, u_a] and inside: the margin's gradient to the norm
+    "magface_norm_range": mx.MagFace(l_a=3.0, u_a=9.0, lambda_g=2.0),
 }
+
+# Specs whose gradient is documented as not the derivative of the loss, left out of
+# gradcheck (their gradients are checked against the reference): InterFace (its margin
+# depends on the detached theta_y and centre angles), the straight-through ArcFace and
+# AdaFace (its margin depends on the detached feature norms and batch statistics).
+NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through", "adaface", "adaface_batch_stats")
 
 
 def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None):
