@@ -133,13 +133,19 @@ struct TileRow {
   T theta_y;        // InterFace only
 };
 
-// What the backward reads of one row besides TileRow.
+// What the backward reads of one row besides TileRow: the saved statistics and the
+// target column's dL/dcos, the same for every tile of the row (row_grads).
 template <typename T>
 struct RowGrads {
   T lse;
   T grad_lse;
-  T grad_target;
+  T target_grad_cos;  // (grad_lse * exp(t - lse) + grad_target) * d
 };
+
+template <typename T>
+MX_HD RowGrads<T> row_grads(const TileRow<T>& row, T lse, T grad_lse, T grad_target) {
+  return {lse, grad_lse, (math::exp_(row.target - lse) * grad_lse + grad_target) * row.target_grad};
+}
 
 // The logit z_ij of an accumulator element: dot = x_i . w_j (raw centre), class_dot =
 // centre_y(i) . w_j (InterFace), column scaled by inv_norm_j. The target column takes
@@ -163,10 +169,7 @@ struct CosGrad {
 template <typename T>
 MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& row, const RowGrads<T>& g,
                              const NonTargetParams& p) {
-  if (col == row.label) {
-    const T grad_z = math::exp_(row.target - g.lse) * g.grad_lse + g.grad_target;
-    return {grad_z * row.target_grad, T(0)};
-  }
+  if (col == row.label) return {g.target_grad_cos, T(0)};
   const ValueGrad<T> vg = nontarget_transform(cos, row.theta_y, class_cos, p);
   const T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
   return {grad_z * vg.grad * row.scale, grad_z * vg.value};

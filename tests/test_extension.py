@@ -12,7 +12,8 @@ import torch
 import margin_ext as mx
 from margin_ext.backends import BackendUnavailable
 from margin_ext.backends import extension as ext
-from margin_ext.rows import RowInputs, normalize
+from margin_ext.margins import TargetRow
+from margin_ext.rows import RowInputs, normalize, target_terms
 from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
@@ -123,13 +124,20 @@ def test_op_autograd_gradcheck(name, device):
     x_hat.requires_grad_(True)
     w.requires_grad_(name not in NOT_THE_DERIVATIVE)
     scale = rows.scale.clone().requires_grad_(True)
-    target = rows.target_logit.clone().requires_grad_(True)
+    margin = torch.full_like(scale, spec.margin_value())
 
-    def stats(x_hat, w, scale, target):
-        return ext.head_forward(x_hat, w, RowInputs(rows.labels, scale, target, rows.target_grad, rows.nontarget_row,
+    def stats(x_hat, w, scale):
+        # the target logit as a function of the inputs, its c_y path handed to the op's d:
+        # t - d (c_y - c_y.detach()) has t's value and, through c_y, no gradient of its own
+        target_cos = (x_hat * normalize(w[rows.labels.clamp_min(0)])).sum(dim=1)
+        row = TargetRow(margin=margin, scale=scale, norm=torch.ones_like(scale))
+        t = spec.target_logit(target_cos, row)
+        _, d = target_terms(spec, target_cos, row)
+        t = t - d * (target_cos - target_cos.detach())
+        return ext.head_forward(x_hat, w, RowInputs(rows.labels, scale, t, d, rows.nontarget_row,
                                                     rows.target_centre), params, 4)
 
-    assert torch.autograd.gradcheck(stats, (x_hat, w, scale, target))
+    assert torch.autograd.gradcheck(stats, (x_hat, w, scale))
 
 
 @pytest.mark.parametrize("device", DEVICES)

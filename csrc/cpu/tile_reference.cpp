@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
         std::fill(radial, radial + tn, T(0));
         for (int r = 0; r < g.rows_in(rt); ++r) {
           const int64_t i = rt * g.tile_m + r;
-          const tile::RowGrads<T> rg{lse[i], grad_lse[i], grad_target[i]};
+          const tile::RowGrads<T> rg = tile::row_grads(p.row(i), lse[i], grad_lse[i], grad_target[i]);
           T scale_part = T(0);
           for (int c = 0; c < tn; ++c) {
             T scaled = T(0);  // zero past C: the products read whole tiles

@@ -202,10 +202,11 @@ __device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int
   return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], 0.f};
 }
 
-__device__ __forceinline__ tile::RowGrads<float> load_row_grads(const float* lse, const float* grad_lse,
-                                                               const float* grad_target, int64_t rows, int64_t i) {
+__device__ __forceinline__ tile::RowGrads<float> load_row_grads(const tile::TileRow<float>& row, const float* lse,
+                                                               const float* grad_lse, const float* grad_target,
+                                                               int64_t rows, int64_t i) {
   if (i >= rows) return {0.f, 0.f, 0.f};
-  return {lse[i], grad_lse[i], grad_target[i]};
+  return tile::row_grads(row, lse[i], grad_lse[i], grad_target[i]);
 }
 
 __device__ __forceinline__ float column_inv_norm(const FusedHead& h, int64_t col0, int c, int n_cols) {
@@ -404,7 +405,7 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
   for (int hi = 0; hi < 2; ++hi) {
     const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
     row[hi] = load_row(h, i);
-    row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
+    row_grads[hi] = load_row_grads(row[hi], g.lse, g.grad_lse, g.grad_target, h.rows, i);
   }
   auto* grad_cos = static_cast<S*>(chunk.grad_cos);
 #pragma unroll
