@@ -488,7 +488,8 @@ class AdaFace(MarginSpec):
         return (self.h * (n - mean) / (std + self.eps)).clamp(-1.0, 1.0)
 
     def target_logit(self, cos_y, row):
-        g = self.margin_scaler(row.norm, row.state)
+        # a row built by hand without statistics reads the authors' initial ones
+        g = self.margin_scaler(row.norm, row.state or self.initial_state())
         theta = torch.acos(cos_y.clamp(-1.0 + self.eps, 1.0 - self.eps))
         angle = (theta - self.m * g).clamp(self.eps, math.pi - self.eps)
         return row.scale * (torch.cos(angle) - (self.m + self.m * g))
