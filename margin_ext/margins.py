@@ -44,6 +44,7 @@ class NonTargetKind(enum.IntEnum):
 
     COSINE = 0  # c
     INTERFACE = 1  # cos(theta - mhat), mhat from the angle between target and class centres
+    CURRICULAR = 2  # c (t + c) where c > the row's cos(theta_y + m), else c
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class NonTargetParams:
     """The non-target margin as the kernels see it: a kind and its coefficients.
 
     ``coeffs`` is the packed list every backend reads by position; its layout per kind
-    is fixed by the spec that builds it (InterFace: mu, alpha, dynamic as 0 or 1).
+    is fixed by the spec that builds it (InterFace: mu, alpha, dynamic as 0 or 1;
+    CurricularFace: t).
     """
 
     kind: NonTargetKind = NonTargetKind.COSINE
@@ -92,8 +94,9 @@ class MarginSpec:
     #: whether ``row_margins`` draws random numbers
     is_random: bool = False
 
-    def nontarget_params(self) -> NonTargetParams:
-        """The non-target kind and coefficients the kernels apply to the other classes."""
+    def nontarget_params(self, state: Optional[RunningStatistics] = None) -> NonTargetParams:
+        """The non-target kind and coefficients the kernels apply to the other classes
+        (``state``: the running statistics after this batch; None: the initial ones)."""
         return NonTargetParams()
 
     def margin_value(self) -> float:
@@ -118,15 +121,17 @@ class MarginSpec:
         return row.scale * self.target(cos_y, row.margin)
 
     def nontarget_row(self, target_cos: torch.Tensor) -> Optional[torch.Tensor]:
-        """A detached per-row value the non-target kind reads (InterFace: theta_y), or None."""
+        """A detached per-row value the non-target kind reads (InterFace: theta_y;
+        CurricularFace: cos(theta_y + m)), or None."""
         return None
 
-    def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor,
-                  class_cos: Optional[torch.Tensor]) -> torch.Tensor:
+    def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor, class_cos: Optional[torch.Tensor],
+                  state: Optional[RunningStatistics] = None) -> torch.Tensor:
         """Non-target logits / s for a (rows x classes) block. Plain cosine by default.
 
         ``target_cos`` is cos(theta_y) per row; ``class_cos`` the cosine between each
-        row's target centre and each class centre (only InterFace reads them).
+        row's target centre and each class centre (only InterFace reads them); ``state``
+        the running statistics after this batch (CurricularFace's t).
         """
         return cos
 
@@ -410,14 +415,14 @@ class InterFace(MarginSpec):
     def target(self, cos_y, row_margin):
         return torch.cos(clamped_acos(cos_y) + row_margin)
 
-    def nontarget_params(self):
+    def nontarget_params(self, state=None):
         # the packed layout the kernels read: mu, alpha, dynamic
         return NonTargetParams(NonTargetKind.INTERFACE, (float(self.mu), float(self.alpha), float(self.dynamic)))
 
     def nontarget_row(self, target_cos):
         return torch.acos(target_cos.detach().clamp(-1, 1))  # theta_y, detached
 
-    def nontarget(self, cos, target_cos, class_cos):
+    def nontarget(self, cos, target_cos, class_cos, state=None):
         theta_y = self.nontarget_row(target_cos).unsqueeze(1)
         if self.dynamic:
             phi = torch.acos(class_cos.detach().clamp(-1, 1)).clamp(0.01, math.pi)
@@ -548,6 +553,59 @@ class MagFace(MarginSpec):
 
 
 @dataclass(frozen=True)
+class CurricularFace(MarginSpec):
+    """Adaptive curriculum learning on the hard non-target classes (CurricularFace, Huang
+    et al., CVPR 2020, arXiv 2004.00288; read from HuangYG123/CurricularFace ``head/metrics.py``).
+
+    target / s     = cos(theta_y + m) if c_y > cos(pi - m), else c_y - m * sin(m)
+                     (ArcFace's classic fallback, as the authors' ``threshold``/``mm``)
+    non-target / s = c_j * (t + c_j)   where c_j > cos(theta_y + m)   (a "hard" class)
+                   = c_j               elsewhere
+    The threshold cos(theta_y + m) is the row's angle-sum value without the fallback, as
+    the authors' mask; it and t carry no gradient, so d/dc_j = t + 2 c_j on the hard
+    classes. t is a running mean of the batch's target cosines (clamped to [-1, 1]),
+    initially 0, updated with the batch before use: t = 0.01 * mean + 0.99 * t (the rows
+    that count; under PartialFC the global batch). Deviation: the authors clamp every
+    cosine to [-1, 1]; the non-target cosines here are not clamped (they pass 1 only by
+    rounding). Defaults s = 64, m = 0.5 (the paper).
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+
+    def margin_value(self):
+        return self.m
+
+    def target(self, cos_y, row_margin):
+        return arcface_target(cos_y, row_margin)
+
+    def initial_state(self):
+        return RunningStatistics(t=0.0)
+
+    def update_state(self, state, norm, target_cos, counted=None):
+        cos = target_cos.detach().clamp(-1.0, 1.0)
+        weight = torch.ones_like(cos) if counted is None else counted.to(cos.dtype)
+        state.update("t", (cos * weight).sum() / weight.sum(), 0.01)
+
+    def nontarget_params(self, state=None):
+        # the packed layout the kernels read: t
+        t = 0.0 if state is None else float(state["t"].item())
+        return NonTargetParams(NonTargetKind.CURRICULAR, (t,))
+
+    def nontarget_row(self, target_cos):
+        return torch.cos(torch.acos(target_cos.detach().clamp(-1, 1)) + self.m)  # cos(theta_y + m), detached
+
+    def nontarget(self, cos, target_cos, class_cos, state=None):
+        t = (state or self.initial_state())["t"].to(cos)
+        hard = cos > self.nontarget_row(target_cos).to(cos).unsqueeze(1)
+        return torch.where(hard, cos * (t + cos), cos)
+
+
+@dataclass(frozen=True)
 class IntraLoss(MarginSpec):
     """A base margin plus an intra-class gradient-enhancing term (after arXiv 2107.03352).
 
@@ -585,8 +643,8 @@ class IntraLoss(MarginSpec):
     def row_scale(self, embeddings):
         return self.base.row_scale(embeddings)
 
-    def nontarget_params(self):
-        return self.base.nontarget_params()
+    def nontarget_params(self, state=None):
+        return self.base.nontarget_params(state)
 
     def target(self, cos_y, row_margin):
         return self.base.target(cos_y, row_margin)
@@ -594,8 +652,8 @@ class IntraLoss(MarginSpec):
     def target_logit(self, cos_y, row):
         return self.base.target_logit(cos_y, row)
 
-    def nontarget(self, cos, target_cos, class_cos):
-        return self.base.nontarget(cos, target_cos, class_cos)
+    def nontarget(self, cos, target_cos, class_cos, state=None):
+        return self.base.nontarget(cos, target_cos, class_cos, state)
 
     def nontarget_row(self, target_cos):
         return self.base.nontarget_row(target_cos)
@@ -624,4 +682,5 @@ SPECS = {
     "intraloss": IntraLoss,
     "adaface": AdaFace,
     "magface": MagFace,
+    "curricularface": CurricularFace,
 }

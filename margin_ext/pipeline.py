@@ -85,10 +85,10 @@ def head_losses(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spe
     :func:`~margin_ext.running_stats.batch_state`; ``counted`` masks the rows they are taken over, None: all).
     """
     x_hat = normalize(x)
-    params = spec.nontarget_params()
-    target_cos, target_centre = owner_target_cosine(x_hat, weight, labels, group,
-                                                    with_centre=params.kind == NonTargetKind.INTERFACE)
+    target_cos, target_centre = owner_target_cosine(
+        x_hat, weight, labels, group, with_centre=spec.nontarget_params().kind == NonTargetKind.INTERFACE)
     row = target_row(spec, x, target_cos, group, generator, state, update_state, counted)
+    params = spec.nontarget_params(row.state)
     rows = row_inputs(spec, x, labels, target_cos, target_centre, group, generator, row)
     extra = spec.extra_loss(target_cos, row)
     if extra is not None:

@@ -45,7 +45,7 @@ def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels:
     state = batch_state(margin, state, norm, target_cos, update_state)
     row = TargetRow(margin=row_margin.to(dtype), scale=scale, norm=norm, state=state)
     target = margin.target_logit(target_cos, row)
-    logits = margin.nontarget(cos, target_cos, class_cos) * scale.unsqueeze(1)
+    logits = margin.nontarget(cos, target_cos, class_cos, state) * scale.unsqueeze(1)
     logits = logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
     loss = F.cross_entropy(logits, labels, reduction="none")
     extra = margin.extra_loss(target_cos, row)

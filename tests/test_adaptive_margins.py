@@ -1,5 +1,5 @@
-"""AdaFace and MagFace against their authors' heads written out as published, their
-running statistics, and their argument checks."""
+"""AdaFace, MagFace and CurricularFace against their authors' heads written out as
+published, their running statistics, and their argument checks."""
 
 import math
 
@@ -125,6 +125,64 @@ def test_magface_is_the_authors(spec, backend):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def authors_curricularface_logits(x, w, y, spec, t):
+    """HuangYG123/CurricularFace head/metrics.py's forward, step by step (float64), from
+    its buffer t before the step: the scaled logits, t after it, and the hard mask."""
+    emb = F.normalize(x)
+    cos_theta = (emb @ F.normalize(w, dim=1).T).clamp(-1, 1)
+    target_logit = cos_theta[torch.arange(x.shape[0]), y].view(-1, 1)
+    sin_theta = torch.sqrt(1.0 - target_logit ** 2)
+    cos_theta_m = target_logit * math.cos(spec.m) - sin_theta * math.sin(spec.m)
+    mask = cos_theta > cos_theta_m
+    final_target_logit = torch.where(target_logit > math.cos(math.pi - spec.m), cos_theta_m,
+                                     target_logit - math.sin(math.pi - spec.m) * spec.m)
+    hard_example = cos_theta[mask]
+    t = target_logit.detach().mean() * 0.01 + (1 - 0.01) * t
+    cos_theta = cos_theta.clone()
+    cos_theta[mask] = hard_example * (t + hard_example)
+    cos_theta = cos_theta.scatter(1, y.view(-1, 1), final_target_logit)
+    return cos_theta * spec.s, t, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec", [mx.CurricularFace(), mx.CurricularFace(s=30.0, m=0.1)], ids=repr)
+def test_curricularface_is_the_authors(spec, backend):
+    x, w, y = make_inputs(9, 37, 16, torch.float64, seed=12)
+    x[0] = -x[0]  # a target angle past pi - m: the fallback
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    state = spec.initial_state()
+    state.update("t", torch.tensor(0.3), 1.0)  # a t of some size, from an earlier step
+    logits, t, mask = authors_curricularface_logits(x, w, y, spec, torch.tensor(0.3, dtype=torch.float64))
+    hard = mask.clone()
+    hard[torch.arange(9), y] = False
+    assert 0 < hard.sum() < hard.numel()  # both kinds of non-target class
+    want = F.cross_entropy(logits, y)
+    want_grads = torch.autograd.grad(want, (x, w))
+    got = mx.margin_cross_entropy(x, w, y, spec, backend=backend, state=state)
+    got_grads = torch.autograd.grad(got, (x, w))
+    assert state["t"].item() == pytest.approx(t.item(), rel=1e-6)  # float32, as the authors' buffer
+    # t is float32 here: the loss and gradients agree to its rounding
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_curricularface_starts_from_zero_and_freezes():
+    spec = mx.CurricularFace()
+    x, w, y = make_inputs(6, 15, 8, torch.float64, seed=13, ignore_rows=(4,))
+    state = spec.initial_state()
+    assert state.state_dict() == {"t": 0.0}
+    mx.margin_cross_entropy(x, w, y, spec, backend="torch", state=state)
+    counted = y >= 0
+    from margin_ext.rows import normalize
+    cos_y = (normalize(x[counted]) * normalize(w[y[counted]])).sum(dim=1)
+    assert state["t"].item() == pytest.approx(0.01 * cos_y.mean().item(), rel=1e-6)
+    state.frozen = True
+    mx.margin_cross_entropy(x, w, y, spec, backend="torch", state=state)
+    assert state["t"].item() == pytest.approx(0.01 * cos_y.mean().item(), rel=1e-6)
+
+
 def test_intraloss_keeps_the_base_extra_term():
     x, w, y = make_inputs(5, 9, 8, torch.float64, seed=11)
     base = mx.MagFace(l_a=1.0, u_a=20.0)
@@ -169,6 +227,14 @@ def test_adaface_bad_arguments_name_themselves(kwargs, name):
 def test_magface_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}="):
         mx.MagFace(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(m=-0.1), "m"), (dict(m=float("inf")), "m"), (dict(m=4.0), "m"), (dict(s=float("nan")), "s"),
+])
+def test_curricularface_bad_arguments_name_themselves(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}="):
+        mx.CurricularFace(**kwargs)
 
 
 def test_state_that_is_not_running_statistics_is_refused():
