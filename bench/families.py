@@ -34,6 +34,7 @@ FAMILIES = {
     "ArcFace": mx.ArcFace(),
     "AdaFace": mx.AdaFace(),
     "MagFace": mx.MagFace(),
+    "CurricularFace": mx.CurricularFace(),
 }
 BASELINE = "ArcFace"
 RESULTS = Path(__file__).resolve().parent / "results"
