@@ -64,7 +64,7 @@ bool fused_applies(const HeadInputs& in) {
   const int64_t b = in.x_hat.size(0);
   const bool tensor_core_type =
       w == at::kBFloat16 || w == at::kHalf || (w == at::kFloat && at::globalContext().allowTF32CuBLAS());
-  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && (in.params.kind == kCosine || in.params.kind == kCurricular) && b > 0 &&
+  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && in.params.kind == kCosine && b > 0 &&
          in.weight.size(0) > 0 && tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
          gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1), weight_type(in.weight));
 }
@@ -95,7 +95,6 @@ struct FusedOperands {
     head.scale = in.row<float>(kScale);
     head.target = in.row<float>(kTarget);
     head.target_grad = in.row<float>(kTargetGrad);
-    head.row_value = in.params.kind == kCurricular ? in.row<float>(kNonTargetRow) : nullptr;
     head.params = in.params;
     check_launch(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.data_ptr<float>(),
                                    CudaDevice::stream()));

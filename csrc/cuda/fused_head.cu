@@ -199,7 +199,7 @@ __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storag
 
 __device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int64_t i) {
   if (i >= h.rows) return {-1, 0.f, 0.f, 0.f, 0.f};
-  return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], h.row_value ? h.row_value[i] : 0.f};
+  return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], 0.f};
 }
 
 __device__ __forceinline__ tile::RowGrads<float> load_row_grads(const tile::TileRow<float>& row, const float* lse,

@@ -84,8 +84,7 @@ def one_tile_chunks(rows: int, dtype: torch.dtype) -> int:
     return 64 * (rows * dtype.itemsize + math.ceil(rows / 64) * 4) + rows * 4
 
 
-# the specs the fused kernels run (InterFace's second product runs the chunk loop)
-FUSED_SPECS = [n for n, s in SPEC_CASES.items() if s.nontarget_params().kind != NonTargetKind.INTERFACE]
+COSINE_SPECS = [n for n, s in SPEC_CASES.items() if s.nontarget_params().kind == NonTargetKind.COSINE]
 FEW_SPECS = ["arcface", "cosface", "sphereface_norm_scale", "elastic_arcface_plus"]
 
 
@@ -105,7 +104,7 @@ def cases(quick: bool = False) -> list[Case]:
             for spec in (FEW_SPECS if not quick else FEW_SPECS[:1]):
                 chunk = tiles * one_tile_chunks(b, dtype) if tiles else 0
                 out.append(Case("fused", dtype, spec, b, c, d, splits, chunk))
-        for spec in (FUSED_SPECS if not quick else FUSED_SPECS[:3]):
+        for spec in (COSINE_SPECS if not quick else COSINE_SPECS[:3]):
             if spec not in FEW_SPECS:
                 out.append(Case("fused", dtype, spec, 70, 130, 72, seed=1))
     # the chunk loop: every spec, InterFace included, over chunks ending mid-way
