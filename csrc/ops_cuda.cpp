@@ -95,7 +95,6 @@ struct FusedOperands {
     head.scale = in.row<float>(kScale);
     head.target = in.row<float>(kTarget);
     head.target_grad = in.row<float>(kTargetGrad);
-    head.params = in.params;
     check_launch(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.data_ptr<float>(),
                                    CudaDevice::stream()));
   }

@@ -169,10 +169,11 @@ struct CosGrad {
 template <typename T>
 MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& row, const RowGrads<T>& g,
                              const NonTargetParams& p) {
-  if (col == row.label) return {g.target_grad_cos, T(0)};
+  // selects, not a branch: every lane of a warp runs the same instructions
   const ValueGrad<T> vg = nontarget_transform(cos, row.theta_y, class_cos, p);
   const T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
-  return {grad_z * vg.grad * row.scale, grad_z * vg.value};
+  const bool is_target = col == row.label;
+  return {is_target ? g.target_grad_cos : grad_z * vg.grad * row.scale, is_target ? T(0) : grad_z * vg.value};
 }
 
 // Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient, from

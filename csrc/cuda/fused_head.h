@@ -40,7 +40,7 @@ struct FusedHead {
   const float* scale;    // (B,) s_i, of the non-target logits
   const float* target;   // (B,) t_i, the target logit
   const float* target_grad;  // (B,) d_i = d t_i / d cos_y
-  NonTargetParams params;    // non-target kind kCosine (InterFace runs the chunk loop)
+  // non-target kind: the plain cosine only (InterFace runs the chunk loop)
 };
 
 // A launcher's result: the first failing kernel's error, or cudaSuccess.

@@ -101,7 +101,7 @@ void fused_head(const EmuHeadCall& c) {
   const DeviceBuffer target("row_target", c.row_target, b * 4), target_grad("row_target_grad", c.row_target_grad, b * 4);
   const DeviceBuffer norms("norms", n_cols * 4);
   gpu::FusedHead head{b, n_cols, d, x.get(), w.get(), w_type, norms.get<float>(), labels.get<int64_t>(),
-                      scale.get<float>(), target.get<float>(), target_grad.get<float>(), params_of(c)};
+                      scale.get<float>(), target.get<float>(), target_grad.get<float>()};
   check(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.get<float>(), nullptr));
   emu::device_read_only(norms.get());
 
