@@ -17,7 +17,11 @@ import json
 from pathlib import Path
 
 from .extras import require
-from .options import OptionError
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; the message names the option and the value."""
+
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 

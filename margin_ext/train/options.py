@@ -12,12 +12,9 @@ import margin_ext as mx
 from margin_ext.backends import BACKENDS
 
 BACKBONES = ("small", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+from .config import PRESETS, OptionError, config_arguments
 from .schedule import SCHEDULES
 AMP_MODES = ("none", "bf16", "fp16")
-
-
-class OptionError(ValueError):
-    """An option value that cannot work; the message names the option and the value."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -133,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Options of the command line, on top of those of --config when one is given."""
-    from .config import config_arguments
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     finder = argparse.ArgumentParser(add_help=False)
@@ -221,8 +216,6 @@ def lr_milestones(options) -> list:
 
 
 def preset_names() -> list:
-    from .config import PRESETS
-
     return sorted(path.stem for path in PRESETS.glob("*.yaml"))
 
 
