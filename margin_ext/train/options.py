@@ -20,7 +20,7 @@ class OptionError(ValueError):
     """An option value that cannot work; the message names the option and the value."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the empty ones whose help already says what happens."""
 
     def _get_help_string(self, action):
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="margin-ext-train",
         description="Train a face-recognition backbone with a sharded margin-softmax head "
                     "(single process, or under torchrun --nproc-per-node N).",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="options from a YAML file (keys are these options' names) or a preset "

@@ -6,8 +6,8 @@ on a logging step (from the same embeddings and centres, before the update),
 backward, gradient clipping, the two optimizers (backbone, head shard), the lr
 schedule. Around it: logging every ``--log-every`` steps, verification after every
 epoch and every ``--val-every`` steps (:mod:`.evaluation`), an atomic checkpoint every
-``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone's
-state_dict) when the run is done.
+``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone with its
+architecture, :mod:`.model_file`) when the run is done.
 
 Exact resume. A checkpoint is taken after a step; it holds everything that decides
 the following steps: weights, optimizer and scheduler states, the GradScaler, every
@@ -50,12 +50,12 @@ from .ddp import agree_on_overflow, sum_gradients_hook
 from .distributed_launch import DistributedContext
 from .evaluation import build_val_sets, verify
 from .logging import RunLog, format_duration
+from .model_file import MODEL_FILE, ModelInfo, default_normalization, save_model
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
 from .schedule import LrSchedule
 
 SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
 DEFAULT_EPOCHS = 20
-MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 
 __all__ = ["DataError", "Trainer", "train"]
@@ -444,12 +444,11 @@ class Trainer:
         return summary
 
     def _write_model(self) -> Path:
-        """The backbone's state_dict, as arcface_torch's model.pt (python -m margin_ext.export converts it)."""
-        path = self.output / MODEL_FILE
-        temporary = path.with_name(path.name + ".tmp")
-        torch.save(self.backbone.state_dict(), temporary)
-        os.replace(temporary, path)
-        return path
+        """The backbone and its architecture (:mod:`.model_file`; python -m margin_ext.export converts it)."""
+        channels, height, _ = self.image_shape
+        info = ModelInfo(self.options.backbone, self.options.embedding_size, channels, height,
+                         default_normalization(channels), self.step)
+        return save_model(self.output / MODEL_FILE, self.backbone, info)
 
 
 def train(options, ctx: DistributedContext) -> dict:
