@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from margin_ext.export import METADATA_KEY, ExportError, load_backbone
+from margin_ext.train.cli import CommandParser, report_error, warning_lines
 from margin_ext.train.data import DataError, evaluate_verification
+from margin_ext.train.data.errors import DataWarning
 from margin_ext.train.data.verification import pair_distances, tar_at_far
 from margin_ext.train.evaluation import VERIFICATION_FOLDS, embed, load_pairs
 from margin_ext.train.extras import MissingExtra, require
@@ -153,11 +155,9 @@ def format_results(results: dict) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from margin_ext.train.options import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="margin-ext-evaluate", formatter_class=HelpFormatter,
-                                     description="10-fold verification accuracy, threshold and TAR@FAR of a "
-                                                 "trained model on InsightFace .bin files.")
+    parser = CommandParser(prog="margin-ext-evaluate",
+                           description="10-fold verification accuracy, threshold and TAR@FAR of a trained model "
+                                       "on InsightFace .bin files.")
     parser.add_argument("model", metavar="MODEL",
                         help="a run folder, checkpoint folder, trainer.pt, model.pt, TorchScript or ONNX file")
     parser.add_argument("--val", nargs="+", required=True, metavar="FILE.bin", help="verification sets")
@@ -181,10 +181,10 @@ def main(argv=None) -> int:
         if options.image_size is not None and options.image_size < 1:
             raise EvaluationError(f"--image-size {options.image_size} is invalid: expected an integer >= 1")
         loaded = load_any_model(options.model, options.image_size)
-        results = evaluate(loaded, options.val, fars)
+        with warning_lines(DataWarning):
+            results = evaluate(loaded, options.val, fars)
     except (EvaluationError, DataError, MissingExtra) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(parser.prog, str(error))
     if options.json:
         print(json.dumps({"model": str(options.model), "format": loaded.kind, "image_size": loaded.image_size,
                           "results": results}, indent=1))

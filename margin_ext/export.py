@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from margin_ext.train.cli import CommandParser, report_error
 from margin_ext.train.model_file import MODEL_FILE, ModelFileError, ModelInfo, default_normalization, read_model
 
 FORMATS = ("state_dict", "torchscript", "onnx")
@@ -256,11 +257,7 @@ def _check(format, exported, path, example, expected) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from margin_ext.train.options import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="margin-ext-export",
-                                     description="Export the backbone of a training run, in eval mode.",
-                                     formatter_class=HelpFormatter)
+    parser = CommandParser(prog="margin-ext-export", description="Export the backbone of a training run, in eval mode.")
     parser.add_argument("source", metavar="SOURCE",
                         help="a run folder (its latest checkpoint, else its model.pt), a checkpoint folder, "
                              "a trainer.pt or a model.pt")
@@ -279,8 +276,7 @@ def main(argv=None) -> int:
     try:
         export(options.source, options.format, options.output)
     except (ExportError, MissingExtra) as error:
-        print(f"margin-ext-export: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("margin-ext-export", str(error))
     return 0
 
 

@@ -37,7 +37,7 @@ def build_val_sets(options, image_shape) -> dict:
             channels=channels, seed=options.synthetic_seed)
         # the synthetic images are not mirror-symmetric: no flip test
         return {"synthetic": (images_a, images_b, issame, False)}
-    paths = [Path(item.strip()) for item in options.val.split(",") if item.strip()]
+    paths = val_paths(options)
     stems = Counter(path.stem for path in paths)
     sets = {}
     for path in paths:
@@ -48,10 +48,26 @@ def build_val_sets(options, image_shape) -> dict:
     return sets
 
 
+def val_paths(options) -> list:
+    """The .bin files of --val (none for 'synthetic' and 'none')."""
+    if options.val in ("none", "synthetic"):
+        return []
+    return [Path(item.strip()) for item in options.val.split(",") if item.strip()]
+
+
+def missing_val_files(options) -> list:
+    """A problem line for each --val file that is not there."""
+    return [_no_such_file(path) for path in val_paths(options) if not path.is_file()]
+
+
+def _no_such_file(path) -> str:
+    return f"--val {path}: no such verification file"
+
+
 def load_pairs(path: Path, channels: int, height: int, width: int):
     """(images_a, images_b, issame, flip=True) of a .bin file, as uint8 at height x width."""
     if not path.is_file():
-        raise DataError(f"--val {path}: no such verification file")
+        raise DataError(_no_such_file(path))
     try:
         # kept as uint8 (a quarter of float32) and normalised batch by batch at evaluation
         images, issame = load_verification_bin(path, image_size=(height, width), as_uint8=True)

@@ -48,7 +48,7 @@ from . import checkpointing as ckpt
 from .config import NOT_RECORDED, resolved_options, write_config
 from .ddp import agree_on_overflow, sum_gradients_hook
 from .distributed_launch import DistributedContext
-from .evaluation import build_val_sets, verify
+from .evaluation import build_val_sets, missing_val_files, verify
 from .logging import RunLog, format_duration
 from .model_file import MODEL_FILE, ModelInfo, default_normalization, save_model
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
@@ -99,7 +99,8 @@ class Trainer:
         notes = self._adopt_checkpoint_run(state) if state is not None else []
 
         ckpt.seed_everything(options.seed)
-        self.train_set, self.num_classes = build_train_set(options)
+        # every size problem at once, the --val files' included, before anything is built
+        self.train_set, self.num_classes = build_train_set(options, missing_val_files(options))
         if len(self.train_set) < 2 * ctx.world_size:
             raise DataError(f"--data {options.data}: {len(self.train_set)} images are too few for "
                             f"{ctx.world_size} processes (BatchNorm needs 2 per process)")
@@ -141,6 +142,8 @@ class Trainer:
             for scheduler, saved in zip(self.schedulers, state["schedulers"]):
                 scheduler.load_state_dict(saved)  # the schedule's fields too: the same curve goes on
             notes += self._continue_schedule(state)
+        else:
+            notes += self._settings_not_meant()
 
         self.model = self.backbone
         if ctx.distributed:
@@ -159,12 +162,12 @@ class Trainer:
                 ckpt.seed_everything(derive_seed(options.seed, "resume", self.step, ctx.rank))
             self.log.print(f"resumed from {resume_path} at step {self.step} (epoch {self.epoch}, "
                            f"saved by {state['world_size']} process(es), now {ctx.world_size})")
-            for note in notes:
-                self.log.print(f"warning: {note}")
         else:
             self.log.start_fresh()
             # ranks draw their own streams from here on (dropout, augmentation)
             ckpt.seed_everything(derive_seed(options.seed, "rank", ctx.rank))
+        for note in notes:
+            self.log.print(f"warning: {note}")
         self.resumed_from = resume_path
         if ctx.is_main:
             write_config(self.output / CONFIG_FILE, self.recorded_options(),
@@ -215,6 +218,23 @@ class Trainer:
             return []
         return [f"the run now ends at step {self.total_steps} instead of {before}: the lr schedule is "
                 f"stretched to the new length"]
+
+    def _settings_not_meant(self) -> list:
+        """Settings that run, but hardly as the user meant: said once, when a run starts."""
+        notes = []
+        images, global_batch = len(self.train_set), self.options.batch_size * self.ctx.world_size
+        if global_batch > images:
+            notes.append(f"--batch-size {self.options.batch_size} x {self.ctx.world_size} process(es) = "
+                         f"{global_batch} images per step, more than the {images} of the dataset: each step "
+                         f"takes the whole dataset once")
+        warmup = self.schedule.warmup_steps
+        if warmup >= self.total_steps:
+            notes.append(f"the warm-up of {warmup} steps is not shorter than the run of {self.total_steps}: "
+                         f"the lr never reaches --lr {self.options.lr:g}")
+        if self.num_classes == 1:
+            notes.append("the dataset has a single identity: the margin softmax has no other class to tell it "
+                         "from, the loss is 0 and nothing is learnt")
+        return notes
 
     def _val_sets_on_rank0(self) -> dict:
         """Only rank 0 evaluates, so only it holds the pairs; a bad file stops every rank."""
