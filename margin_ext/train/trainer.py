@@ -123,6 +123,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
 
         self.step, self.epoch, self.consumed, self.elapsed_before = 0, 0, 0, 0.0
+        self.head_bytes = None  # per rank, measured after this run's first step
         if state is not None:
             self._check_compatible(state, resume_path)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -316,7 +317,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         last_eval_step = max((row["step"] for row in self.log.val), default=-1)
         last_checkpoint_step = self.step if self.resumed_from is not None else -1
-        steps_this_run, training_seconds = 0, 0.0
+        steps_this_run, training_seconds, trained_samples = 0, 0.0, 0
 
         while self.step < self.total_steps:
             loader = self._loader()
@@ -335,6 +336,10 @@ class Trainer:
                 interval_steps += 1
                 interval_samples += batch * ctx.world_size
                 self.log.advance()
+                if steps_this_run == 1:
+                    pause_start = time.perf_counter()
+                    self._report_head_memory()
+                    paused += time.perf_counter() - pause_start
 
                 if logging_step:
                     mean_loss = (loss_sum / interval_steps).item()
@@ -345,6 +350,7 @@ class Trainer:
                     # samples/s and the ETA count training only: verification and checkpoints are paused time
                     seconds = max(now - interval_start - paused, 1e-9)
                     training_seconds += seconds
+                    trained_samples += interval_samples
                     eta = training_seconds / steps_this_run * (self.total_steps - self.step)
                     self.log.log_train(self.step, self.epoch, mean_loss, lr, top1, interval_samples / seconds, eta)
                     interval_start, interval_steps, interval_samples, paused = now, 0, 0, 0.0
@@ -372,7 +378,20 @@ class Trainer:
 
         if last_checkpoint_step != self.step:  # e.g. resumed from the final checkpoint
             self.save()
-        return self._finish(self._elapsed())
+        return self._finish(self._elapsed(), trained_samples / training_seconds if training_seconds else None)
+
+    def _report_head_memory(self) -> None:
+        """What the head holds on each rank once a step has run: centres, gradient, optimizer state."""
+        parameters = list(self.head.parameters())
+        tensors = parameters + [p.grad for p in parameters if p.grad is not None]
+        tensors += [value for state in self.head_optimizer.state.values() for value in state.values()
+                    if torch.is_tensor(value)]
+        mine = (self.head.num_local, sum(t.numel() * t.element_size() for t in tensors))
+        per_rank = self.ctx.gather_object(mine)
+        self.head_bytes = [nbytes for _, nbytes in per_rank]
+        self.log.print("head memory per rank (centres, their gradient, optimizer state): " + "; ".join(
+            f"rank {rank}: {classes:,} classes, {nbytes / 2**20:,.0f} MiB"
+            for rank, (classes, nbytes) in enumerate(per_rank)))
 
     def _train_step(self, images, labels, measure_top1: bool):
         """One optimizer step; (loss, top-1 of the batch before the update or None, rows on this rank)."""
@@ -442,10 +461,12 @@ class Trainer:
         return ckpt.save_checkpoint(self.ctx, self.output, self.step, state, self.head, self.head_optimizer,
                                     self.options.keep_checkpoints, lineage=self.lineage)
 
-    def _finish(self, seconds: float) -> dict:
+    def _finish(self, seconds: float, samples_per_s) -> dict:
+        """``samples_per_s``: this run's training throughput (None when it took no step)."""
         results = self.log.final_results()
         summary = {"steps": self.step, "epochs_completed": self.epoch, "seconds": seconds,
-                   "world_size": self.ctx.world_size,
+                   "world_size": self.ctx.world_size, "head_bytes_per_rank": self.head_bytes,
+                   "train_samples_per_s": samples_per_s,
                    "final_verification": {name: {"accuracy": acc, "std": std} for name, (acc, std) in results.items()},
                    "final_loss": self.log.train[-1]["loss"] if self.log.train else float("nan")}
         self.log.close()
@@ -458,8 +479,9 @@ class Trainer:
                 except ImportError:
                     self.log.print("no plot: matplotlib is not installed (pip install 'margin_ext[train]')")
             verification = ", ".join(f"{name} {acc:.4f} ± {std:.4f}" for name, (acc, std) in results.items())
-            self.log.print(f"done: {self.step} steps in {format_duration(seconds)} on {self.ctx.world_size} "
-                           f"process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
+            throughput = f" ({samples_per_s:,.0f} samples/s training)" if samples_per_s else ""
+            self.log.print(f"done: {self.step} steps in {format_duration(seconds)}{throughput} on "
+                           f"{self.ctx.world_size} process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
                            f"{verification or 'not evaluated'}; logs in {self.output}")
         return summary
 

@@ -80,3 +80,13 @@ def test_the_abandoned_branch_notice_is_a_warning_line(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "abandoned branch" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "CheckpointWarning" not in err
+
+
+def test_the_heads_memory_per_rank_and_the_runs_throughput_are_reported(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "2", "--sample-rate", "0.5") == 0
+    out = capsys.readouterr().out
+    # centres, their gradient and SGD's momentum: three 12 x 16 float32 tensors
+    assert "head memory per rank (centres, their gradient, optimizer state): rank 0: 12 classes, 0 MiB" in out
+    summary = json.loads((tmp_path / "run" / "log.json").read_text())["summary"]
+    assert summary["head_bytes_per_rank"] == [3 * 12 * 16 * 4]
+    assert summary["train_samples_per_s"] > 0 and "samples/s training" in out
