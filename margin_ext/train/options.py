@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="any other spec parameter, repeatable (e.g. easy_margin=true, m2=0.3, base=cosface)")
     head.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC class sampling rate")
     head.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "reference"],
-                      help="kernels of the head")
+                      help="kernels of the head; auto: the compiled ones of the device where they are built "
+                           "(cpp on the CPU, cuda on CUDA), else triton on CUDA, else torch")
     head.add_argument("--num-classes", type=int, default=None,
                       help="number of identities; default: what the dataset declares (checked against it)")
 
