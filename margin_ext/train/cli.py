@@ -55,17 +55,19 @@ class CommandParser(argparse.ArgumentParser):
 
 @contextlib.contextmanager
 def warning_lines(*categories):
-    """Show warnings of ``categories`` as ``warning: message`` lines on stderr (rank 0 only)."""
-    previous = warnings.showwarning
+    """Format warnings of ``categories`` as ``warning: message`` lines (shown by rank 0 only).
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    Only the formatting changes: where warnings go (stderr, or a test's record) stays.
+    """
+    previous = warnings.formatwarning
+
+    def format(message, category, filename, lineno, line=None):
         if not issubclass(category, categories):
-            return previous(message, category, filename, lineno, file, line)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            return previous(message, category, filename, lineno, line)
+        return f"warning: {message}\n" if os.environ.get("RANK", "0") == "0" else ""
 
-    warnings.showwarning = show
+    warnings.formatwarning = format
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.formatwarning = previous

@@ -71,7 +71,7 @@ def test_lines_name_each_file_with_accuracy_threshold_and_tar(trained, capsys, t
     assert "TAR@FAR=0.1 " in lines[1]
 
 
-def test_a_bin_of_another_image_size_warns(trained, capsys, tmp_path):
+def test_a_bin_of_another_image_size_warns(trained, capsys, tmp_path, warnings_shown):
     run, _ = trained
     large = write_pairs(tmp_path / "large.bin", image_size=24)
     assert evaluate_main([str(run), "--val", str(large)]) == 0

@@ -219,3 +219,17 @@ def test_export_errors_are_one_line(run_folder, tmp_path, capsys):
     with pytest.raises(ExportError, match="is a folder"):
         export(run_folder, "state_dict", tmp_path)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_readmes_loading_snippet_runs_on_a_runs_model_pt(run_folder):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+                   if "load_model" in block)
+    assert '"runs/demo/model.pt"' in snippet
+    scope = {"images": _images(3)}
+    exec(snippet.replace('"runs/demo/model.pt"', repr(str(run_folder / "model.pt"))), scope)
+    with torch.no_grad():
+        assert torch.equal(scope["embeddings"], _trained(run_folder)(_images(3)))

@@ -72,7 +72,7 @@ def test_settings_that_cannot_be_meant_are_warned_about(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
-def test_the_abandoned_branch_notice_is_a_warning_line(tmp_path, capsys):
+def test_the_abandoned_branch_notice_is_a_warning_line(tmp_path, capsys, warnings_shown):
     assert run(tmp_path, "--steps", "3", "--checkpoint-every", "1", "--keep-checkpoints", "3") == 0
     capsys.readouterr()
     older = tmp_path / "run" / "checkpoints" / "step-00000001"
@@ -90,3 +90,32 @@ def test_the_heads_memory_per_rank_and_the_runs_throughput_are_reported(tmp_path
     summary = json.loads((tmp_path / "run" / "log.json").read_text())["summary"]
     assert summary["head_bytes_per_rank"] == [3 * 12 * 16 * 4]
     assert summary["train_samples_per_s"] > 0 and "samples/s training" in out
+
+
+def test_under_torchrun_the_error_is_printed_once_and_ends_torchruns_report(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    env.pop("RANK", None)
+    # a mistake found after the process group is up: every rank raises it, rank 0 prints it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "-m", "margin_ext.train", *TINY, "--num-classes", "7", "--output", str(tmp_path / "run")]
+    finished = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode != 0
+    message = "margin-ext-train: error: --num-classes 7 disagrees with the synthetic set"
+    lines = [line.strip() for line in finished.stderr.splitlines() if message in line]
+    assert lines[0].startswith(message), finished.stderr  # rank 0's own line, once
+    # then torchrun's report, one entry per failed process, each naming the cause
+    assert len(lines) > 1 and all(line.startswith("traceback : " + message) for line in lines[1:])
+    assert "usage:" not in finished.stderr
+    last = [line for line in finished.stderr.splitlines() if line.strip() and set(line.strip()) != {"="}][-1]
+    assert message in last
