@@ -1,0 +1,237 @@
+"""Rank 0 of a W-rank PartialFC at any size, without W processes: memory and communication.
+
+    python -m bench.scale_sim --world 64 --identities 100M --batch-per-rank 128 --dim 512 --dtype bf16
+    python -m bench.scale_sim --world 8 --identities 29M --batch-per-rank 128 --dim 512 --sample-rate 0.1 --json
+
+The real ``PartialFC`` forward, backward and SGD step run for rank 0 of a W-rank group
+made by torch's fake process group (``torch.testing._internal.distributed.fake_pg``:
+every collective returns at once, its output buffers shaped as on a real group, an
+all-gather filled with this rank's data). Every tensor has its real shape except the
+class dimension: rank 0 holds K classes instead of its n_0, so the step computes
+here. What depends on the classes is then scaled exactly:
+
+- weight, gradient and momentum: bytes per class (read from the real tensors) x n_0;
+- peak added memory of the step (``margin_ext.memory.PeakMemory``, gradients included):
+  it is linear in the classes at a fixed chunk size, so two runs (K and 2K classes)
+  give its slope and intercept, and the result is that line at n_0;
+- collectives: counted by ``bench.collective_log.CollectiveLog`` from their buffers;
+  the two runs must move the same bytes (nothing depends on the classes), else the
+  simulator says so.
+
+K is the chunk size / sample_rate (so the sampled classes fill at least one chunk),
+or n_0 itself when that is smaller (then nothing is scaled). The "torch" backend is
+used: its temporaries are ordinary tensors that the tracker sees, about six
+(rows x chunk) float32 blocks; a fused backend holds fewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+BYTES_LIMIT = 4 << 30  # the gathered batch and its gradient must fit this machine
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class SimulationError(ValueError):
+    """Inputs that cannot describe a run (or cannot be simulated here); one line naming the numbers."""
+
+
+def _count(text) -> int:
+    if isinstance(text, int):
+        return text
+    text = str(text).strip().lower().replace("_", "")
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def check_inputs(world: int, identities: int, batch_per_rank: int, dim: int, sample_rate: float) -> None:
+    if world < 1:
+        raise SimulationError(f"--world {world}: expected at least 1 rank")
+    if identities < world:
+        raise SimulationError(f"--identities {identities} < --world {world}: every rank must own at least one class")
+    if batch_per_rank < 1:
+        raise SimulationError(f"--batch-per-rank {batch_per_rank}: expected at least 1 row per rank")
+    if dim < 1:
+        raise SimulationError(f"--dim {dim}: expected at least 1")
+    if not 0.0 < sample_rate <= 1.0:
+        raise SimulationError(f"--sample-rate {sample_rate}: expected a number in (0, 1]")
+    gathered = world * batch_per_rank * dim * 4 * 2
+    if gathered > BYTES_LIMIT:
+        raise SimulationError(f"--world {world} x --batch-per-rank {batch_per_rank} x --dim {dim}: the gathered "
+                              f"batch and its gradient take {gathered / 2**30:.1f} GiB, more than the "
+                              f"{BYTES_LIMIT / 2**30:.0f} GiB this simulator computes with")
+
+
+def _fake_group(world: int) -> None:
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() != "fake":
+            raise SimulationError("a real process group is initialised: run the simulator in its own process")
+        if dist.get_world_size() == world:
+            return
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+
+
+def _run(world: int, classes: int, batch: int, dim: int, sample_rate: float, dtype, chunk: int, backend: str):
+    """One step of rank 0 holding ``classes`` classes: (bytes, peak, collectives)."""
+    import margin_ext as mx
+    from margin_ext.memory import PeakMemory
+
+    from .collective_log import CollectiveLog
+
+    head = mx.PartialFC(dim, classes * world, sample_rate=sample_rate, dtype=dtype, backend=backend,
+                        chunk_size=chunk)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, dim, generator=g).requires_grad_(True)
+    y = torch.randint(0, classes * world, (batch,), generator=g)
+    log = CollectiveLog(world)
+    with PeakMemory() as memory, log:
+        head(x, y).backward()
+    optimizer.step()
+    momentum = optimizer.state[head.weight]["momentum_buffer"]
+    return {
+        "weight": head.weight.numel() * head.weight.element_size(),
+        "grad": head.weight.grad.numel() * head.weight.grad.element_size(),
+        "momentum": momentum.numel() * momentum.element_size(),
+        "peak": memory.peak_bytes,
+        "collectives": log,
+    }
+
+
+_LINES = {}  # (world, batch, dim, sample_rate, dtype, chunk, backend) -> runs that reached a line
+
+
+def _linear_runs(world, local, batch, dim, sample_rate, dtype, chunk, backend, max_runs=7):
+    """Runs at K, 2K, 4K, ... classes until the last three peaks lie on one line (or K reaches n_0).
+
+    The peak is the largest of a few phases' live bytes, each linear in the classes; far
+    enough out the phase with the steepest slope is the peak, and three collinear points
+    say that it already is, so the line through the last two extends to n_0 exactly.
+    """
+    key = (world, batch, dim, sample_rate, dtype, chunk, backend)
+    known = _LINES.get(key)
+    if known is not None and known[-1]["classes"] < local:
+        return known  # the same line, only another number of classes to extend it to
+    classes = min(local, max(chunk, math.ceil(chunk / sample_rate)))
+    _fake_group(world)
+    torch.manual_seed(0)
+    runs = []
+    while True:
+        runs.append(dict(_run(world, classes, batch, dim, sample_rate, dtype, chunk, backend), classes=classes))
+        if classes == local:
+            return runs[-1:]
+        signatures = {tuple(r["collectives"].signature()) for r in runs}
+        if len(signatures) > 1:
+            raise AssertionError(f"the collectives changed with the number of classes: {signatures}")
+        if len(runs) >= 3:
+            (k0, p0), (k1, p1), (k2, p2) = [(r["classes"], r["peak"]) for r in runs[-3:]]
+            predicted = p1 + (p1 - p0) * (k2 - k1) / (k1 - k0)
+            if abs(predicted - p2) <= 1e-3 * max(p2 - p1, 1) + 4096:
+                _LINES[key] = runs
+                return runs
+        if len(runs) == max_runs:
+            raise SimulationError(f"the peak memory did not become linear in the classes by {classes:,} classes "
+                                  f"per rank: {[(r['classes'], r['peak']) for r in runs]}")
+        classes = min(local, 2 * classes)
+
+
+def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate: float = 1.0,
+             dtype: str = "bf16", chunk_size: int = 256, backend: str = "torch") -> dict:
+    """Rank 0's per-step figures for a W-rank PartialFC (see the module docstring)."""
+    from margin_ext.distributed import shard_size
+
+    from .collective_log import bus_factor
+
+    identities = _count(identities)
+    check_inputs(world, identities, batch_per_rank, dim, sample_rate)
+    if dtype not in DTYPES:
+        raise SimulationError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
+    local = shard_size(identities, world, 0)
+    runs = _linear_runs(world, local, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
+    first, last = runs[-2] if len(runs) > 1 else runs[-1], runs[-1]
+    small = first["classes"]
+    if len(runs) == 1:
+        peak = first["peak"]
+    else:
+        slope = (last["peak"] - first["peak"]) / (last["classes"] - small)
+        peak = round(first["peak"] + slope * (local - small))
+
+    def per_rank(key):
+        return first[key] // small * local
+
+    collectives = [dict(r.as_dict(), seconds=None) for r in first["collectives"].records]
+    sampled = min(local, math.ceil(round(sample_rate * local, 9)))
+    rows = world * batch_per_rank
+    return {
+        "world": world, "identities": identities, "classes_per_rank": local, "sampled_classes_per_rank": sampled,
+        "batch_per_rank": batch_per_rank, "dim": dim, "sample_rate": sample_rate, "dtype": dtype,
+        "weight_bytes_per_rank": per_rank("weight"),
+        "grad_bytes_per_rank": per_rank("grad"),
+        "momentum_bytes_per_rank": per_rank("momentum"),
+        "peak_head_bytes_per_rank": peak,
+        "comm_bytes_per_step_per_rank": sum(c["sent_bytes"] for c in collectives),
+        "n_collectives": len(collectives),
+        "collectives": collectives,
+        # the fused heads' four GEMM-equivalents of 2 * rows * classes * D flops
+        "head_flops_per_step_per_rank": 4 * 2 * rows * sampled * dim,
+        "simulated_classes_per_rank": [r["classes"] for r in runs],
+        "chunk_size": chunk_size, "backend": backend,
+        "bus_factors": {op: bus_factor(op, world) for op in ("all_gather", "reduce_scatter", "all_reduce")},
+    }
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def describe(r: dict) -> str:
+    lines = [f"PartialFC rank 0 of {r['world']}: {r['identities']:,} identities, {r['classes_per_rank']:,} per rank "
+             f"({r['sampled_classes_per_rank']:,} sampled), B={r['batch_per_rank']} per rank, D={r['dim']}, "
+             f"{r['dtype']} centres (simulated at {r['simulated_classes_per_rank']} classes, scaled)",
+             f"  weight    {_bytes(r['weight_bytes_per_rank'])}",
+             f"  gradient  {_bytes(r['grad_bytes_per_rank'])}",
+             f"  momentum  {_bytes(r['momentum_bytes_per_rank'])}",
+             f"  peak added memory of forward + backward (gradient included): {_bytes(r['peak_head_bytes_per_rank'])}",
+             f"  {r['n_collectives']} collectives per step, {_bytes(r['comm_bytes_per_step_per_rank'])} sent "
+             f"(= received) per rank under ring algorithms:"]
+    for c in r["collectives"]:
+        lines.append(f"    {c['phase']:<8} {c['op']:<14} {c['dtype']:<8} size {_bytes(c['size_bytes']):>12}  "
+                     f"sent {_bytes(c['sent_bytes'])}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale_sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, required=True, help="ranks in the group")
+    parser.add_argument("--identities", type=_count, required=True, help="classes in all (e.g. 29M)")
+    parser.add_argument("--batch-per-rank", type=int, required=True)
+    parser.add_argument("--dim", type=int, required=True)
+    parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--chunk-size", type=int, default=256, help="classes per chunk of the torch backend")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        result = simulate(args.world, args.identities, args.batch_per_rank, args.dim, args.sample_rate, args.dtype,
+                          args.chunk_size)
+    except SimulationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else describe(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
