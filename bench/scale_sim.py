@@ -11,17 +11,19 @@ class dimension: rank 0 holds K classes instead of its n_0, so the step computes
 here. What depends on the classes is then scaled exactly:
 
 - weight, gradient and momentum: bytes per class (read from the real tensors) x n_0;
-- peak added memory of the step (``margin_ext.memory.PeakMemory``, gradients included):
-  it is linear in the classes at a fixed chunk size, so two runs (K and 2K classes)
-  give its slope and intercept, and the result is that line at n_0;
+- peak added memory of the step, gradients included: at every allocation the tracker
+  (``ClassScaledPeak``, a ``margin_ext.memory.PeakMemory``) splits the live bytes into
+  those of tensors with a class dimension and the rest; the peak at n_0 is the largest
+  of rest + per-class x n_0 / K over the step. A second run at 2K classes must match
+  that prediction, else the simulator says so;
 - collectives: counted by ``bench.collective_log.CollectiveLog`` from their buffers;
-  the two runs must move the same bytes (nothing depends on the classes), else the
-  simulator says so.
+  the run at 2K must move the same bytes (nothing depends on the classes).
 
-K is the chunk size / sample_rate (so the sampled classes fill at least one chunk),
-or n_0 itself when that is smaller (then nothing is scaled). The "torch" backend is
-used: its temporaries are ordinary tensors that the tracker sees, about six
-(rows x chunk) float32 blocks; a fused backend holds fewer.
+K gives two chunks of sampled classes (2 x chunk / sample_rate), moved off any other
+dimension so that a class dimension is recognisable, or n_0 itself when that is
+smaller (then nothing is scaled). The "torch" backend is used: its temporaries are
+ordinary tensors that the tracker sees, about six (rows x chunk) float32 blocks; a
+fused backend holds fewer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import math
 import sys
 
 import torch
+
+from margin_ext.memory import PeakMemory
 
 BYTES_LIMIT = 4 << 30  # the gathered batch and its gradient must fit this machine
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -80,10 +84,39 @@ def _fake_group(world: int) -> None:
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
 
 
+class ClassScaledPeak(PeakMemory):
+    """PeakMemory that also keeps, at every allocation, how many live bytes belong to
+    tensors with a class dimension (a dimension equal to one of ``class_counts``), so
+    that the peak at ``factor`` times the classes is max(other + factor x per-class)."""
+
+    def __init__(self, class_counts):
+        super().__init__()
+        self.class_counts = set(class_counts)
+        self.live_class_bytes = 0
+        self.events = []
+
+    def _allocate(self, tensor, nbytes):
+        scaled = any(d in self.class_counts for d in tensor.shape)
+        released = super()._allocate(tensor, nbytes)
+        self.live_class_bytes += nbytes if scaled else 0
+        self.events.append((self.live_bytes - self.live_class_bytes, self.live_class_bytes))
+        return released + (scaled,)
+
+    def _release(self, nbytes, scaled=False):
+        super()._release(nbytes)
+        self.live_class_bytes -= nbytes if scaled else 0
+
+    def peak_at(self, factor: float) -> int:
+        return round(max((other + per_class * factor for other, per_class in self.events), default=0))
+
+
+def _sampled(classes: int, sample_rate: float) -> int:
+    return min(classes, math.ceil(round(sample_rate * classes, 9)))
+
+
 def _run(world: int, classes: int, batch: int, dim: int, sample_rate: float, dtype, chunk: int, backend: str):
-    """One step of rank 0 holding ``classes`` classes: (bytes, peak, collectives)."""
+    """One step of rank 0 holding ``classes`` classes: state bytes, peak tracker, collectives."""
     import margin_ext as mx
-    from margin_ext.memory import PeakMemory
 
     from .collective_log import CollectiveLog
 
@@ -94,59 +127,36 @@ def _run(world: int, classes: int, batch: int, dim: int, sample_rate: float, dty
     x = torch.randn(batch, dim, generator=g).requires_grad_(True)
     y = torch.randint(0, classes * world, (batch,), generator=g)
     log = CollectiveLog(world)
-    with PeakMemory() as memory, log:
+    with ClassScaledPeak({classes, _sampled(classes, sample_rate)}) as memory, log:
         head(x, y).backward()
     optimizer.step()
     momentum = optimizer.state[head.weight]["momentum_buffer"]
     return {
+        "classes": classes,
         "weight": head.weight.numel() * head.weight.element_size(),
         "grad": head.weight.grad.numel() * head.weight.grad.element_size(),
         "momentum": momentum.numel() * momentum.element_size(),
         "peak": memory.peak_bytes,
+        "memory": memory,
         "collectives": log,
     }
 
 
-_LINES = {}  # (world, batch, dim, sample_rate, dtype, chunk, backend) -> runs that reached a line
-
-
-def _linear_runs(world, local, batch, dim, sample_rate, dtype, chunk, backend, max_runs=7):
-    """Runs at K, 2K, 4K, ... classes until the last three peaks lie on one line (or K reaches n_0).
-
-    The peak is the largest of a few phases' live bytes, each linear in the classes; far
-    enough out the phase with the steepest slope is the peak, and three collinear points
-    say that it already is, so the line through the last two extends to n_0 exactly.
-    """
-    key = (world, batch, dim, sample_rate, dtype, chunk, backend)
-    known = _LINES.get(key)
-    if known is not None and known[-1]["classes"] < local:
-        return known  # the same line, only another number of classes to extend it to
-    classes = min(local, max(chunk, math.ceil(chunk / sample_rate)))
-    _fake_group(world)
-    torch.manual_seed(0)
-    runs = []
-    while True:
-        runs.append(dict(_run(world, classes, batch, dim, sample_rate, dtype, chunk, backend), classes=classes))
-        if classes == local:
-            return runs[-1:]
-        signatures = {tuple(r["collectives"].signature()) for r in runs}
-        if len(signatures) > 1:
-            raise AssertionError(f"the collectives changed with the number of classes: {signatures}")
-        if len(runs) >= 3:
-            (k0, p0), (k1, p1), (k2, p2) = [(r["classes"], r["peak"]) for r in runs[-3:]]
-            predicted = p1 + (p1 - p0) * (k2 - k1) / (k1 - k0)
-            if abs(predicted - p2) <= 1e-3 * max(p2 - p1, 1) + 4096:
-                _LINES[key] = runs
-                return runs
-        if len(runs) == max_runs:
-            raise SimulationError(f"the peak memory did not become linear in the classes by {classes:,} classes "
-                                  f"per rank: {[(r['classes'], r['peak']) for r in runs]}")
-        classes = min(local, 2 * classes)
+def _small_classes(local: int, world: int, batch: int, dim: int, sample_rate: float, chunk: int) -> int:
+    """Classes to simulate with: two chunks of sampled classes, no class count equal to another dimension."""
+    others = {world, batch, world * batch, dim, chunk}
+    classes = max(2 * chunk, math.ceil(2 * chunk / sample_rate))
+    while classes in others or _sampled(classes, sample_rate) in others:
+        classes += math.ceil(1 / sample_rate)
+    return min(local, classes)
 
 
 def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate: float = 1.0,
-             dtype: str = "bf16", chunk_size: int = 256, backend: str = "torch") -> dict:
-    """Rank 0's per-step figures for a W-rank PartialFC (see the module docstring)."""
+             dtype: str = "bf16", chunk_size: int = 256, backend: str = "torch", memory: bool = True) -> dict:
+    """Rank 0's per-step figures for a W-rank PartialFC (see the module docstring).
+
+    memory=False: one run, without the run at twice the classes that checks the scaling.
+    """
     from margin_ext.distributed import shard_size
 
     from .collective_log import bus_factor
@@ -156,20 +166,27 @@ def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate:
     if dtype not in DTYPES:
         raise SimulationError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
     local = shard_size(identities, world, 0)
-    runs = _linear_runs(world, local, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
-    first, last = runs[-2] if len(runs) > 1 else runs[-1], runs[-1]
-    small = first["classes"]
-    if len(runs) == 1:
-        peak = first["peak"]
-    else:
-        slope = (last["peak"] - first["peak"]) / (last["classes"] - small)
-        peak = round(first["peak"] + slope * (local - small))
+    small = _small_classes(local, world, batch_per_rank, dim, sample_rate, chunk_size)
+    _fake_group(world)
+    torch.manual_seed(0)
+    first = _run(world, small, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
+    peak = first["memory"].peak_at(local / small)
+    if memory and small < local:
+        # the check that the accounting scales: a run at twice the classes against its prediction
+        check = _run(world, 2 * small, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
+        predicted = first["memory"].peak_at(2)
+        if abs(predicted - check["peak"]) > 1e-3 * check["peak"] + 1024:
+            raise AssertionError(f"the peak at {2 * small} classes was {check['peak']} bytes, scaled from "
+                                 f"{small} classes {predicted}: the class accounting is off")
+        if check["collectives"].signature() != first["collectives"].signature():
+            raise AssertionError(f"the collectives changed with the number of classes: "
+                                 f"{first['collectives'].signature()} vs {check['collectives'].signature()}")
 
     def per_rank(key):
         return first[key] // small * local
 
     collectives = [dict(r.as_dict(), seconds=None) for r in first["collectives"].records]
-    sampled = min(local, math.ceil(round(sample_rate * local, 9)))
+    sampled = _sampled(local, sample_rate)
     rows = world * batch_per_rank
     return {
         "world": world, "identities": identities, "classes_per_rank": local, "sampled_classes_per_rank": sampled,
@@ -183,10 +200,23 @@ def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate:
         "collectives": collectives,
         # the fused heads' four GEMM-equivalents of 2 * rows * classes * D flops
         "head_flops_per_step_per_rank": 4 * 2 * rows * sampled * dim,
-        "simulated_classes_per_rank": [r["classes"] for r in runs],
+        "simulated_classes_per_rank": small,
         "chunk_size": chunk_size, "backend": backend,
         "bus_factors": {op: bus_factor(op, world) for op in ("all_gather", "reduce_scatter", "all_reduce")},
     }
+
+
+def compare_with_measured(results: dict) -> list:
+    """The simulator's collectives beside rank 0's measured ones, for every record of a
+    ``bench.scaling`` results file: [(world, classes_per_rank, measured, simulated), ...]."""
+    keys = ("op", "dtype", "size_bytes", "phase", "sent_bytes")
+    pairs = []
+    for r in results["results"]:
+        sim = simulate(r["world"], r["world"] * r["classes_per_rank"], results["batch_per_rank"], results["dim"],
+                       dtype="fp32", memory=False)
+        pairs.append((r["world"], r["classes_per_rank"], [[c[k] for k in keys] for c in r["collectives"]],
+                      [[c[k] for k in keys] for c in sim["collectives"]]))
+    return pairs
 
 
 def _bytes(n: int) -> str:
@@ -199,7 +229,7 @@ def _bytes(n: int) -> str:
 def describe(r: dict) -> str:
     lines = [f"PartialFC rank 0 of {r['world']}: {r['identities']:,} identities, {r['classes_per_rank']:,} per rank "
              f"({r['sampled_classes_per_rank']:,} sampled), B={r['batch_per_rank']} per rank, D={r['dim']}, "
-             f"{r['dtype']} centres (simulated at {r['simulated_classes_per_rank']} classes, scaled)",
+             f"{r['dtype']} centres (simulated at {r['simulated_classes_per_rank']:,} classes, scaled)",
              f"  weight    {_bytes(r['weight_bytes_per_rank'])}",
              f"  gradient  {_bytes(r['grad_bytes_per_rank'])}",
              f"  momentum  {_bytes(r['momentum_bytes_per_rank'])}",
