@@ -37,20 +37,14 @@ import torch
 
 from margin_ext.memory import PeakMemory
 
+from .__main__ import _count
+
 BYTES_LIMIT = 4 << 30  # the gathered batch and its gradient must fit this machine
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 class SimulationError(ValueError):
     """Inputs that cannot describe a run (or cannot be simulated here); one line naming the numbers."""
-
-
-def _count(text) -> int:
-    if isinstance(text, int):
-        return text
-    text = str(text).strip().lower().replace("_", "")
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 def check_inputs(world: int, identities: int, batch_per_rank: int, dim: int, sample_rate: float) -> None:
@@ -161,7 +155,7 @@ def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate:
 
     from .collective_log import bus_factor
 
-    identities = _count(identities)
+    identities = identities if isinstance(identities, int) else _count(identities)
     check_inputs(world, identities, batch_per_rank, dim, sample_rate)
     if dtype not in DTYPES:
         raise SimulationError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
@@ -219,14 +213,9 @@ def compare_with_measured(results: dict) -> list:
     return pairs
 
 
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n} B"
-
-
 def describe(r: dict) -> str:
+    from .scaling_report import _bytes
+
     lines = [f"PartialFC rank 0 of {r['world']}: {r['identities']:,} identities, {r['classes_per_rank']:,} per rank "
              f"({r['sampled_classes_per_rank']:,} sampled), B={r['batch_per_rank']} per rank, D={r['dim']}, "
              f"{r['dtype']} centres (simulated at {r['simulated_classes_per_rank']:,} classes, scaled)",

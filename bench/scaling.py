@@ -34,17 +34,11 @@ from pathlib import Path
 
 import torch
 
-from .__main__ import _revision, device_info
+from .__main__ import _count, _revision, device_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling"
 DEFAULTS = dict(worlds=[1, 2, 4, 8], classes_per_rank=[10_000, 100_000, 1_000_000], batch_per_rank=32, dim=64,
                 steps=2)
-
-
-def _count(text: str) -> int:
-    text = text.strip().lower().replace("_", "")
-    scale = {"k": 10**3, "m": 10**6}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 def _loadavg() -> float:

@@ -16,6 +16,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .report import _count
+
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 MEASURED, PROJECTED = RESULTS_ROOT / "scaling", RESULTS_ROOT / "projection"
 README = RESULTS_ROOT.parent.parent / "README.md"
@@ -31,13 +33,6 @@ def _bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{n:,.0f} B"
-
-
-def _count(n: int) -> str:
-    for unit, size in (("M", 10**6), ("k", 10**3)):
-        if n >= size:
-            return f"{n / size:g}{unit}"
-    return str(n)
 
 
 def _ms(s: float) -> str:

@@ -71,7 +71,7 @@ def test_the_simulator_reproduces_the_committed_measurement():
     (["--world", "2", "--identities", "5", "--batch-per-rank", "0", "--dim", "4"], ["--batch-per-rank 0"]),
     (["--world", "2", "--identities", "5", "--batch-per-rank", "1", "--dim", "4", "--sample-rate", "0"],
      ["--sample-rate 0"]),
-    (["--world", "1024", "--identities", "1G", "--batch-per-rank", "4096", "--dim", "512"],
+    (["--world", "1024", "--identities", "1000M", "--batch-per-rank", "4096", "--dim", "512"],
      ["--world 1024", "--batch-per-rank 4096", "--dim 512", "GiB"]),
 ])
 def test_inputs_that_cannot_fit_get_one_line_naming_the_numbers(argv, words, capsys):
