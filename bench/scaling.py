@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
-import queue as queue_module
 import shlex
 import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -98,58 +95,32 @@ def _one_shape(world: int, rank: int, classes_per_rank: int, batch: int, dim: in
 
 
 def _rank_main(rank, world, port, config, results):
-    try:
-        torch.set_num_threads(1)  # the ranks share the machine's few cores
-        if world > 1:
-            import torch.distributed as dist
+    torch.set_num_threads(1)  # the ranks share the machine's few cores
+    if world > 1:
+        import torch.distributed as dist
 
-            if "lo" in {name for _, name in socket.if_nameindex()}:
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=config["timeout_s"]))
-        shapes = [_one_shape(world, rank, c, config["batch_per_rank"], config["dim"], config["steps"],
-                             config["backend"])
-                  for c in config["classes_per_rank"]]
-        if world > 1:
-            dist.destroy_process_group()
-        results.put((rank, True, shapes))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        if "lo" in {name for _, name in socket.if_nameindex()}:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=config["timeout_s"]))
+    shapes = [_one_shape(world, rank, c, config["batch_per_rank"], config["dim"], config["steps"], config["backend"])
+              for c in config["classes_per_rank"]]
+    if world > 1:
+        dist.destroy_process_group()
+    results.put((rank, shapes))
 
 
 def measure_world(world: int, classes_per_rank, batch_per_rank: int, dim: int, steps: int,
                   backend: str = "auto", timeout_s: float = 1800.0) -> list:
-    """Per rank, per number of classes: what ``_one_shape`` returns. Runs ``world`` processes."""
+    """Per rank, per number of classes: what ``_one_shape`` returns. Runs ``world`` processes;
+    a rank that fails raises here with its traceback, a stuck collective after ``timeout_s``."""
+    import torch.multiprocessing as mp
+
     config = dict(classes_per_rank=list(classes_per_rank), batch_per_rank=batch_per_rank, dim=dim, steps=steps,
                   backend=backend, timeout_s=timeout_s)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_rank_main, args=(rank, world, port, config, results), daemon=True)
-                 for rank in range(world)]
-    for p in processes:
-        p.start()
-    collected, deadline = {}, time.monotonic() + timeout_s
-    try:
-        while len(collected) < world:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish within {timeout_s:.0f} s")
-            try:
-                rank, ok, payload = results.get(timeout=1.0)
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(processes) if r not in collected and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"rank {dead[0]} of {world} exited with code {processes[dead[0]].exitcode}")
-                continue
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world} failed:\n{payload}")
-            collected[rank] = payload
-    finally:
-        for p in processes:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_main, args=(world, _free_port(), config, results), nprocs=world)
+    collected = dict(results.get() for _ in range(world))
     return [collected[r] for r in range(world)]
 
 

@@ -51,17 +51,16 @@ def _noisy(data: dict, r: dict) -> bool:
 # --------------------------------------------------------------------------- measured
 
 def measured_table(data: dict) -> list:
-    lines = ["| ranks | classes per rank | collectives per step | bytes sent per rank per step | "
-             "step (ms) | in collectives (ms) | compute (ms) | load (1 min) |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    columns = ["ranks", "classes per rank", "collectives per step", "bytes sent per rank per step", "step (ms)",
+               "in collectives (ms)", "compute (ms)", "load (1 min)"]
+    rows = []
     for r in data["results"]:
         load = max(r["load_before"], r["load_after"])
-        mark = " (noisy)" if _noisy(data, r) else ""
-        sent = sorted(set(r["sent_bytes_per_rank"]))
-        lines.append(f"| {r['world']} | {r['classes_per_rank']:,} | {r['n_collectives']}: {_ops(r['collectives'])} | "
-                     f"{' / '.join(f'{s:,}' for s in sent)} | {_ms(r['step_s'])} | {_ms(r['comm_s'])} | "
-                     f"{_ms(r['step_s'] - r['comm_s'])} | {load:g}{mark} |")
-    return lines
+        sent = " / ".join(f"{s:,}" for s in sorted(set(r["sent_bytes_per_rank"])))
+        rows.append([r["world"], f"{r['classes_per_rank']:,}", f"{r['n_collectives']}: {_ops(r['collectives'])}", sent,
+                     _ms(r["step_s"]), _ms(r["comm_s"]), _ms(r["step_s"] - r["comm_s"]),
+                     f"{load:g}" + (" (noisy)" if _noisy(data, r) else "")])
+    return _table(columns, rows)
 
 
 def _about_measured(data: dict) -> list:
@@ -131,16 +130,20 @@ def plot_measured(data: dict, path: Path) -> Path:
 
 # --------------------------------------------------------------------------- simulated and projected
 
+def _table(columns: list, rows: list) -> list:
+    """Markdown lines of a table of numbers (right-aligned)."""
+    return ["| " + " | ".join(columns) + " |", "| " + " | ".join("---:" for _ in columns) + " |",
+            *["| " + " | ".join(str(c) for c in row) + " |" for row in rows]]
+
+
 def simulated_table(data: dict) -> list:
-    lines = ["| GPUs | identities | r | classes per GPU | weight | gradient | momentum | peak of fwd+bwd "
-             "(gradient included) | collectives | bytes sent per GPU per step |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in data["simulated"]:
-        lines.append(f"| {s['world']} | {_count(s['identities'])} | {s['sample_rate']:g} | {s['classes_per_rank']:,} | "
-                     f"{_bytes(s['weight_bytes_per_rank'])} | {_bytes(s['grad_bytes_per_rank'])} | "
-                     f"{_bytes(s['momentum_bytes_per_rank'])} | {_bytes(s['peak_head_bytes_per_rank'])} | "
-                     f"{s['n_collectives']} | {_bytes(s['comm_bytes_per_step_per_rank'])} |")
-    return lines
+    columns = ["GPUs", "identities", "r", "classes per GPU", "weight", "gradient", "momentum",
+               "peak of fwd+bwd (gradient included)", "collectives", "bytes sent per GPU per step"]
+    return _table(columns, [[s["world"], _count(s["identities"]), f"{s['sample_rate']:g}", f"{s['classes_per_rank']:,}",
+                             _bytes(s["weight_bytes_per_rank"]), _bytes(s["grad_bytes_per_rank"]),
+                             _bytes(s["momentum_bytes_per_rank"]), _bytes(s["peak_head_bytes_per_rank"]),
+                             s["n_collectives"], _bytes(s["comm_bytes_per_step_per_rank"])]
+                            for s in data["simulated"]])
 
 
 def _gb(n: float) -> str:
@@ -148,9 +151,9 @@ def _gb(n: float) -> str:
 
 
 def projected_table(data: dict, cluster: str) -> list:
-    lines = ["| identities | r | margin_ext: head memory (GB) | comm (ms) | compute (ms) | efficiency | "
-             "arcface_torch: head memory (GB) | comm (ms) | compute (ms) | efficiency |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    columns = ["identities", "r", "margin_ext: head memory (GB)", "comm (ms)", "compute (ms)", "efficiency",
+               "arcface_torch: head memory (GB)", "comm (ms)", "compute (ms)", "efficiency"]
+    rows = []
     for p in data["projected"]:
         if p["cluster"] != cluster:
             continue
@@ -159,20 +162,17 @@ def projected_table(data: dict, cluster: str) -> list:
             q = p[who]
             memory = _gb(q["memory_bytes"]) + ("" if q["fits"] else " (over 80)")
             cells += [memory, f"{q['comm_s'] * 1e3:.3f}", f"{q['compute_s'] * 1e3:.3g}", f"{q['efficiency']:.1%}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return _table(columns, rows)
 
 
 def published_table(data: dict) -> list:
-    pub = data["arcface_torch_published"]
-    lines = ["| identities | arcface_torch published, whole process (MB per V100) | arcface_torch head, counted "
-             "(MB) | margin_ext head, simulated, fp32 centres (MB) |",
-             "| ---: | ---: | ---: | ---: |"]
-    for row in pub["comparison"]:
-        lines.append(f"| {_count(row['identities'])} | {row['published_bytes'] / 2**20:,.0f} | "
-                     f"{row['arcface_torch_counted_bytes'] / 2**20:,.0f} | "
-                     f"{row['ours_simulated_fp32_bytes'] / 2**20:,.0f} |")
-    return lines
+    columns = ["identities", "arcface_torch published, whole process (MB per V100)",
+               "arcface_torch head, counted (MB)", "margin_ext head, simulated, fp32 centres (MB)"]
+    return _table(columns, [[_count(row["identities"]), f"{row['published_bytes'] / 2**20:,.0f}",
+                             f"{row['arcface_torch_counted_bytes'] / 2**20:,.0f}",
+                             f"{row['ours_simulated_fp32_bytes'] / 2**20:,.0f}"]
+                            for row in data["arcface_torch_published"]["comparison"]])
 
 
 def _assumptions(data: dict) -> list:
