@@ -84,6 +84,8 @@ def _split_args(name: str, args):
         return tree_flatten(args[1])[0], tree_flatten(args[0])[0]
     if name in ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_"):
         return tree_flatten(args[1])[0], tree_flatten(args[0])[0]
+    if name == "barrier":
+        return [], []  # its tensor is a placeholder: nothing travels
     tensors = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)] if args else []
     return tensors, tensors
 

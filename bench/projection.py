@@ -115,7 +115,7 @@ def arcface_torch_step(world: int, identities: int, batch: int, dim: int, sample
 def project(sim: dict, cluster: dict) -> dict:
     busbw, latency = _value(cluster["busbw"]), _value(cluster["latency"])
     rate = _value("h100_bf16_dense_flops") * _value("fraction_of_peak")
-    ours_memory = sim["weight_bytes_per_rank"] + sim["momentum_bytes_per_rank"] + sim["peak_head_bytes_per_rank"]
+    ours_memory = sim["head_bytes_per_rank"]
     ours_comm = collective_seconds(sim["collectives"], busbw, latency)
     ours_compute = sim["head_flops_per_step_per_rank"] / rate
     theirs = arcface_torch_step(sim["world"], sim["identities"], sim["batch_per_rank"], sim["dim"],
@@ -149,8 +149,7 @@ def published_comparison(simulate) -> list:
                                     ARCFACE_TORCH_PUBLISHED["sample_rate"])
         rows.append({"identities": identities, "published_bytes": mb * 2**20,
                      "arcface_torch_counted_bytes": theirs["memory_bytes_per_rank"],
-                     "ours_simulated_fp32_bytes": sim["weight_bytes_per_rank"] + sim["momentum_bytes_per_rank"]
-                     + sim["peak_head_bytes_per_rank"]})
+                     "ours_simulated_fp32_bytes": sim["head_bytes_per_rank"]})
     return rows
 
 

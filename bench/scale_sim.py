@@ -29,6 +29,7 @@ fused backend holds fewer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -65,17 +66,19 @@ def check_inputs(world: int, identities: int, batch_per_rank: int, dim: int, sam
                               f"{BYTES_LIMIT / 2**30:.0f} GiB this simulator computes with")
 
 
-def _fake_group(world: int) -> None:
+@contextlib.contextmanager
+def _fake_group(world: int):
+    """Rank 0 of a ``world``-rank fake process group, for the duration of the block."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        if dist.get_backend() != "fake":
-            raise SimulationError("a real process group is initialised: run the simulator in its own process")
-        if dist.get_world_size() == world:
-            return
-        dist.destroy_process_group()
+        raise SimulationError("a process group is already initialised: run the simulator in a process of its own")
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 class ClassScaledPeak(PeakMemory):
@@ -161,20 +164,20 @@ def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate:
         raise SimulationError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
     local = shard_size(identities, world, 0)
     small = _small_classes(local, world, batch_per_rank, dim, sample_rate, chunk_size)
-    _fake_group(world)
-    torch.manual_seed(0)
-    first = _run(world, small, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
-    peak = first["memory"].peak_at(local / small)
-    if memory and small < local:
-        # the check that the accounting scales: a run at twice the classes against its prediction
-        check = _run(world, 2 * small, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
-        predicted = first["memory"].peak_at(2)
-        if abs(predicted - check["peak"]) > 1e-3 * check["peak"] + 1024:
-            raise AssertionError(f"the peak at {2 * small} classes was {check['peak']} bytes, scaled from "
-                                 f"{small} classes {predicted}: the class accounting is off")
-        if check["collectives"].signature() != first["collectives"].signature():
-            raise AssertionError(f"the collectives changed with the number of classes: "
-                                 f"{first['collectives'].signature()} vs {check['collectives'].signature()}")
+    with _fake_group(world):
+        torch.manual_seed(0)
+        first = _run(world, small, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
+        peak = first["memory"].peak_at(local / small)
+        if memory and small < local:
+            # the check that the accounting scales: a run at twice the classes against its prediction
+            check = _run(world, 2 * small, batch_per_rank, dim, sample_rate, DTYPES[dtype], chunk_size, backend)
+            predicted = first["memory"].peak_at(2)
+            if abs(predicted - check["peak"]) > 1e-3 * check["peak"] + 1024:
+                raise AssertionError(f"the peak at {2 * small} classes was {check['peak']} bytes, scaled from "
+                                     f"{small} classes {predicted}: the class accounting is off")
+            if check["collectives"].signature() != first["collectives"].signature():
+                raise AssertionError(f"the collectives changed with the number of classes: "
+                                     f"{first['collectives'].signature()} vs {check['collectives'].signature()}")
 
     def per_rank(key):
         return first[key] // small * local
@@ -189,6 +192,8 @@ def simulate(world: int, identities, batch_per_rank: int, dim: int, sample_rate:
         "grad_bytes_per_rank": per_rank("grad"),
         "momentum_bytes_per_rank": per_rank("momentum"),
         "peak_head_bytes_per_rank": peak,
+        # what the head needs on the device: the centres, their momentum and the step's peak
+        "head_bytes_per_rank": per_rank("weight") + per_rank("momentum") + peak,
         "comm_bytes_per_step_per_rank": sum(c["sent_bytes"] for c in collectives),
         "n_collectives": len(collectives),
         "collectives": collectives,
@@ -223,6 +228,7 @@ def describe(r: dict) -> str:
              f"  gradient  {_bytes(r['grad_bytes_per_rank'])}",
              f"  momentum  {_bytes(r['momentum_bytes_per_rank'])}",
              f"  peak added memory of forward + backward (gradient included): {_bytes(r['peak_head_bytes_per_rank'])}",
+             f"  head on the device (weight + momentum + that peak): {_bytes(r['head_bytes_per_rank'])}",
              f"  {r['n_collectives']} collectives per step, {_bytes(r['comm_bytes_per_step_per_rank'])} sent "
              f"(= received) per rank under ring algorithms:"]
     for c in r["collectives"]:
@@ -240,6 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-rate", type=float, default=1.0)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--chunk-size", type=int, default=256, help="classes per chunk of the torch backend")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="refuse a head that needs more than this per rank")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -247,6 +255,12 @@ def main(argv=None) -> int:
                           args.chunk_size)
     except SimulationError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.gpu_memory is not None and result["head_bytes_per_rank"] > args.gpu_memory * 2**30:
+        print(f"error: --world {args.world} --identities {args.identities} --batch-per-rank {args.batch_per_rank} "
+              f"--dim {args.dim} --sample-rate {args.sample_rate:g} --dtype {args.dtype}: the head needs "
+              f"{result['head_bytes_per_rank'] / 2**30:.1f} GiB per rank, more than --gpu-memory {args.gpu_memory:g}",
+              file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else describe(result))
     return 0

@@ -220,8 +220,9 @@ def readme_section() -> str:
     if (MEASURED / "results.json").exists():
         data = _load(MEASURED / "results.json")
         lines += ["**Measured** on this CPU machine with gloo (bench/results/scaling/results.md, scaling.png): the bytes "
-                  "per step do not change with the classes per rank and grow with the ranks as (R-1)/R of the "
-                  "gathered batch; the times are a CPU's.", "", *measured_table(data), "",
+                  "per step do not change with the classes per rank and grow with the ranks R as (R - 1) x B x D "
+                  "floats each way (the other ranks' rows of the gathered batch, then their gradient); the times "
+                  "are a CPU's.", "", *measured_table(data), "",
                   *_about_measured(data)[2:], ""]
     if (PROJECTED / "projection.json").exists():
         lines += projection_markdown(_load(PROJECTED / "projection.json")) + [""]

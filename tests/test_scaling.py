@@ -2,9 +2,8 @@
 
 The simulator must reproduce, collective by collective, the bytes that the measured
 ranks moved at the same shapes: live on a small run here, and for every record of the
-committed measurement (worlds 1-8, up to 1M classes per rank). The simulator runs in a
-subprocess of its own: it initialises torch's fake process group, which would make every
-later PartialFC in this process think it has W ranks.
+committed measurement (worlds 1-8, up to 1M classes per rank). The comparisons run the
+simulator in a subprocess, beside the measuring processes.
 """
 
 import json
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import projection, scale_sim
 from bench.collective_log import bus_factor
@@ -39,7 +39,7 @@ def _compare(results_path: Path) -> list:
 def test_the_simulator_reproduces_a_measured_run(tmp_path):
     out = tmp_path / "scaling"
     run = _python("-m", "bench.scaling", "--worlds", "1,3", "--classes-per-rank", "300,900", "--batch-per-rank", "4",
-                  "--dim", "8", "--steps", "1", "--out", str(out))
+                  "--dim", "8", "--steps", "2", "--backend", "torch", "--out", str(out))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     measured = json.loads((out / "results.json").read_text())
     assert (out / "results.md").exists() and (out / "scaling.png").stat().st_size > 1000
@@ -76,6 +76,8 @@ def test_the_simulator_reproduces_the_committed_measurement():
      ["--sample-rate 0"]),
     (["--world", "1024", "--identities", "1000M", "--batch-per-rank", "4096", "--dim", "512"],
      ["--world 1024", "--batch-per-rank 4096", "--dim 512", "GiB"]),
+    (["--world", "2", "--identities", "4M", "--batch-per-rank", "4", "--dim", "64", "--gpu-memory", "1"],
+     ["--identities 4000000", "GiB per rank", "--gpu-memory 1"]),
 ])
 def test_inputs_that_cannot_fit_get_one_line_naming_the_numbers(argv, words, capsys):
     assert scale_sim.main(argv) == 2
@@ -85,19 +87,15 @@ def test_inputs_that_cannot_fit_get_one_line_naming_the_numbers(argv, words, cap
 
 @pytest.mark.parametrize("rate, dtype", [(0.5, "bf16"), (1.0, "fp32")])
 def test_the_simulated_memory_scales_exactly_in_the_classes(rate, dtype):
-    """Peak and state bytes extrapolated from small runs equal those of a run at the full size."""
-    code = ("import json; from bench.scale_sim import DTYPES, simulate, _run; "
-            f"big = simulate(2, 2 * 2560, 6, 16, {rate}, {dtype!r}, chunk_size=32); "
-            f"exact = _run(2, 2560, 6, 16, {rate}, DTYPES[{dtype!r}], 32, 'torch'); "
-            "print(json.dumps([big['peak_head_bytes_per_rank'], big['simulated_classes_per_rank'], exact['peak'], "
-            "big['weight_bytes_per_rank'], exact['weight'], big['momentum_bytes_per_rank'], exact['momentum']]))")
-    found = _python("-c", code)
-    assert found.returncode == 0, found.stderr[-3000:]
-    peak, simulated, exact_peak, weight, exact_weight, momentum, exact_momentum = json.loads(
-        found.stdout.strip().splitlines()[-1])
-    assert simulated < 2560 // 2  # extrapolated from runs at fewer classes
-    assert weight == exact_weight and momentum == exact_momentum
-    assert abs(peak - exact_peak) <= 4096 + 1e-3 * exact_peak, (peak, exact_peak)
+    """Peak and state bytes scaled from a run at few classes equal those of a run at the full size."""
+    scaled = scale_sim.simulate(2, 2 * 2560, 6, 16, rate, dtype, chunk_size=32)
+    with scale_sim._fake_group(2):
+        exact = scale_sim._run(2, 2560, 6, 16, rate, scale_sim.DTYPES[dtype], 32, "torch")
+    assert scaled["simulated_classes_per_rank"] < 2560 // 2
+    assert scaled["weight_bytes_per_rank"] == exact["weight"]
+    assert scaled["momentum_bytes_per_rank"] == exact["momentum"]
+    assert abs(scaled["peak_head_bytes_per_rank"] - exact["peak"]) <= 1024 + 1e-3 * exact["peak"]
+    assert not torch.distributed.is_initialized()  # the fake group is gone again
 
 
 def test_projected_time_is_latency_plus_bus_bytes_over_bandwidth():
