@@ -68,7 +68,7 @@ def _about_measured(data: dict) -> list:
     return [f"Measured {data['date'][:10]} on {m['name']} ({m['cpu_count']} cores, {m['threads_per_rank']} thread per "
             f"rank, gloo over loopback), torch {data['torch']}, by `{data['command']}`: B = {data['batch_per_rank']} "
             f"rows and D = {data['dim']} per rank, float32, backend {data['backend']}; one warm-up step, then the "
-            f"median of {data['steps']} steps (forward, backward, SGD with momentum) of the slowest rank. The whole "
+            f"median of {data['steps']} step(s) (forward, backward, SGD with momentum) of the slowest rank. The whole "
             f"run took {data['wall_s']} s; load average {data['loadavg_start']} at its start, {data['loadavg_end']} "
             "at its end.",
             "",
@@ -105,7 +105,7 @@ def plot_measured(data: dict, path: Path) -> Path:
     ax_b.set_xlabel("classes per rank")
     ax_b.set_ylabel("KiB sent per rank per step")
     ax_b.set_title("Bytes per step: flat in C, growing with the ranks", fontsize=10)
-    ax_b.legend(fontsize=8)
+    ax_b.legend(fontsize=8, loc="center right")
     ax_b.grid(True, alpha=0.3)
     labels, compute, comm = [], [], []
     for r in data["results"]:
@@ -117,6 +117,7 @@ def plot_measured(data: dict, path: Path) -> Path:
     ax_t.bar(xs, comm, bottom=compute, label="in collectives (incl. waiting)", color="#d95f02")
     ax_t.set_xticks(list(xs), labels, fontsize=7)
     ax_t.set_yscale("log")
+    ax_t.set_ylim(bottom=min(compute + [c for c in comm if c > 0]) / 2)
     ax_t.set_ylabel("ms per step (slowest rank)")
     ax_t.set_title("Step time split", fontsize=10)
     ax_t.legend(fontsize=8)
