@@ -3,7 +3,9 @@
 :data:`REGISTRY` maps each backend's name to the device types it runs on and to its
 loader, ``load(device) -> Kernels``, which raises :class:`BackendUnavailable` with the
 reason when it cannot run there. Dispatch, the benchmarks and the tests all read it.
-``"auto"`` takes the first backend of :data:`AUTO_ORDER` for the device type that loads.
+``"auto"`` takes the first backend of :data:`AUTO_ORDER` for the device type that loads:
+the compiled kernels of the tensors' device when they are built (CUDA, or the CPU's), else
+Triton on CUDA, else the chunked torch backend.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ REGISTRY: Dict[str, Backend] = {
     "triton": Backend("triton", ("cuda", "cpu"), _load_triton),
     "torch": Backend("torch", ("cpu", "cuda"), _load_torch),
 }
-#: What "auto" tries, in order, per device type; any other device type gets "torch".
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+#: What "auto" tries, in order, per device type; the torch backend runs anywhere, last.
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 #: Every name ``backend=`` accepts: "auto", the registry's, and the full-logits reference.
 BACKENDS = ("auto", *REGISTRY, "reference")
 
@@ -63,7 +65,7 @@ __all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "BackendUnavailable", "Kernels",
 def resolve(name: str, device: torch.device) -> Kernels:
     """The kernels of backend ``name`` for tensors on ``device`` ("reference" is not one)."""
     if name == "auto":
-        for candidate in AUTO_ORDER.get(torch.device(device).type, ("torch",)):
+        for candidate in AUTO_ORDER.get(torch.device(device).type, ()):
             try:
                 return REGISTRY[candidate].load(device)
             except BackendUnavailable:

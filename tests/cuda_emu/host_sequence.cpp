@@ -98,10 +98,11 @@ void fused_head(const EmuHeadCall& c) {
   const size_t elem = element_size(w_type);
   const DeviceBuffer x("x", c.x, b * d * elem), w("w", c.w, n_cols * d * elem);
   const DeviceBuffer labels("labels", c.labels, b * 8), scale("scale", c.scale, b * 4);
-  const DeviceBuffer target("row_target", c.row_target, b * 4), target_grad("row_target_grad", c.row_target_grad, b * 4);
+  const DeviceBuffer row_target("row_target", c.row_target, b * 4);
+  const DeviceBuffer row_target_grad("row_target_grad", c.row_target_grad, b * 4);
   const DeviceBuffer norms("norms", n_cols * 4);
   gpu::FusedHead head{b, n_cols, d, x.get(), w.get(), w_type, norms.get<float>(), labels.get<int64_t>(),
-                      scale.get<float>(), target.get<float>(), target_grad.get<float>()};
+                      scale.get<float>(), row_target.get<float>(), row_target_grad.get<float>()};
   check(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.get<float>(), nullptr));
   emu::device_read_only(norms.get());
 
