@@ -492,8 +492,7 @@ void check_layout(const Shape& sh) {
   }
   for (const auto* v : {&a, &b, &c}) {
     for (int count : *v) {
-      if (count != 1) throw std::logic_error(std::string("emu: the fragment layout of ") + sh.name +
-                                             " does not hold every element once");
+      if (count != 1) fail("the fragment layout of %s does not hold every element once", sh.name);
     }
   }
 }

@@ -114,7 +114,7 @@ def cases(quick: bool = False) -> list[Case]:
             if spec not in FEW_SPECS:
                 out.append(Case("fused", dtype, spec, 70, 130, 72, seed=1))
     # centres of zero, tiny and huge norm, targets of some rows
-    for dtype in fused_dtypes:
+    for dtype in (torch.bfloat16, torch.float32):
         out.append(Case("fused", dtype, "arcface", 70, 130, 72, seed=6, odd_centres=True))
     for dtype in (torch.float32, torch.bfloat16):
         out.append(Case("chunk", dtype, "arcface", 9, 37, 24, chunk=16, seed=6, odd_centres=True))
@@ -184,7 +184,11 @@ def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float
     labels = inp["labels"]
     xp = x if x_product is None else x + (x_product.to(dtype) - x).detach()
     wp = w if w_product is None else w + (w_product.to(dtype) - w).detach()
-    norm = torch.linalg.vector_norm(w, dim=1)
+    # |w| of rows whose squares overflow in `dtype`: summed divided by a power of two (exact)
+    peak = w.detach().abs().amax(dim=1, keepdim=True)
+    row_scale = torch.where(peak > torch.finfo(dtype).max ** 0.25, torch.exp2(torch.floor(torch.log2(peak))),
+                            torch.ones_like(peak))
+    norm = torch.linalg.vector_norm(w / row_scale, dim=1) * row_scale.squeeze(1)
     cos = (xp @ wp.T) / norm.clamp_min(NORM_EPS)
     n_cols = w.shape[0]
     hit = ((labels >= 0) & (labels < n_cols)).nonzero().squeeze(1)
