@@ -222,10 +222,10 @@ def readme_section() -> str:
              " Which figures are measured, simulated or projected is said at each.", ""]
     if (MEASURED / "results.json").exists():
         data = _load(MEASURED / "results.json")
-        lines += ["**Measured** on this CPU machine with gloo (bench/results/scaling/results.md, scaling.png): the bytes "
-                  "per step do not change with the classes per rank and grow with the ranks R as (R - 1) x B x D "
-                  "floats each way (the other ranks' rows of the gathered batch, then their gradient); the times "
-                  "are a CPU's. The collectives of a step at 2 or more ranks: "
+        lines += ["**Measured** on this CPU machine with gloo (bench/results/scaling/results.md, scaling.png): "
+                  "the bytes per step do not change with the classes per rank and grow with the ranks R as "
+                  "(R - 1) x B x D floats each way (the other ranks' rows of the gathered batch, then their "
+                  "gradient); the times are a CPU's. The collectives of a step at 2 or more ranks: "
                   f"{_ops(next((r['collectives'] for r in data['results'] if r['collectives']), []))}.", "",
                   *measured_table(data, detailed=False), "",
                   *_about_measured(data), ""]
