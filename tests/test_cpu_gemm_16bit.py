@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from margin_ext.backends import extension as ext
-from margin_ext.rows import RowInputs, normalize
 from cases import SPEC_CASES, assert_low_precision_result, kernel_inputs, loss_and_grads, make_inputs, rows_to
 
 pytestmark = pytest.mark.skipif(not ext.is_built(), reason="the compiled extension is not built")

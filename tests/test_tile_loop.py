@@ -13,10 +13,9 @@ rounded to TF32 as the kernels for float32 weights round them.
 import pytest
 import torch
 
-import margin_ext as mx
 from margin_ext import functional
 from margin_ext.backends import extension as ext
-from margin_ext.rows import RowInputs, normalize
+from margin_ext.rows import RowInputs
 from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads, round_to_tf32,
                    tf32_matmuls, tf32_reference_loss_and_grads)

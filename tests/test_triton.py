@@ -32,7 +32,6 @@ from cases import (SPEC_CASES, kernel_inputs as pipeline_inputs, assert_low_prec
                    logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads, tf32_matmuls)
 from margin_ext.backends import BackendUnavailable, resolve  # noqa: E402
 from margin_ext.backends.torch_chunked import TORCH_KERNELS  # noqa: E402
-from margin_ext.rows import normalize  # noqa: E402
 
 # C = 37 in tiles of 16: labels on both sides of each tile boundary (15|16, 31|32) and at the ends.
 BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
