@@ -54,7 +54,7 @@ from .model_file import MODEL_FILE, ModelInfo, default_normalization, save_model
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
 from .schedule import LrSchedule
 
-SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
+SYNTHETIC_EPOCHS = 7  # 4-8 minutes with 2 processes on 2 idle CPU cores
 DEFAULT_EPOCHS = 20
 CONFIG_FILE = "config.yaml"
 
