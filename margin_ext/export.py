@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from margin_ext.safe_files import fresh_temporary
+
 FORMATS = ("state_dict", "torchscript", "onnx")
 TOLERANCE = 1e-4  # max |difference| of the exported model's embeddings from PyTorch's
 CHECK_BATCH = 4
@@ -92,7 +94,7 @@ def export(source, format: str, output, log=print) -> Path:
     example = _example_batch(exported.image_shape)
     with torch.no_grad():
         expected = exported.backbone(example)
-    temporary = output.with_name(output.name + ".tmp")
+    temporary = fresh_temporary(output)  # created exclusively: a link planted at a .tmp name is not followed
     try:
         if format == "onnx":
             _require_onnx()
