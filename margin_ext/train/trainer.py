@@ -7,7 +7,15 @@ backward, gradient clipping, the two optimizers (backbone, head shard), the lr
 schedule. Around it: logging every ``--log-every`` steps, verification after every
 epoch and every ``--val-every`` steps (:mod:`.evaluation`), an atomic checkpoint every
 ``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone's
-state_dict) when the run is done.
+state_dict) when the run is done. :func:`train` holds the run folder's lock
+(:mod:`.run_folder`) for the whole run.
+
+Non-finite state is never saved. Each step's loss is checked on the device (no sync:
+the first bad step is kept), read at every log line and before every checkpoint, which
+also checks the weights and BatchNorm's statistics; a bad one stops every rank with
+:class:`TrainingDiverged`, every checkpoint kept finite. A resume takes this run's
+``--lr``, so a diverged run continues with a lower one. A step that does not finish
+within ``--dist-timeout`` ends the process (:mod:`.watchdog`).
 
 Exact resume. A checkpoint is taken after a step; it holds everything that decides
 the following steps: weights, optimizer and scheduler states, the GradScaler, every
