@@ -36,7 +36,7 @@ def _free_port():
 
 
 def test_a_stuck_rank_ends_every_rank_with_one_line_naming_the_step(tmp_path):
-    port, timeout_s = _free_port(), 5
+    port, timeout_s = _free_port(), 20  # generous: a loaded CI machine must not trip it on a normal step
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     arguments = TINY + ["--dist-timeout", str(timeout_s), "--output", str(tmp_path / "run")]
@@ -57,4 +57,4 @@ def test_a_stuck_rank_ends_every_rank_with_one_line_naming_the_step(tmp_path):
                           f"{timeout_s} s (a process is stuck or gone); stopping"], err[-3000:]
         assert "Traceback" not in err
     assert "step      2/6" in outputs[0][0]  # the steps before the stuck one ran
-    assert elapsed < 180
+    assert elapsed < 300
