@@ -45,7 +45,7 @@ def test_a_stuck_rank_ends_every_rank_with_one_line_naming_the_step(tmp_path):
                               stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
              for rank in range(2)]
     try:
-        outputs = [rank.communicate(timeout=240) for rank in ranks]
+        outputs = [rank.communicate(timeout=400) for rank in ranks]
     finally:
         for rank in ranks:
             rank.kill()
