@@ -3,7 +3,8 @@
 A config's keys are the command-line options' names (``batch-size`` or ``batch_size``);
 its values become arguments placed before the command line's, so argparse checks them
 exactly as typed ones and the command line wins. ``--config`` also takes the name of a
-preset shipped in ``margin_ext/train/presets``.
+preset shipped in ``margin_ext/train/presets``; a preset's relative ``val`` files are
+read from the ``--data`` folder.
 
 The resolved ``config.yaml`` holds every option of a run (defaults resolved where the
 run resolves them), written one ``key: value`` line each with JSON scalars, a subset of
@@ -130,6 +131,18 @@ def config_arguments(name: str, parser: argparse.ArgumentParser, argv) -> list:
                 raise OptionError(f"--config {path}: {key}={value!r} is invalid: expected a single value")
             arguments += [flag, _text(value)]
     return arguments
+
+
+def resolve_preset_paths(options, name: str, parser: argparse.ArgumentParser, argv) -> None:
+    """A preset's relative --val files are in the --data folder (the one of --data's .rec file)."""
+    if find_config(name).parent != PRESETS or "val" in _dests_given(argv, parser):
+        return
+    if options.val in ("none", "synthetic"):
+        return
+    data = Path(options.data)
+    folder = data.parent if data.suffix == ".rec" else data
+    options.val = ",".join(str(folder / item.strip()) if not Path(item.strip()).is_absolute() else item.strip()
+                           for item in options.val.split(",") if item.strip())
 
 
 def _dests_given(argv, parser) -> set:

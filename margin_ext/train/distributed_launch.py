@@ -53,6 +53,14 @@ class DistributedContext:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def gather_object(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
 
 def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:
     """Read torchrun's environment, pick the device, and join the process group if needed."""

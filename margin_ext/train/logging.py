@@ -185,16 +185,25 @@ class RunLog:
         write_text_atomically(path, json.dumps(document, indent=1, default=_jsonable))
 
     def plot(self, path: Optional[Path] = None) -> Optional[Path]:
-        """Loss and top-1 over steps beside verification accuracy over steps, as a PNG."""
+        """The curves (:meth:`figure`) as a PNG, ``curves.png`` of the run folder by default."""
         if not self.enabled:
             return None
+        import matplotlib.pyplot as plt
+
+        path = Path(path or self.output / "curves.png")
+        figure = self.figure()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+    def figure(self):
+        """Loss and top-1, the learning rate, and verification accuracy over steps: three panels."""
         import matplotlib
 
         matplotlib.use("Agg")  # no display on training machines
         import matplotlib.pyplot as plt
 
-        path = Path(path or self.output / "curves.png")
-        figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        figure, (loss_axis, lr_axis, val_axis) = plt.subplots(1, 3, figsize=(16, 4))
         steps = [row["step"] for row in self.train]
         loss_axis.plot(steps, [row["loss"] for row in self.train], color="tab:blue", label="loss")
         loss_axis.set_xlabel("step")
@@ -204,6 +213,12 @@ class RunLog:
         top1_axis.set_ylabel("training top-1 (batch)", color="tab:orange")
         top1_axis.set_ylim(0, 1)
         loss_axis.set_title("training")
+
+        lr_axis.plot(steps, [row["lr"] for row in self.train], color="tab:green")
+        lr_axis.set_xlabel("step")
+        lr_axis.set_ylabel("learning rate (at the logged step)")
+        lr_axis.set_ylim(bottom=0)
+        lr_axis.set_title("schedule")
 
         for name in dict.fromkeys(row["set"] for row in self.val):
             rows = [row for row in self.val if row["set"] == name]
@@ -216,9 +231,7 @@ class RunLog:
         val_axis.legend(loc="lower right")
         val_axis.set_title("verification")
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        return path
+        return figure
 
 
 def _jsonable(value):

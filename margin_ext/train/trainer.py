@@ -6,9 +6,9 @@ on a logging step (from the same embeddings and centres, before the update),
 backward, gradient clipping, the two optimizers (backbone, head shard), the lr
 schedule. Around it: logging every ``--log-every`` steps, verification after every
 epoch and every ``--val-every`` steps (:mod:`.evaluation`), an atomic checkpoint every
-``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone's
-state_dict) when the run is done. :func:`train` holds the run folder's lock
-(:mod:`.run_folder`) for the whole run.
+``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone with its
+architecture, :mod:`.model_file`) when the run is done. :func:`train` holds the run
+folder's lock (:mod:`.run_folder`) for the whole run.
 
 Non-finite state is never saved. Each step's loss is checked on the device (no sync:
 the first bad step is kept), read at every log line and before every checkpoint, which
@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from margin_ext import PartialFC
 from margin_ext.backends import BackendUnavailable, resolve
-from margin_ext.safe_files import fresh_temporary, write_atomically
+from margin_ext.safe_files import fresh_temporary
 from margin_ext.train.backbones import build_backbone
 from margin_ext.train.data.errors import DataError
 from margin_ext.train.data.sampling import Batches, ResumableDistributedSampler, batch_count
@@ -57,8 +57,9 @@ from . import checkpointing as ckpt
 from .config import NOT_RECORDED, resolved_options, write_config
 from .ddp import agree_on_overflow, sum_gradients_hook
 from .distributed_launch import DistributedContext
-from .evaluation import build_val_sets, verify
+from .evaluation import build_val_sets, missing_val_files, verify
 from .logging import RunLog, format_duration
+from .model_file import MODEL_FILE, ModelInfo, default_normalization, save_model
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
 from .run_folder import claim_run_folder
 from .schedule import LrSchedule
@@ -66,7 +67,6 @@ from .watchdog import StepWatchdog
 
 SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
 DEFAULT_EPOCHS = 20
-MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 
 __all__ = ["DataError", "Trainer", "TrainingDiverged", "train"]
@@ -113,7 +113,8 @@ class Trainer:
         notes = self._adopt_checkpoint_run(state) if state is not None else []
 
         ckpt.seed_everything(options.seed)
-        self.train_set, self.num_classes = build_train_set(options)
+        # every size problem at once, the --val files' included, before anything is built
+        self.train_set, self.num_classes = build_train_set(options, missing_val_files(options))
         if len(self.train_set) < 2 * ctx.world_size:
             raise DataError(f"--data {options.data}: {len(self.train_set)} images are too few for "
                             f"{ctx.world_size} processes (BatchNorm needs 2 per process)")
@@ -132,6 +133,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
 
         self.step, self.epoch, self.consumed, self.elapsed_before = 0, 0, 0, 0.0
+        self.head_bytes = None  # per rank, measured after this run's first step
         if state is not None:
             self._check_compatible(state, resume_path)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -151,6 +153,8 @@ class Trainer:
             for scheduler, saved in zip(self.schedulers, state["schedulers"]):
                 scheduler.load_state_dict(saved)  # the schedule's fields too: the same curve goes on
             notes += self._continue_schedule(state)
+        else:
+            notes += self._settings_not_meant()
 
         self.model = self.backbone
         if ctx.distributed:
@@ -173,12 +177,12 @@ class Trainer:
                 ckpt.seed_everything(derive_seed(options.seed, "resume", self.step, ctx.rank))
             self.log.print(f"resumed from {resume_path} at step {self.step} (epoch {self.epoch}, "
                            f"saved by {state['world_size']} process(es), now {ctx.world_size})")
-            for note in notes:
-                self.log.print(f"warning: {note}")
         else:
             self.log.start_fresh()
             # ranks draw their own streams from here on (dropout, augmentation)
             ckpt.seed_everything(derive_seed(options.seed, "rank", ctx.rank))
+        for note in notes:
+            self.log.print(f"warning: {note}")
         self.resumed_from = resume_path
         if ctx.is_main:
             write_config(self.output / CONFIG_FILE, self.recorded_options(),
@@ -234,6 +238,23 @@ class Trainer:
             return []
         return [f"the run now ends at step {self.total_steps} instead of {before}: the lr schedule is "
                 f"stretched to the new length"]
+
+    def _settings_not_meant(self) -> list:
+        """Settings that run, but hardly as the user meant: said once, when a run starts."""
+        notes = []
+        images, global_batch = len(self.train_set), self.options.batch_size * self.ctx.world_size
+        if global_batch > images:
+            notes.append(f"--batch-size {self.options.batch_size} x {self.ctx.world_size} process(es) = "
+                         f"{global_batch} images per step, more than the {images} of the dataset: each step "
+                         f"takes the whole dataset once")
+        warmup = self.schedule.warmup_steps
+        if warmup >= self.total_steps:
+            notes.append(f"the warm-up of {warmup} steps is not shorter than the run of {self.total_steps}: "
+                         f"the lr never reaches --lr {self.options.lr:g}")
+        if self.num_classes == 1:
+            notes.append("the dataset has a single identity: the margin softmax has no other class to tell it "
+                         "from, the loss is 0 and nothing is learnt")
+        return notes
 
     def _val_sets_on_rank0(self) -> dict:
         """Only rank 0 evaluates, so only it holds the pairs; a bad file stops every rank."""
@@ -335,7 +356,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         last_eval_step = max((row["step"] for row in self.log.val), default=-1)
         last_checkpoint_step = self.step if self.resumed_from is not None else -1
-        steps_this_run, training_seconds = 0, 0.0
+        steps_this_run, training_seconds, trained_samples = 0, 0.0, 0
 
         while self.step < self.total_steps:
             loader = self._loader()
@@ -356,6 +377,10 @@ class Trainer:
                 interval_steps += 1
                 interval_samples += batch * ctx.world_size
                 self.log.advance()
+                if steps_this_run == 1:
+                    pause_start = time.perf_counter()
+                    self._report_head_memory()
+                    paused += time.perf_counter() - pause_start
 
                 self.watchdog.disarm()
                 if logging_step:
@@ -365,6 +390,7 @@ class Trainer:
                     # samples/s and the ETA count training only: verification and checkpoints are paused time
                     seconds = max(now - interval_start - paused, 1e-9)
                     training_seconds += seconds
+                    trained_samples += interval_samples
                     eta = training_seconds / steps_this_run * (self.total_steps - self.step)
                     self.log.log_train(self.step, self.epoch, mean_loss, lr, top1, interval_samples / seconds, eta)
                     interval_start, interval_steps, interval_samples, paused = now, 0, 0, 0.0
@@ -394,7 +420,20 @@ class Trainer:
 
         if last_checkpoint_step != self.step:  # e.g. resumed from the final checkpoint
             self.save()
-        return self._finish(self._elapsed())
+        return self._finish(self._elapsed(), trained_samples / training_seconds if training_seconds else None)
+
+    def _report_head_memory(self) -> None:
+        """What the head holds on each rank once a step has run: centres, gradient, optimizer state."""
+        parameters = list(self.head.parameters())
+        tensors = parameters + [p.grad for p in parameters if p.grad is not None]
+        tensors += [value for state in self.head_optimizer.state.values() for value in state.values()
+                    if torch.is_tensor(value)]
+        mine = (self.head.num_local, sum(t.numel() * t.element_size() for t in tensors))
+        per_rank = self.ctx.gather_object(mine)
+        self.head_bytes = [nbytes for _, nbytes in per_rank]
+        self.log.print("head memory per rank (centres, their gradient, optimizer state): " + "; ".join(
+            f"rank {rank}: {classes:,} classes, {nbytes / 2**20:,.0f} MiB"
+            for rank, (classes, nbytes) in enumerate(per_rank)))
 
     def _note_nonfinite(self, loss) -> None:
         bad = ~torch.isfinite(loss) & (self._first_nonfinite < 0)
@@ -488,10 +527,12 @@ class Trainer:
         return ckpt.save_checkpoint(self.ctx, self.output, self.step, state, self.head, self.head_optimizer,
                                     self.options.keep_checkpoints, lineage=self.lineage)
 
-    def _finish(self, seconds: float) -> dict:
+    def _finish(self, seconds: float, samples_per_s) -> dict:
+        """``samples_per_s``: this run's training throughput (None when it took no step)."""
         results = self.log.final_results()
         summary = {"steps": self.step, "epochs_completed": self.epoch, "seconds": seconds,
-                   "world_size": self.ctx.world_size,
+                   "world_size": self.ctx.world_size, "head_bytes_per_rank": self.head_bytes,
+                   "train_samples_per_s": samples_per_s,
                    "final_verification": {name: {"accuracy": acc, "std": std} for name, (acc, std) in results.items()},
                    "final_loss": self.log.train[-1]["loss"] if self.log.train else float("nan")}
         self.log.close()
@@ -504,15 +545,18 @@ class Trainer:
                 except ImportError:
                     self.log.print("no plot: matplotlib is not installed (pip install 'margin_ext[train]')")
             verification = ", ".join(f"{name} {acc:.4f} ± {std:.4f}" for name, (acc, std) in results.items())
-            self.log.print(f"done: {self.step} steps in {format_duration(seconds)} on {self.ctx.world_size} "
-                           f"process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
+            throughput = f" ({samples_per_s:,.0f} samples/s training)" if samples_per_s else ""
+            self.log.print(f"done: {self.step} steps in {format_duration(seconds)}{throughput} on "
+                           f"{self.ctx.world_size} process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
                            f"{verification or 'not evaluated'}; logs in {self.output}")
         return summary
 
     def _write_model(self) -> Path:
-        """The backbone's state_dict, as arcface_torch's model.pt (python -m margin_ext.export converts it)."""
-        state = self.backbone.state_dict()
-        return write_atomically(self.output / MODEL_FILE, lambda handle: torch.save(state, handle))
+        """The backbone and its architecture (:mod:`.model_file`; python -m margin_ext.export converts it)."""
+        channels, height, _ = self.image_shape
+        info = ModelInfo(self.options.backbone, self.options.embedding_size, channels, height,
+                         default_normalization(channels), self.step)
+        return save_model(self.output / MODEL_FILE, self.backbone, info)
 
     def close(self) -> None:
         self.watchdog.close()
