@@ -41,6 +41,10 @@ test: setup
 cuda-emu: setup
 	$(PY) tests/cuda_emu/run.py --permuted
 
+# Plausible bugs injected one at a time into a copy of csrc/: each must be caught.
+cuda-emu-mutants: setup
+	$(PY) tests/cuda_emu/mutants.py --jobs $(NPROC)
+
 bench: setup
 	$(PY) -m bench
 

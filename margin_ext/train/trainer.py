@@ -104,7 +104,7 @@ class Trainer:
         ckpt.check_checkpoint_root(self.output)
         self.margin = margin_spec(options)
         try:
-            resolve(options.backend, self.device)
+            self.head_kernels = resolve(options.backend, self.device).name  # what --backend auto picks here
         except BackendUnavailable as error:
             raise OptionError(f"--backend {options.backend} on {self.device.type}: {error}") from None
 
@@ -348,8 +348,9 @@ class Trainer:
     def fit(self) -> dict:
         options, ctx = self.options, self.ctx
         global_batch = options.batch_size * ctx.world_size
-        self.log.print(f"training {options.backbone} + PartialFC({self.margin!r}) on {len(self.train_set)} images of "
-                       f"{self.num_classes} identities; {ctx.world_size} process(es) on {self.device}, "
+        self.log.print(f"training {options.backbone} + PartialFC({self.margin!r}, {self.head_kernels} kernels) on "
+                       f"{len(self.train_set)} images of {self.num_classes} identities; {ctx.world_size} process(es) "
+                       f"on {self.device}, "
                        f"global batch {global_batch}, {self.total_steps} steps")
         self.started = time.perf_counter()
         interval_start, interval_steps, interval_samples, paused = self.started, 0, 0, 0.0
