@@ -77,6 +77,15 @@ MUTANTS = [
     Mutant("divergent warp reduction in centre_norms", "cuda/fused_head.cu",
            "  for (int offset = kWarp / 2; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);",
            "  if (lane < dim)\n    for (int offset = kWarp / 2; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);"),
+    Mutant("row-sum shuffles moved under the writing lane's branch (deadlock)", "cuda/fused_head.cu",
+           """    grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 1);
+    grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 2);
+    if (t == 0) scale_part[wn][wm * 16 + lane / 4 + 8 * hi] = grad_scale[hi];""",
+           """    if (t == 0) {
+      grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 1);
+      grad_scale[hi] += __shfl_xor_sync(0xffffffffu, grad_scale[hi], 2);
+      scale_part[wn][wm * 16 + lane / 4 + 8 * hi] = grad_scale[hi];
+    }"""),
     Mutant("centre_norms grid one block short", "cuda/fused_head.cu",
            "const unsigned int blocks = blocks_for(cols, 8);", "const unsigned int blocks = static_cast<unsigned int>(cols / 8);"),
     Mutant("chunk loop: epilogue block reduction without its barrier", "cuda/head_kernels.cu",
