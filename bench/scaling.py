@@ -185,7 +185,7 @@ def main(argv=None) -> None:
                   f"{r['sent_bytes_per_rank'][0]:,} B sent per rank, step {r['step_s'] * 1e3:.1f} ms "
                   f"(comm {r['comm_s'] * 1e3:.1f} ms), load {r['load_after']}", flush=True)
     data = {
-        "command": " ".join(["python -m bench.scaling", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
+        "command": f"python -m bench.scaling {shlex.join(sys.argv[1:] if argv is None else argv)}".strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**device_info(torch.device("cpu")), "threads_per_rank": 1},
         "revision": _revision(),

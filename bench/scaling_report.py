@@ -50,14 +50,16 @@ def _noisy(data: dict, r: dict) -> bool:
 
 # --------------------------------------------------------------------------- measured
 
-def measured_table(data: dict) -> list:
+def measured_table(data: dict, detailed: bool = True) -> list:
+    """One row per (ranks, classes per rank); ``detailed``: each row names its collectives."""
     columns = ["ranks", "classes per rank", "collectives per step", "bytes sent per rank per step", "step (ms)",
                "in collectives (ms)", "compute (ms)", "load (1 min)"]
     rows = []
     for r in data["results"]:
         load = max(r["load_before"], r["load_after"])
         sent = " / ".join(f"{s:,}" for s in sorted(set(r["sent_bytes_per_rank"])))
-        rows.append([r["world"], f"{r['classes_per_rank']:,}", f"{r['n_collectives']}: {_ops(r['collectives'])}", sent,
+        ops = f"{r['n_collectives']}: {_ops(r['collectives'])}" if detailed else r["n_collectives"]
+        rows.append([r["world"], f"{r['classes_per_rank']:,}", ops, sent,
                      _ms(r["step_s"]), _ms(r["comm_s"]), _ms(r["step_s"] - r["comm_s"]),
                      f"{load:g}" + (" (noisy)" if _noisy(data, r) else "")])
     return _table(columns, rows)
@@ -105,7 +107,7 @@ def plot_measured(data: dict, path: Path) -> Path:
     ax_b.set_xlabel("classes per rank")
     ax_b.set_ylabel("KiB sent per rank per step")
     ax_b.set_title("Bytes per step: flat in C, growing with the ranks", fontsize=10)
-    ax_b.legend(fontsize=8, loc="center right")
+    ax_b.legend(fontsize=8, loc="center left", bbox_to_anchor=(0.02, 0.68))
     ax_b.grid(True, alpha=0.3)
     labels, compute, comm = [], [], []
     for r in data["results"]:
@@ -220,11 +222,13 @@ def readme_section() -> str:
              " Which figures are measured, simulated or projected is said at each.", ""]
     if (MEASURED / "results.json").exists():
         data = _load(MEASURED / "results.json")
-        lines += ["**Measured** on this CPU machine with gloo (bench/results/scaling/results.md, scaling.png): the bytes "
-                  "per step do not change with the classes per rank and grow with the ranks R as (R - 1) x B x D "
-                  "floats each way (the other ranks' rows of the gathered batch, then their gradient); the times "
-                  "are a CPU's.", "", *measured_table(data), "",
-                  *_about_measured(data)[2:], ""]
+        lines += ["**Measured** on this CPU machine with gloo (bench/results/scaling/results.md, scaling.png): "
+                  "the bytes per step do not change with the classes per rank and grow with the ranks R as "
+                  "(R - 1) x B x D floats each way (the other ranks' rows of the gathered batch, then their "
+                  "gradient); the times are a CPU's. The collectives of a step at 2 or more ranks: "
+                  f"{_ops(next((r['collectives'] for r in data['results'] if r['collectives']), []))}.", "",
+                  *measured_table(data, detailed=False), "",
+                  *_about_measured(data), ""]
     if (PROJECTED / "projection.json").exists():
         lines += projection_markdown(_load(PROJECTED / "projection.json")) + [""]
     return "\n".join(lines + [END])

@@ -90,6 +90,8 @@ def test_the_heads_memory_per_rank_and_the_runs_throughput_are_reported(tmp_path
     summary = json.loads((tmp_path / "run" / "log.json").read_text())["summary"]
     assert summary["head_bytes_per_rank"] == [3 * 12 * 16 * 4]
     assert summary["train_samples_per_s"] > 0 and "samples/s training" in out
+    # --backend auto runs the compiled CPU head, built in every install
+    assert "PartialFC(ArcFace(s=64.0, m=0.5, easy_margin=False, straight_through=False), cpp kernels)" in out
 
 
 def test_under_torchrun_the_error_is_printed_once_and_ends_torchruns_report(tmp_path):
