@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from margin_ext.safe_files import fresh_temporary
 from margin_ext.train.cli import CommandParser, report_error
 from margin_ext.train.model_file import MODEL_FILE, ModelFileError, ModelInfo, default_normalization, read_model
 
@@ -153,7 +154,7 @@ def export(source, format: str, output=None, log=print) -> Path:
     example = _example_batch(exported.info.image_shape)
     with torch.no_grad():
         expected = exported.backbone(example)
-    temporary = output.with_name(output.name + ".tmp")
+    temporary = fresh_temporary(output)  # created exclusively: a link planted at a .tmp name is not followed
     try:
         if format == "onnx":
             _require_onnx()

@@ -96,6 +96,8 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
                           device=weight.device)
     if embeddings.shape[0] == 0:
         raise ValueError("embeddings is an empty batch (B = 0): pass at least one row")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings have no features (D = 0): the embedding size must be at least 1")
     check_labels(labels, num_classes or weight.shape[0], ignore_index)
     if check_finite:
         for name, t in (("embeddings", embeddings), ("weight", weight)):

@@ -15,11 +15,12 @@ from .data.errors import DataError, DataWarning
 from .distributed_launch import setup_distributed, teardown_distributed
 from .extras import MissingExtra
 from .options import OptionError, parse_args
-from .trainer import train
+from .trainer import TrainingDiverged, train
 
-# Mistakes in what the user asked for, and optional packages it needs that are missing:
-# reported as one line, exit status 2 (under torchrun too: .cli), no traceback.
-USER_ERRORS = (OptionError, DataError, CheckpointError, MissingExtra)
+# Mistakes in what the user asked for, optional packages it needs that are missing, and a run
+# that diverged (its checkpoints kept): reported as one line, exit status 2 (under torchrun
+# too: .cli), no traceback.
+USER_ERRORS = (OptionError, DataError, CheckpointError, MissingExtra, TrainingDiverged)
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,14 @@ class DistributedContext:
         if self.distributed:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective)."""
+        if not self.distributed:
+            return bool(flag)
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def broadcast_object(self, value):
         """Rank 0's ``value`` on every rank."""
         if not self.distributed:

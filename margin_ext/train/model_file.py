@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from margin_ext.safe_files import write_atomically
+
 from .backbones import build_backbone
 
 MODEL_FILE = "model.pt"
@@ -69,10 +71,7 @@ def save_model(path, backbone: torch.nn.Module, info: ModelInfo) -> Path:
     """Write ``backbone`` (its state_dict) and ``info`` to ``path``, atomically."""
     path = Path(path)
     document = {"format": FORMAT, **asdict(info), "state_dict": backbone.state_dict()}
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(document, temporary)
-    temporary.replace(path)
-    return path
+    return write_atomically(path, lambda handle: torch.save(document, handle))  # no planted .tmp link followed
 
 
 def read_model(path) -> tuple:

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", default=None,
                      help="a checkpoint folder, a run folder, or 'auto' (the latest checkpoint in --output, if any); "
                           "the run continues with the checkpoint's lr schedule")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --output that holds another run's files (they are replaced; "
+                          "its checkpoints move to checkpoints/abandoned/)")
     out.add_argument("--force-resume", action="store_true",
                      help="resume even where the checkpoint's margin or data source differs from this run's")
     out.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: at the end only)")
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "tensorboard is installed)")
     out.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto: CUDA when available (NCCL between processes), else the CPU (gloo)")
+    out.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="a step that has not finished after this long (a process stuck or gone) ends every "
+                          "process with an error naming the step; also the collectives' timeout")
     out.add_argument("--stop-after-steps", type=int, default=None,
                      help="exit after this step without the final checkpoint, evaluation or plot "
                           "(simulates a killed run)")
@@ -168,6 +174,7 @@ NUMERIC_RANGES = {
     "clip_grad": (float, 0.0, None, False, False),
     "dropout": (float, 0.0, 1.0, False, True),
     "margin_m": (float, None, None, False, False),
+    "dist_timeout": (float, 0.0, None, True, False),
 }
 
 

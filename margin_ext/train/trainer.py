@@ -7,7 +7,15 @@ backward, gradient clipping, the two optimizers (backbone, head shard), the lr
 schedule. Around it: logging every ``--log-every`` steps, verification after every
 epoch and every ``--val-every`` steps (:mod:`.evaluation`), an atomic checkpoint every
 ``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone with its
-architecture, :mod:`.model_file`) when the run is done.
+architecture, :mod:`.model_file`) when the run is done. :func:`train` holds the run
+folder's lock (:mod:`.run_folder`) for the whole run.
+
+Non-finite state is never saved. Each step's loss is checked on the device (no sync:
+the first bad step is kept), read at every log line and before every checkpoint, which
+also checks the weights and BatchNorm's statistics; a bad one stops every rank with
+:class:`TrainingDiverged`, every checkpoint kept finite. A resume takes this run's
+``--lr``, so a diverged run continues with a lower one. A step that does not finish
+within ``--dist-timeout`` ends the process (:mod:`.watchdog`).
 
 Exact resume. A checkpoint is taken after a step; it holds everything that decides
 the following steps: weights, optimizer and scheduler states, the GradScaler, every
@@ -25,8 +33,8 @@ to the new ones. Random augmentation drawn inside DataLoader workers
 
 from __future__ import annotations
 
+import itertools
 import math
-import os
 import re
 import time
 import warnings
@@ -38,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from margin_ext import PartialFC
 from margin_ext.backends import BackendUnavailable, resolve
+from margin_ext.safe_files import fresh_temporary
 from margin_ext.train.backbones import build_backbone
 from margin_ext.train.data.errors import DataError
 from margin_ext.train.data.sampling import Batches, ResumableDistributedSampler, batch_count
@@ -52,13 +61,19 @@ from .evaluation import build_val_sets, missing_val_files, verify
 from .logging import RunLog, format_duration
 from .model_file import MODEL_FILE, ModelInfo, default_normalization, save_model
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
+from .run_folder import claim_run_folder
 from .schedule import LrSchedule
+from .watchdog import StepWatchdog
 
-SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
+SYNTHETIC_EPOCHS = 7  # 4-8 minutes with 2 processes on 2 idle CPU cores
 DEFAULT_EPOCHS = 20
 CONFIG_FILE = "config.yaml"
 
-__all__ = ["DataError", "Trainer", "train"]
+__all__ = ["DataError", "Trainer", "TrainingDiverged", "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; nothing of that state was saved."""
 
 
 def check_output_folder(output) -> Path:
@@ -68,9 +83,7 @@ def check_output_folder(output) -> Path:
         raise OptionError(f"--output {path}: exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fresh_temporary(path / ".write-test").unlink()  # created exclusively: no planted link is followed
     except OSError as error:
         raise OptionError(f"--output {path}: cannot write there ({error.strerror or error})") from None
     return path
@@ -88,13 +101,14 @@ class Trainer:
         self.options, self.ctx = options, ctx
         self.device = ctx.device
         self.output = check_output_folder(options.output)
+        ckpt.check_checkpoint_root(self.output)
         self.margin = margin_spec(options)
         try:
             self.head_kernels = resolve(options.backend, self.device).name  # what --backend auto picks here
         except BackendUnavailable as error:
             raise OptionError(f"--backend {options.backend} on {self.device.type}: {error}") from None
 
-        resume_path = ckpt.open_run_folder(ctx, self.output, options.resume)
+        resume_path = ckpt.open_run_folder(ctx, self.output, options.resume, overwrite=options.overwrite)
         state = ckpt.load_trainer_state(resume_path) if resume_path is not None else None
         notes = self._adopt_checkpoint_run(state) if state is not None else []
 
@@ -111,12 +125,8 @@ class Trainer:
         self.val_sets = self._val_sets_on_rank0()
         self.sampler = ResumableDistributedSampler(self.train_set, ctx.world_size, ctx.rank, options.seed)
 
-        # same seed on every rank: identical backbones (DDP would broadcast rank 0's anyway)
-        self.backbone = build_backbone(options.backbone, options.embedding_size, in_channels=self.image_shape[0],
-                                       image_size=self.image_shape[1], dropout=options.dropout).to(self.device)
-        self.head = PartialFC(options.embedding_size, self.num_classes, margin=self.margin,
-                              sample_rate=options.sample_rate, backend=options.backend,
-                              seed=options.seed).to(self.device)
+        self.train_set.expected_shape = self.image_shape  # every other image must match it
+        self.backbone, self.head = self._build_model()
         self.backbone_optimizer = self._optimizer(self.backbone.parameters())
         self.head_optimizer = self._optimizer(self.head.parameters())
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[options.amp]
@@ -154,6 +164,10 @@ class Trainer:
 
         self.log = RunLog(self.output, ctx.is_main, self.total_steps, options.progress, self.step,
                           tensorboard=not options.no_tensorboard)
+        self.watchdog = StepWatchdog(options.dist_timeout, ctx.rank, enabled=ctx.distributed)
+        # the first step whose loss was not finite (-1: none), kept on the device: no sync per step
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._nonfinite_loss = torch.zeros((), device=self.device)
         if state is not None:
             self.log.load_state_dict(state["history"])
             rng = ckpt.load_rank_rng(resume_path, ctx.rank, ctx.world_size)
@@ -213,6 +227,11 @@ class Trainer:
         if saved is not None and all(saved.get(key) == getattr(self.options, key) for key in ("epochs", "steps")):
             # the same length in steps, even where another world size pads the epochs differently
             self.total_steps = before
+        # LambdaLR's state holds the checkpoint's base lr: this run's --lr decides (lowered after a divergence)
+        for scheduler in self.schedulers:
+            scheduler.base_lrs = [self.options.lr] * len(scheduler.base_lrs)
+            for group in scheduler.optimizer.param_groups:
+                group["initial_lr"] = self.options.lr
         # LambdaLR's state holds the step, not the optimizers' lr: set it from the schedule
         self._set_schedule_length(self.total_steps)
         if self.total_steps == before:
@@ -249,6 +268,26 @@ class Trainer:
         if problem is not None:
             raise DataError(problem)
         return sets
+
+    def _build_model(self):
+        """The backbone (the same seed on every rank: DDP would broadcast rank 0's anyway) and the head;
+        an OptionError naming --embedding-size where the allocator cannot hold them."""
+        options = self.options
+        try:
+            backbone = build_backbone(options.backbone, options.embedding_size, in_channels=self.image_shape[0],
+                                      image_size=self.image_shape[1], dropout=options.dropout).to(self.device)
+            head = PartialFC(options.embedding_size, self.num_classes, margin=self.margin,
+                             sample_rate=options.sample_rate, backend=options.backend,
+                             seed=options.seed).to(self.device)
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(error, MemoryError) and "alloc" not in str(error).lower() \
+                    and "out of memory" not in str(error).lower():
+                raise
+            centres = self.num_classes * options.embedding_size * 4
+            raise OptionError(f"--embedding-size {options.embedding_size} with {self.num_classes} classes: "
+                              f"the model does not fit in memory on {self.device} (the centres alone take "
+                              f"{centres / 2**30:.3g} GiB, and the allocator refused)") from None
+        return backbone, head
 
     def _optimizer(self, parameters):
         parameters = [p for p in parameters if p.requires_grad]
@@ -326,12 +365,14 @@ class Trainer:
             if batches_left == 0:  # the epoch was used up at the checkpoint
                 self.epoch, self.consumed = self.epoch + 1, 0
                 continue
+            self.watchdog.arm(self.step + 1)  # the batch's read counts as part of its step
             for batch_index, (images, labels) in enumerate(loader):
                 lr = self.backbone_optimizer.param_groups[0]["lr"]  # the lr this step uses
                 logging_step = (self.step + 1) % options.log_every == 0 or self.step + 1 == self.total_steps
                 loss, top1, batch = self._train_step(images, labels, measure_top1=logging_step)
                 self.step += 1
                 steps_this_run += 1
+                self._note_nonfinite(loss)
                 self.consumed = min(self.consumed + batch * ctx.world_size, len(self.train_set))
                 loss_sum += loss
                 interval_steps += 1
@@ -342,11 +383,10 @@ class Trainer:
                     self._report_head_memory()
                     paused += time.perf_counter() - pause_start
 
+                self.watchdog.disarm()
                 if logging_step:
+                    self._stop_if_diverged(check_weights=False)
                     mean_loss = (loss_sum / interval_steps).item()
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(f"the loss is {mean_loss} at step {self.step}: lower --lr, "
-                                                 f"or use --amp none")
                     now = time.perf_counter()
                     # samples/s and the ETA count training only: verification and checkpoints are paused time
                     seconds = max(now - interval_start - paused, 1e-9)
@@ -363,6 +403,7 @@ class Trainer:
                 periodic = options.val_every and self.step % options.val_every == 0
                 if (epoch_over or done or periodic) and last_eval_step != self.step:
                     self.evaluate()
+                    ctx.barrier()  # the others wait here, not inside the next step's watched collectives
                     last_eval_step = self.step
                 if epoch_over:
                     self.epoch, self.consumed = self.epoch + 1, 0
@@ -376,6 +417,7 @@ class Trainer:
                     return {"step": self.step, "stopped": True}
                 if done:
                     break
+                self.watchdog.arm(self.step + 1)
 
         if last_checkpoint_step != self.step:  # e.g. resumed from the final checkpoint
             self.save()
@@ -393,6 +435,29 @@ class Trainer:
         self.log.print("head memory per rank (centres, their gradient, optimizer state): " + "; ".join(
             f"rank {rank}: {classes:,} classes, {nbytes / 2**20:,.0f} MiB"
             for rank, (classes, nbytes) in enumerate(per_rank)))
+
+    def _note_nonfinite(self, loss) -> None:
+        bad = ~torch.isfinite(loss) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, self.step, self._first_nonfinite)
+        self._nonfinite_loss = torch.where(bad, loss.float(), self._nonfinite_loss)
+
+    def _stop_if_diverged(self, check_weights: bool) -> None:
+        """TrainingDiverged on every rank once a step's loss was not finite, or (``check_weights``,
+        before a save) where a weight is not; a collective."""
+        first = int(self._first_nonfinite)
+        weights_bad = check_weights and not all(  # BatchNorm's running statistics too
+            bool(torch.isfinite(t).all()) for module in (self.backbone, self.head)
+            for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+        if not self.ctx.any(first >= 0 or weights_bad):
+            return
+        saved = ckpt.list_checkpoints(self.output)
+        kept = (f"the last checkpoint, {saved[-1].name}, and every one before it hold finite weights"
+                if saved else "no checkpoint was written")
+        what = (f"the loss became {float(self._nonfinite_loss)} at step {first}" if first >= 0
+                else f"the weights became non-finite by step {self.step}")
+        self.log.close()
+        raise TrainingDiverged(f"{what}: stopped without saving; {kept}: lower --lr and continue "
+                               f"with --resume auto")
 
     def _train_step(self, images, labels, measure_top1: bool):
         """One optimizer step; (loss, top-1 of the batch before the update or None, rows on this rank)."""
@@ -441,6 +506,7 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def save(self) -> Path:
+        self._stop_if_diverged(check_weights=True)  # a checkpoint never holds a non-finite state
         state = None
         if self.ctx.is_main:
             state = {
@@ -493,6 +559,20 @@ class Trainer:
                          default_normalization(channels), self.step)
         return save_model(self.output / MODEL_FILE, self.backbone, info)
 
+    def close(self) -> None:
+        self.watchdog.close()
+        self.log.close()
+
 
 def train(options, ctx: DistributedContext) -> dict:
-    return Trainer(options, ctx).fit()
+    """One run: its folder locked (:mod:`.run_folder`) from before the first read of it to the end."""
+    lock = claim_run_folder(ctx, check_output_folder(options.output), options.resume, options.overwrite)
+    try:
+        trainer = Trainer(options, ctx)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -75,7 +75,7 @@ def _combined(problems) -> DataError:
 
 def _open_recordio(path: Path):
     index = path.with_suffix(".idx")
-    if not index.is_file():
+    if not index.exists():
         raise DataError(f"--data {path}: its index {index} is missing (a .rec file needs the .idx beside it)")
     try:
         # faces are mirror-symmetric: flipping is InsightFace's one training augmentation

@@ -23,11 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from margin_ext.safe_files import read_regular
+
 from .decode import decode_image
 from .errors import DataError, DataWarning
 from .restricted_pickle import RefusedPickle, restricted_loads
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+MAX_BIN_BYTES = 4 << 30  # the public sets (LFW, CFP-FP, AgeDB-30, ...) take 50 to 300 MB
 
 
 def _image_bytes(path, position: int, entry) -> bytes:
@@ -57,7 +60,10 @@ def read_verification_pickle(path):
     (Python 2 pickles included); anything else, or a corrupt file, is a
     :class:`DataError` naming the file. Nothing named in the file is called.
     """
-    data = Path(path).read_bytes()
+    try:
+        data = read_regular(path, MAX_BIN_BYTES)
+    except ValueError as error:
+        raise DataError(f"{error}: not a verification set") from None
     try:
         loaded = restricted_loads(data)  # reads Python 2 pickles too, as the public sets are
     except RefusedPickle as error:
