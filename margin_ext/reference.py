@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .margins import MarginSpec, NonTargetKind, TargetRow
 from .rows import normalize_rows
 from .running_stats import RunningStatistics, batch_state
+from .saturate import cast_saturating_grad
 
 
 def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -31,7 +32,8 @@ def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels:
     if embeddings.dtype == torch.float64:
         dtype = torch.float64
     x = normalize_rows(embeddings.to(dtype))
-    w = normalize_rows(weight.to(dtype))
+    # a weight gradient beyond the weight's dtype saturates (saturate.py), as in every backend
+    w = normalize_rows(cast_saturating_grad(weight, dtype))
     cos = x @ w.T
     target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
 
