@@ -14,7 +14,7 @@ from margin_ext.backends import BackendUnavailable
 from margin_ext.backends import extension as ext
 from margin_ext.margins import TargetRow
 from margin_ext.rows import RowInputs, normalize, target_terms
-from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, SUBCENTER_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -57,7 +57,7 @@ def test_auto_takes_the_compiled_kernels_of_the_device(monkeypatch):
 
 
 def test_every_spec_class_is_covered():
-    assert {type(s) for s in SPEC_CASES.values()} >= set(mx.SPECS.values())
+    assert {type(s) for s in (*SPEC_CASES.values(), *SUBCENTER_CASES.values())} >= set(mx.SPECS.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)

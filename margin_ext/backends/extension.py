@@ -72,6 +72,9 @@ ROW_TERMS = ("scale", "target_logit", "target_grad", "nontarget_row")
 def op_args(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams) -> tuple:
     """The arguments every op starts with, in schema order: x_hat, weight, labels,
     row_terms (4, B) in x_hat's dtype, target_centre, nontarget_kind, nontarget_coeffs."""
+    if params.subcenters != 1:
+        raise BackendUnavailable(f"the compiled kernels do not run sub-centres (k={params.subcenters}) yet: "
+                                 f"use backend='torch'")
     nontarget_row = rows.target_logit.new_zeros(()) if rows.nontarget_row is None else rows.nontarget_row
     terms = [rows.scale, rows.target_logit, rows.target_grad, nontarget_row]
     row_terms = torch.stack([t.to(x_hat.dtype).expand(rows.labels.shape) for t in terms])

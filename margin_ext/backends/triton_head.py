@@ -130,6 +130,9 @@ def _kernel_args(x_hat, weight, rows: RowInputs, params: NonTargetParams):
     from .triton_forward import centre_norm_vector
 
     _check_dtypes(x_hat, weight)
+    if params.subcenters != 1:
+        raise BackendUnavailable(f"backend='triton' does not run sub-centres (k={params.subcenters}) yet: "
+                                 f"use backend='torch' (any device) or 'cpp' (CPU)")
     x_hat = x_hat.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     device = x_hat.device
