@@ -56,14 +56,37 @@ def test_is_the_authors_head(name, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # cpp: the one-op sweep, and the op pair's
 @pytest.mark.parametrize("name", SPECS)
-def test_float64_matches_reference(name, backend):
+def test_float64_matches_reference(name, reduction, backend):
     spec = SUBCENTER_CASES[name]
     x, w, y = inputs(spec, 9, 37, 16, torch.float64, labels=BOUNDARY_LABELS, ignore_rows=(8,))
-    got = loss_and_grads(x, w, y, spec, backend=backend, chunk_size=8)
-    want = loss_and_grads(x, w, y, spec, backend="reference")
+    got = loss_and_grads(x, w, y, spec, backend=backend, chunk_size=8, reduction=reduction)
+    want = loss_and_grads(x, w, y, spec, backend="reference", reduction=reduction)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["subcenter", "subcenter_k2"])
+def test_cpu_row_blocks_equal_the_op_pair(name):
+    """head_forward_backward over several row blocks (each summing its H into grad_weight)
+    against head_forward + head_backward, sub-centres reduced in both."""
+    from margin_ext.backends import extension as ext
+    from cases import kernel_inputs
+
+    spec = SUBCENTER_CASES[name]
+    x, w, y = inputs(spec, 9, 37, 16, torch.float32, seed=4, ignore_rows=(2,))
+    x_hat, rows, params = kernel_inputs(spec, x, w, y)
+    grad_lse = torch.full((9,), 1 / 9)
+    budget = 3 * w.shape[0] * 4  # three rows' cosines over every sub-centre
+    assert ext.row_block_rows(x_hat, w, params, logits_budget=budget, min_row_block=1) == 3
+    blocks = ext.head_forward_backward(x_hat, w, rows, params, 8, grad_lse, -grad_lse, logits_budget=budget,
+                                       min_row_block=1)
+    lse, target = ext.head_forward(x_hat, w, rows, params, 8)
+    pair = (lse, target, *ext.head_backward(x_hat, w, rows, params, 8, lse, grad_lse, -grad_lse))
+    floor = 4 * torch.finfo(torch.float32).eps * spec.s  # float32 sums in another order
+    for a, b in zip(blocks, pair):
+        torch.testing.assert_close(a, b, rtol=0, atol=floor * max(b.abs().max().item(), 1.0))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -136,21 +136,41 @@ __global__ void normalize_rows_backward_kernel(const T* __restrict__ grad_w_hat,
   }
 }
 
+// Class j's cosine in a row of the chunk: the max over its k sub-centre columns (k = 1:
+// the column itself) and, in pick, the first column that reaches it (a NaN wins, as
+// torch.max's). Each thread reads its own classes' k adjacent columns: no extra pass.
+template <typename T>
+__device__ __forceinline__ T class_cosine(const T* c, int64_t j, int k, int64_t& pick) {
+  pick = j * k;
+  T best = c[pick];
+  for (int q = 1; q < k; ++q) {
+    const T v = c[j * k + q];
+    if (v > best || (v != v && best == best)) {
+      best = v;
+      pick = j * k + q;
+    }
+  }
+  return best;
+}
+
 template <typename T, int kBlock>
 __global__ void __launch_bounds__(kBlock)
 forward_epilogue_kernel(const T* __restrict__ cos, ChunkRows<T> rows, T* __restrict__ run_max,
                         T* __restrict__ run_sum, T* __restrict__ target_logit) {
   const int64_t i = blockIdx.x;
   const int64_t n = rows.n_cols;
-  const T* c = cos + i * n;
+  const int k = rows.params.subcenters;
+  const T* c = cos + i * rows.row_stride();
   const T* cc = rows.class_cos ? rows.class_cos + i * n : nullptr;
   const T s = rows.scale[i];
   const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0);
   const int64_t t = rows.target_col(i);
   T m = math::neg_inf<T>(), sum = T(0);
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
+    int64_t col;
+    const T cos_j = class_cosine(c, j, k, col);
     // the target column takes the row's target logit
-    const T z = j == t ? rows.target[i] : s * nontarget_transform(c[j], theta_y, cc ? cc[j] : T(0), rows.params).value;
+    const T z = j == t ? rows.target[i] : s * nontarget_transform(cos_j, theta_y, cc ? cc[j] : T(0), rows.params).value;
     if (j == t) target_logit[i] = z;
     lse_push(m, sum, z);
   }
@@ -165,7 +185,8 @@ backward_epilogue_kernel(T* __restrict__ cos, ChunkRows<T> rows, const T* __rest
                          T* __restrict__ grad_scale) {
   const int64_t i = blockIdx.x;
   const int64_t n = rows.n_cols;
-  T* c = cos + i * n;
+  const int k = rows.params.subcenters;
+  T* c = cos + i * rows.row_stride();
   const T* cc = rows.class_cos ? rows.class_cos + i * n : nullptr;
   const T s = rows.scale[i];
   const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0);
@@ -173,15 +194,19 @@ backward_epilogue_kernel(T* __restrict__ cos, ChunkRows<T> rows, const T* __rest
   const int64_t t = rows.target_col(i);
   T g_scale = T(0);
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
+    // dL/dcos of the class goes to its arg-max sub-centre's column; its others get 0
+    int64_t col;
+    const T cos_j = class_cosine(c, j, k, col);
+    for (int q = 0; q < k; ++q) c[j * k + q] = T(0);
     if (j == t) {
       // dL/dcos_y = dL/dt * d; the target logit carries its own dependence on the scale
-      c[j] = (math::exp_(rows.target[i] - row_lse) * g_lse + grad_target[i]) * rows.target_grad[i];
+      c[col] = (math::exp_(rows.target[i] - row_lse) * g_lse + grad_target[i]) * rows.target_grad[i];
       continue;
     }
-    const ValueGrad<T> vg = nontarget_transform(c[j], theta_y, cc ? cc[j] : T(0), rows.params);
+    const ValueGrad<T> vg = nontarget_transform(cos_j, theta_y, cc ? cc[j] : T(0), rows.params);
     const T g = math::exp_(vg.value * s - row_lse) * g_lse;
     g_scale += g * vg.value;
-    c[j] = g * vg.grad * s;
+    c[col] = g * vg.grad * s;
   }
   g_scale = block_sum<T, kBlock>(g_scale);
   if (threadIdx.x == 0) grad_scale[i] += g_scale;
