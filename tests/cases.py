@@ -26,7 +26,24 @@ SPEC_CASES = {
     "interface_static": mx.InterFace(dynamic=False),
     "intraloss": mx.IntraLoss(),
     "intraloss_cosface": mx.IntraLoss(base=mx.CosFace(), weight=0.5),
+    "adaface": mx.AdaFace(),
+    # the batch's own statistics (the authors' head.py default t_alpha=1): g_i spans [-1, 1], clipped at both ends
+    "adaface_batch_stats": mx.AdaFace(h=1.0, t_alpha=1.0),
+    "magface": mx.MagFace(),
+    # feature norms on both sides of [l_a, u_a] and inside: the margin's gradient to the norm
+    "magface_norm_range": mx.MagFace(l_a=3.0, u_a=9.0, lambda_g=2.0),
+    "curricularface": mx.CurricularFace(),
+    # a small margin: few hard classes per row, most rows with some
+    "curricularface_small_m": mx.CurricularFace(s=30.0, m=0.1),
 }
+
+# Specs whose gradient is documented as not the derivative of the loss, left out of
+# gradcheck (their gradients are checked against the reference): InterFace (its margin
+# depends on the detached theta_y and centre angles), the straight-through ArcFace,
+# AdaFace (its margin depends on the detached feature norms and batch statistics) and
+# CurricularFace (its detached threshold and batch mean t).
+NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through", "adaface", "adaface_batch_stats",
+                      "curricularface", "curricularface_small_m")
 
 
 def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None):
@@ -192,13 +209,14 @@ def kernel_inputs(spec, x, w, y, generator=None):
     pipeline builds them (rows labelled -1 have no target among the classes)."""
     from margin_ext.distributed import LOCAL
     from margin_ext.margins import NonTargetKind
-    from margin_ext.pipeline import owner_target_cosine, row_inputs
+    from margin_ext.pipeline import owner_target_cosine, row_inputs, target_row
     from margin_ext.rows import normalize
 
     x_hat = normalize(x)
-    params = spec.nontarget_params()
-    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=params.kind == NonTargetKind.INTERFACE)
-    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator), params
+    interface = spec.nontarget_params().kind == NonTargetKind.INTERFACE
+    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=interface)
+    row = target_row(spec, x, cos, LOCAL, generator)
+    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params(row.state)
 
 
 def rows_to(rows, device=None, dtype=None):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import margin_ext as mx
-from cases import (DEGENERATE_SPECS, SPEC_CASES, assert_degenerate_centres_result, assert_low_precision_result,
-                   assert_within_reference_error, degenerate_centre_inputs, logit_scale, loss_and_grads, make_inputs,
-                   reference_loss_and_grads)
+from cases import (DEGENERATE_SPECS, NOT_THE_DERIVATIVE, SPEC_CASES, assert_degenerate_centres_result,
+                   assert_low_precision_result, assert_within_reference_error, degenerate_centre_inputs, logit_scale,
+                   loss_and_grads, make_inputs, reference_loss_and_grads)
 
 # C = 37 with chunks of 8: the last chunk is partial; labels sit on both sides of the
 # chunk boundaries (7|8, 15|16, 31|32) and at the ends.
@@ -43,12 +43,8 @@ def test_low_precision_within_reference_error(name, dtype):
     assert_low_precision_result(got, x, w, y, spec, dtype, f"{name} {dtype}")
 
 
-# Excluded by definition, their gradient being documented as not the derivative of the
-# loss: InterFace (its margin depends on the detached theta_y and centre angles) and
-# the straight-through ArcFace. Their gradients are checked against the reference.
-NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through")
-
-
+# NOT_THE_DERIVATIVE (cases.py) are excluded by definition; their gradients are checked
+# against the reference.
 @pytest.mark.parametrize("name", [n for n in SPEC_CASES if n not in NOT_THE_DERIVATIVE])
 def test_gradcheck_float64(name):
     spec = SPEC_CASES[name]
