@@ -231,7 +231,7 @@ def test_host_checks_name_the_bad_argument():
     spec = SPEC_CASES["interface"]
     x_hat, w, rows, params = op_inputs(spec)
     args = dict(zip(("x_hat", "weight", "labels", "row_terms", "target_centre", "nontarget_kind",
-                     "nontarget_coeffs"), ext.op_args(x_hat, w, rows, params)))
+                     "nontarget_coeffs", "subcenters"), ext.op_args(x_hat, w, rows, params)))
 
     def call(**changes):
         a = {**args, **changes}
@@ -251,6 +251,13 @@ def test_host_checks_name_the_bad_argument():
         call(nontarget_coeffs=[0.1])
     with pytest.raises(RuntimeError, match="chunk_size=0"):
         torch.ops.margin_ext.head_forward(*args.values(), 0)
+    with pytest.raises(RuntimeError, match="subcenters=0 is invalid"):
+        call(subcenters=0)
+    with pytest.raises(RuntimeError, match="subcenters=2 is invalid with the INTERFACE"):
+        call(subcenters=2)
+    cosine = dict(nontarget_kind=0, nontarget_coeffs=[], target_centre=None)
+    with pytest.raises(RuntimeError, match=f"weight has {w.shape[0]} rows, not a multiple of subcenters=5"):
+        call(subcenters=5, **cosine)
 
 
 def test_backend_unavailable_says_why():
