@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms, split_count
+from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, max_splits, num_sms, split_count,
+                             tuning)
 from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
 from .triton_margin import INTERFACE, margin_logits, mma
@@ -65,7 +66,7 @@ def tile_matters(p, is_target, skip_eps):
     return top >= skip_eps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _logit_grads_kernel(
     X, W, Norms, Centre, Labels, Scale, Margin, ThetaY, Lse, GradLse, GradTarget,
     GradCos, GradScalePart, RadialPart,
@@ -104,7 +105,7 @@ def _logit_grads_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _grad_features_kernel(
     G, W, GradX, Partial,
     B, C, D, B_BIN, C_BIN, stride_g, stride_w,
@@ -140,7 +141,7 @@ def _grad_features_kernel(
         tl.store(Partial + (split.to(tl.int64) * B + rows)[:, None] * D + feats[None, :], acc, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _grad_weight_kernel(
     G, X, W, Coef, GradW, Partial,
     B, C, D, B_BIN, C_BIN, stride_g, stride_x, stride_w,
@@ -181,7 +182,7 @@ def _grad_weight_kernel(
 
 def _autotuned(kernel, name, width, key, heuristics=None, restore=None):
     fn = triton.heuristics(heuristics)(kernel) if heuristics else kernel
-    return triton.autotune(configs=configs(name, width), key=key, restore_value=restore)(fn)
+    return triton.autotune(**tuning(name, width), key=key, restore_value=restore)(fn)
 
 
 LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET"],

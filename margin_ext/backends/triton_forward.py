@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import (INTERPRETED, SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms,
-                             split_count)
+from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, centre_norm_blocks, max_splits,
+                             num_sms, split_count, tuning)
 from .triton_margin import INTERFACE, NORM_EPS, margin_logits, mma
 
 
 def _forward_autotuned(table_name, width):
-    return triton.autotune(configs=configs(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
+    return triton.autotune(**tuning(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
         triton.heuristics({"EVEN_K": even_k})(_forward_kernel))
 
 
@@ -108,7 +108,7 @@ def centre_norm_vector(weight):
     """(C,) float32 |w_j|, accumulated in float32 from the stored values in one pass
     (no float32 copy of a 16-bit weight)."""
     norms = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    block_n, block_k = (16, 16) if INTERPRETED else (64, 128)
+    block_n, block_k = centre_norm_blocks(weight.shape[1])
     _centre_norms_kernel[(triton.cdiv(weight.shape[0], block_n),)](
         weight, norms, weight.shape[0], weight.shape[1], weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
     return norms
@@ -118,7 +118,7 @@ def even_k(args):
     return args["D"] % args["BLOCK_K"] == 0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _forward_kernel(
     X, W, Norms, Centre, Labels, Scale, Margin, ThetaY,
     MaxOut, SumOut, TargetOut,
