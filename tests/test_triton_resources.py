@@ -36,13 +36,6 @@ def _python(code: str, timeout=900) -> str:
 
 
 @pytest.fixture(scope="module")
-def launches():
-    from margin_ext.backends.triton_launches import ARCHES, record_in_subprocess
-
-    return [launch for arch in ARCHES for launch in record_in_subprocess(arch)]
-
-
-@pytest.fixture(scope="module")
 def committed():
     import triton
 
@@ -54,6 +47,16 @@ def committed():
         pytest.skip(f"docs/triton_resources.md holds triton {version}'s launch ids, this is triton "
                     f"{triton.__version__}: `make triton-resources` with it checks its launches")
     return committed_rows(text)
+
+
+@pytest.fixture(scope="module")
+def launches(committed):
+    """The launches of the workloads the committed table was made from (its margins line)."""
+    from margin_ext.backends.triton_launches import ARCHES, record_in_subprocess
+    from margin_ext.backends.triton_resources import committed_margins
+
+    margins = committed_margins(DOC.read_text())
+    return [launch for arch in ARCHES for launch in record_in_subprocess(arch, margins)]
 
 
 def test_every_real_launch_has_a_clean_row(launches, committed):
@@ -94,14 +97,14 @@ print(json.dumps([compile_launch(Launch(**row)) for row in json.loads({json.dump
 
 
 def test_a_spilling_launch_fails_the_check(launches, committed):
-    """A real grad_weight launch given a 256 x 256 tile over 4 warps (a 256-register
+    """A real grad_weight launch given a 256 x 128 tile over 4 warps (a 256-register
     accumulator per thread) spills; its row, written and read back as the table's,
     fails the check that the committed table passes."""
     from margin_ext.backends.triton_launches import Launch
     from margin_ext.backends.triton_resources import committed_rows, describe, dirty_launches, table
 
     base = next(x for x in launches if describe(x)["kernel"] == "grad_weight" and x.arch == 90)
-    heavy = base.with_values(BLOCK_M=256, BLOCK_N=256, BLOCK_K=32, num_warps=4, num_stages=2)
+    heavy = base.with_values(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=2)
     code = f"""
 import json
 from margin_ext.backends.triton_launches import Launch

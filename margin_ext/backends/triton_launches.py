@@ -83,20 +83,23 @@ class Launch:
     def arguments(self) -> dict:
         """name -> (kind, value): ("constexpr", value) for the kernel's constexpr parameters,
         ("=1", 1) for an integer triton specialized as equal to 1, else (type, triton's
-        attributes, e.g. [["tt.divisibility", 16]])."""
+        attributes: [["tt.divisibility", 16]], [] when not a multiple of 16, None when not
+        specialized)."""
         spec = self.spec()
-        params = self.jit_function().params
+        fn = self.jit_function()
+        # the Python function's annotations: the jit function may be the interpreter's
+        params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
         constants = {tuple(k): v for k, v in zip(spec["constant_keys"], spec["constant_vals"])}
         attrs = {tuple(k): v for k, v in zip(spec["attrs_keys"], spec["attrs_vals"])}
         out = {}
-        for param in params:
+        for i, param in enumerate(params):
             kind = spec["signature"][param.name]
             if kind == "constexpr":
-                value = constants.get((param.num,))
+                value = constants.get((i,))
                 value = value["constexpr"] if isinstance(value, dict) else value
-                out[param.name] = ("constexpr", value) if param.is_constexpr else ("=1", value)
+                out[param.name] = ("constexpr", value) if "constexpr" in str(param.annotation) else ("=1", value)
             else:
-                out[param.name] = (kind, attrs.get((param.num,)))
+                out[param.name] = (kind, attrs.get((i,)))
         return out
 
 
@@ -180,12 +183,15 @@ SHAPES = ((128, 1000, 512, None), (128, 1024, 512, None), (100, 1000, 100, None)
           (128, 1000, 512, 256), (128, 1000, 100, 256), (1, 1000, 100, 256))
 
 
-def margin_specs():
-    """Every spec of margins.SPECS at its defaults, and the variants that change a kernel flag."""
+def margin_specs() -> dict:
+    """Every spec of margins.SPECS at its defaults, and the variants that change a kernel
+    flag, by name."""
     from ..margins import SPECS, ArcFace, InterFace
 
-    return [cls() for cls in SPECS.values()] + [ArcFace(easy_margin=True), ArcFace(straight_through=True),
-                                                 InterFace(dynamic=False)]
+    specs = {name: cls() for name, cls in SPECS.items()}
+    specs.update(arcface_easy=ArcFace(easy_margin=True), arcface_straight_through=ArcFace(straight_through=True),
+                 interface_static=InterFace(dynamic=False))
+    return specs
 
 
 @contextlib.contextmanager
@@ -226,24 +232,32 @@ def distinct(launches):
     return list(seen.values())
 
 
-def record(arch: int, dtypes=DTYPES, shapes=SHAPES, specs=None):
-    """The distinct launches of every (dtype and dot mode, spec, shape) on ``arch``."""
+def record(arch: int, margins=None, dtypes=None):
+    """The distinct launches of every (dtype and dot mode, margin, shape) on ``arch``;
+    ``margins`` and ``dtypes``: names (of :func:`margin_specs`, of :data:`DTYPES`), all when None."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the kernels must be built for the compiler to be recorded")
+    specs = margin_specs()
     launches = []
     with faked_device(arch, launches):
-        for _, dtype, mode in dtypes:
-            for spec in specs or margin_specs():
-                for shape in shapes:
+        for name, dtype, mode in DTYPES:
+            if dtypes and name not in dtypes:
+                continue
+            for spec in (specs[m] for m in margins) if margins else specs.values():
+                for shape in SHAPES:
                     run_workload(dtype, mode, spec, *shape)
     return distinct(launches)
 
 
-def record_in_subprocess(arch: int, args=()) -> list:
+def record_in_subprocess(arch: int, margins=None, dtypes=None) -> list:
     """:func:`record` in a fresh process (the kernel modules pick their tables on import)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run([sys.executable, "-m", "margin_ext.backends.triton_launches", "--arch", str(arch), *args],
-                           env=env, capture_output=True, text=True, check=False)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
+    args = ["--arch", str(arch)]
+    args += ["--margins", *margins] if margins else []
+    args += ["--dtypes", *dtypes] if dtypes else []
+    child = subprocess.run([sys.executable, "-m", "margin_ext.backends.triton_launches", *args], env=env,
+                           capture_output=True, text=True, check=False)
     if child.returncode != 0:
         raise RuntimeError(f"recording the launches for sm_{arch} failed:\n{child.stderr[-4000:]}")
     return [Launch(**row) for row in json.loads(child.stdout)]
@@ -252,14 +266,10 @@ def record_in_subprocess(arch: int, args=()) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="print the distinct Triton launches of the loss as JSON")
     parser.add_argument("--arch", type=int, choices=ARCHES, required=True)
-    parser.add_argument("--quick", action="store_true", help="bf16 and fp32-ieee, ArcFace and InterFace only")
+    parser.add_argument("--margins", nargs="+", choices=list(margin_specs()), help="all when not given")
+    parser.add_argument("--dtypes", nargs="+", choices=[name for name, _, _ in DTYPES], help="all when not given")
     args = parser.parse_args(argv)
-    kwargs = {}
-    if args.quick:
-        from ..margins import ArcFace, InterFace
-
-        kwargs = dict(dtypes=(DTYPES[0], DTYPES[2]), specs=[ArcFace(), InterFace()])
-    launches = record(args.arch, **kwargs)
+    launches = record(args.arch, args.margins, args.dtypes)
     json.dump([launch.__dict__ for launch in launches], sys.stdout)
     return 0
 

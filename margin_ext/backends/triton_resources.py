@@ -11,7 +11,7 @@ spills and stack. A row is clean when nothing spills and the shared memory fits 
 
     python -m margin_ext.backends.triton_resources            # record, compile -> docs/triton_resources.md
     python -m margin_ext.backends.triton_resources --check    # the same, written nowhere; exit 1 on a dirty row
-    python -m margin_ext.backends.triton_resources --arches 90 --quick   # a part of it
+    python -m margin_ext.backends.triton_resources --arches 90 --margins arcface   # a part of it
 
 Compiles are cached by launch id (``--cache``, default build/triton_resources.json): the
 id hashes triton's version, the kernel's source (with every jit function it calls) and
@@ -134,7 +134,9 @@ def describe(launch: Launch) -> dict:
     flags = " ".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in constexprs.items())
     pointers = sorted({kind[1:] for kind, _ in args.values() if kind.startswith("*")})
     ones = [f"{name}=1" for name, (kind, _) in args.items() if kind == "=1"]
-    unaligned = [f"{name}%16!=0" for name, (kind, attr) in args.items() if kind in ("i32", "i64") and not attr]
+    # an integer triton specializes has attributes ([] when not a multiple of 16); one it
+    # does not (do_not_specialize) has none
+    unaligned = [f"{name}%16!=0" for name, (kind, attr) in args.items() if kind in ("i32", "i64") and attr == []]
     ints = ", ".join(ones + unaligned) or "all %16"
     return dict(kernel=launch.kernel.split(":")[1].strip("_").removesuffix("_kernel"), arch=f"sm_{launch.arch}",
                 tiles=tiles or "-", warps=spec["options"]["num_warps"], stages=spec["options"]["num_stages"],
@@ -171,7 +173,7 @@ def summary(rows) -> str:
     return "\n".join(lines)
 
 
-def document(rows) -> str:
+def document(rows, margins=None) -> str:
     import triton
 
     head = DOC.read_text().split("<!-- table -->")[0] if DOC.exists() else "# Triton kernel resources\n\n"
@@ -181,6 +183,7 @@ def document(rows) -> str:
     counts = ", ".join(f"{sum(r['launch'].arch == a for r in rows)} on sm_{a}" for a in arches)
     return (f"{head}<!-- table -->\n\ntriton {triton.__version__}, {len(rows)} distinct launches ({counts}), "
             f"{dirty} dirty; compiling them took {cpu_minutes:.0f} CPU minutes (triton and ptxas)\n\n"
+            f"margins: {', '.join(margins) if margins else 'all'}\n\n"
             f"{summary(rows)}\n\n{table(rows)}\n")
 
 
@@ -206,17 +209,26 @@ def dirty_launches(launches, rows: dict) -> tuple[list, list]:
     return missing, dirty
 
 
-def record(arches, quick=False) -> list:
+def record(arches, margins=None, dtypes=None) -> list:
     launches = []
     for arch in arches:
-        launches += record_in_subprocess(arch, ("--quick",) if quick else ())
+        launches += record_in_subprocess(arch, margins, dtypes)
     return launches
 
 
+def committed_margins(text: str):
+    """The margins a table written by :func:`document` was recorded with (None: all)."""
+    found = re.search(r"^margins: (.+)$", text, re.M)
+    return None if found is None or found.group(1) == "all" else found.group(1).split(", ")
+
+
 def main(argv=None) -> int:
+    from .triton_launches import DTYPES, margin_specs
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arches", nargs="+", type=int, default=list(ARCHES), choices=list(ARCHES))
-    parser.add_argument("--quick", action="store_true", help="a part of the workloads (bf16 and fp32, 2 margins)")
+    parser.add_argument("--margins", nargs="+", choices=list(margin_specs()), help="all when not given")
+    parser.add_argument("--dtypes", nargs="+", choices=[name for name, _, _ in DTYPES], help="all when not given")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("NPROC", "2")))
     parser.add_argument("--check", action="store_true", help="write no document; exit 1 on a dirty row")
     parser.add_argument("--cache", type=Path, default=CACHE, help="JSON of launches already compiled")
@@ -224,7 +236,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the kernels must be built for the compiler")
     start = time.time()
-    launches = record(args.arches, args.quick)
+    launches = record(args.arches, args.margins, args.dtypes)
     print(f"{len(launches)} distinct launches recorded in {time.time() - start:.0f} s", flush=True)
 
     def progress(done, launch, resources):
@@ -232,13 +244,13 @@ def main(argv=None) -> int:
         print(f"{done} {cells['kernel']} {cells['arch']} {cells['tiles']} {resources}", flush=True)
 
     rows = compile_all(launches, args.jobs, args.cache, progress)
-    seconds = time.time() - start
     print(summary(rows))
     dirty = [r for r in rows if not r["clean"]]
     print(table(dirty))
-    print(f"{len(rows)} launches, {len(dirty)} with spills or shared memory over the limit ({seconds:.0f} s)")
-    if not args.check and not args.quick and set(args.arches) == set(ARCHES):
-        DOC.write_text(document(rows))
+    print(f"{len(rows)} launches, {len(dirty)} with spills or shared memory over the limit "
+          f"({time.time() - start:.0f} s)")
+    if not args.check and not args.dtypes and set(args.arches) == set(ARCHES):
+        DOC.write_text(document(rows, args.margins))
         print(f"wrote {DOC}")
     return 1 if dirty else 0
 
