@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import math
 import os
 import subprocess
 import sys
@@ -156,7 +155,7 @@ def faked_device(arch: int, launches: list):
             grid(dict(bound.arguments))
         return kernel
 
-    saved_driver = driver._active
+    saved_driver = driver._active  # not driver.active: without a GPU, making the default one fails
     driver.set_active(_FakeDriver(arch))
     saved_hook = triton.knobs.runtime.jit_cache_hook
     triton.knobs.runtime.jit_cache_hook = record
