@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench setup gpu-check test-compat triton-resources
+.PHONY: demo test bench setup gpu-check test-compat triton-resources cuda-emu cuda-emu-mutants
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# The CUDA kernels of csrc/cuda/ compiled for the host and run under a warp-level
+# emulator (tests/cuda_emu/, csrc/README.md "The kernels under emulation"): every case
+# against the float64 reference, and again in permuted block and thread orders.
+cuda-emu: setup
+	$(PY) tests/cuda_emu/run.py --permuted
 
 bench: setup
 	$(PY) -m bench

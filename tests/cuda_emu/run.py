@@ -1,0 +1,336 @@
+"""make cuda-emu: the CUDA kernels of csrc/cuda/ run under the emulator, compared with
+a float64 reference.
+
+Each case builds the op inputs of one head call (x_hat, the centres as stored, labels
+with ignored rows (-1) and another shard's classes (>= C), per-row scale and margin,
+InterFace's theta_y and target centre), runs the host sequence of csrc/ops_cuda.cpp
+(host_sequence.cpp) on the emulated kernels -- the fused kernels for bfloat16, float16
+and float32-on-TF32 centres, the chunk loop for float32 and float64 -- and compares
+(lse, target_logit, grad_x, grad_w, grad_scale) with the float64 reference, which
+differentiates the readable margin formulas of margins.py by autograd.
+
+Bound of each output: 2 x the reference's own error in that dtype -- the float64
+reference against the same reference with its operands rounded as the kernels round
+them (x_hat cast to the centres' 16-bit dtype, or x and w to TF32; dL/dcos / |w_j|
+stored in the centres' dtype, or rounded to TF32, before the gradient products; grad_w
+stored in the centres' dtype; the chunk loop: the reference in float32) -- plus a
+float32 floor of 4 ulps of the logit scale (tests/cases.py's rule).
+
+With --permuted, every case runs again with the blocks and the threads of each block in
+another order (reversed, or shuffled, case by case) and the buffers against the guard
+page before them instead of after: the results must be bit-identical. Last line: ``cuda-emu: N cases, M failures ...``.
+Usage: python tests/cuda_emu/run.py [--lib PATH] [--permuted] [--quick] [-k SUBSTRING] [--fail-fast]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1])]
+from build_emulated import build  # noqa: E402
+from cases import SPEC_CASES, make_inputs, round_to_tf32  # noqa: E402
+from margin_ext.margins import NonTargetKind  # noqa: E402
+from margin_ext.rows import NORM_EPS, normalize  # noqa: E402
+
+WEIGHT_TYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+class EmuHeadCall(ctypes.Structure):
+    """host_sequence.cpp's EmuHeadCall, field by field."""
+
+    _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("dim", ctypes.c_int64),
+                ("w_type", ctypes.c_int32), ("splits", ctypes.c_int32), ("chunk", ctypes.c_int64)]
+    _fields_ += [(n, ctypes.c_void_p) for n in ("x", "w", "labels", "scale", "margin", "theta_y", "target_centre",
+                                                 "grad_lse", "grad_target")]
+    _fields_ += [(n, ctypes.c_int32) for n in ("target", "fallback", "straight_through", "nontarget",
+                                                "inter_dynamic")]
+    _fields_ += [(n, ctypes.c_double) for n in ("m1", "m3", "sphere_lambda", "inter_mu", "inter_alpha")]
+    _fields_ += [(n, ctypes.c_void_p) for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str          # "fused" or "chunk"
+    dtype: torch.dtype  # the centres' storage dtype (fused float32: TF32 products)
+    spec: str          # a key of SPEC_CASES
+    rows: int
+    cols: int
+    dim: int
+    splits: int = 0    # fused forward: class splits (0: ops_cuda.cpp's choice)
+    chunk: int = 0     # fused: backward workspace bytes (0: the kernels' budget); chunk loop: classes per chunk
+    compute: torch.dtype = torch.float32  # the chunk loop's compute dtype
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32" if self.path == "fused" else "f32",
+                torch.float64: "f64"}[self.dtype]
+        if self.path == "chunk" and self.compute == torch.float64:
+            kind += "/f64"
+        return (f"{self.path} {kind} {self.spec} B={self.rows} C={self.cols} D={self.dim}"
+                f"{f' splits={self.splits}' if self.splits else ''}{f' chunk={self.chunk}' if self.chunk else ''}")
+
+
+# Workspace bytes that hold one class tile of G for B rows: chunks of 64 classes.
+def one_tile_chunks(rows: int, dtype: torch.dtype) -> int:
+    return 64 * (rows * dtype.itemsize + math.ceil(rows / 64) * 4) + rows * 4
+
+
+COSINE_SPECS = [n for n, s in SPEC_CASES.items() if s.kernel_params().nontarget == NonTargetKind.COSINE]
+FEW_SPECS = ["arcface", "cosface", "sphereface_norm_scale", "elastic_arcface_plus"]
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """The case list: every spec on two shapes, every shape corner on a few specs."""
+    out = []
+    fused_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    # (B, C, D, splits, chunk): exactly one tile; B = 1 with C and D smaller than a tile;
+    # B, C and D ending mid-tile (D % 8 == 0: 16-byte loads); D = 100 (scalar loads), 5
+    # class tiles over 4 splits (the last owns none) and a backward of one-tile chunks;
+    # 3 row tiles, a chunk of 2 tiles and one of 1, the last ending mid-tile; D = 512,
+    # the largest fused D (the forward's shared memory past 48 KiB)
+    shapes = [(64, 64, 64, 1, None), (1, 37, 16, 0, None), (70, 130, 72, 0, None), (33, 300, 100, 4, 1),
+              (130, 190, 136, 3, 2), (5, 70, 512, 2, None)]
+    for dtype in fused_dtypes:
+        for b, c, d, splits, tiles in shapes:
+            for spec in (FEW_SPECS if not quick else FEW_SPECS[:1]):
+                chunk = tiles * one_tile_chunks(b, dtype) if tiles else 0
+                out.append(Case("fused", dtype, spec, b, c, d, splits, chunk))
+        for spec in (COSINE_SPECS if not quick else COSINE_SPECS[:3]):
+            if spec not in FEW_SPECS:
+                out.append(Case("fused", dtype, spec, 70, 130, 72, seed=1))
+    # the chunk loop: every spec, InterFace included, over chunks ending mid-way
+    for spec in (SPEC_CASES if not quick else ["arcface", "interface"]):
+        out.append(Case("chunk", torch.float32, spec, 9, 37, 24, chunk=16, seed=2))
+        if not quick:
+            out.append(Case("chunk", torch.float32, spec, 1, 5, 3, chunk=2, seed=3))
+    for spec in ("interface", "arcface", "sphereface_norm_scale"):
+        out.append(Case("chunk", torch.float64, spec, 9, 37, 24, chunk=16, compute=torch.float64, seed=4))
+        out.append(Case("chunk", torch.bfloat16, spec, 9, 37, 24, chunk=16, seed=5))
+    return out
+
+
+# ---- inputs ----
+
+def op_inputs(case: Case) -> dict:
+    """The op's inputs (float64 values of what the kernels receive) and the loss weights."""
+    spec = SPEC_CASES[case.spec]
+    g = torch.Generator().manual_seed(100 + case.seed)
+    labels = torch.randint(0, case.cols, (case.rows,), generator=g)
+    # tile edges and the last class
+    for i, label in enumerate([case.cols - 1, 0, 63, 64, case.cols - 2]):
+        if i < case.rows and label < case.cols:
+            labels[i] = label
+    x, w, labels = make_inputs(case.rows, case.cols, case.dim, torch.float64, seed=case.seed, labels=labels)
+    # ignored rows (-1) and rows whose target is another shard's class (>= C)
+    if case.rows > 2:
+        labels[1] = -1
+        labels[case.rows // 2] = case.cols + 3
+    compute = case.compute
+    x_hat = normalize(x).to(compute).double()  # the op receives float32 x_hat (float64 in f64 runs)
+    w_stored = w.to(case.dtype)
+    w_values = w_stored.double()
+    has_target = (labels >= 0) & (labels < case.cols)
+    target_centre = torch.zeros_like(x_hat)
+    target_centre[has_target] = normalize(w_values[labels[has_target]])
+    target_cos = (x_hat * target_centre).sum(dim=1)
+    scale = spec.row_scale(x_hat * (0.5 + x.norm(dim=1, keepdim=True)))
+    scale = torch.full((case.rows,), float(spec.s), dtype=torch.float64) if scale is None else scale
+    margin = spec.row_margins(case.rows, target_cos, g).double()
+    grad_lse = (0.2 + torch.rand(case.rows, generator=g, dtype=torch.float64)) / case.rows
+    grad_target = -(0.2 + torch.rand(case.rows, generator=g, dtype=torch.float64)) / case.rows
+    inputs = dict(x_hat=x_hat, w=w_stored, labels=labels, scale=scale.to(compute).double(),
+                  margin=margin.to(compute).double(), grad_lse=grad_lse.to(compute).double(),
+                  grad_target=grad_target.to(compute).double(), theta_y=None, target_centre=None)
+    if spec.kernel_params().nontarget == NonTargetKind.INTERFACE:
+        inputs["theta_y"] = torch.acos(target_cos.clamp(-1, 1)).to(compute).double()
+        inputs["target_centre"] = target_centre.to(compute).double()
+    return inputs
+
+
+# ---- the reference ----
+
+def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float64):
+    """(lse, target_logit, grad_x, grad_w, grad_scale) by autograd in `dtype`, and dL/dcos,
+    cos, |w|. x_product / w_product: the operands of x . w (rounded copies); the norms
+    always come from w as stored."""
+    x = inp["x_hat"].to(dtype).requires_grad_(True)
+    w = inp["w"].to(dtype).requires_grad_(True)
+    scale = inp["scale"].to(dtype).requires_grad_(True)
+    labels = inp["labels"]
+    xp = x if x_product is None else x + (x_product.to(dtype) - x).detach()
+    wp = w if w_product is None else w + (w_product.to(dtype) - w).detach()
+    norm = torch.linalg.vector_norm(w, dim=1)
+    cos = (xp @ wp.T) / norm.clamp_min(NORM_EPS)
+    n_cols = w.shape[0]
+    hit = ((labels >= 0) & (labels < n_cols)).nonzero().squeeze(1)
+    spec_ = SPEC_CASES[spec]
+    if inp["theta_y"] is not None:
+        w_hat = (w / norm.clamp_min(NORM_EPS).unsqueeze(1)).detach()
+        class_cos = inp["target_centre"].to(dtype) @ w_hat.T
+        logits_over_s = spec_.nontarget(cos, torch.cos(inp["theta_y"].to(dtype)), class_cos)
+    else:
+        logits_over_s = spec_.nontarget(cos, None, None)
+    target_over_s = spec_.target(cos[hit, labels[hit]], inp["margin"].to(dtype)[hit])
+    logits_over_s = logits_over_s.index_put((hit, labels[hit]), target_over_s)
+    logits = logits_over_s * scale.unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=1)
+    target = torch.zeros_like(lse).index_put((hit,), logits[hit, labels[hit]])
+    loss = (inp["grad_lse"].to(dtype) * lse + inp["grad_target"].to(dtype) * target).sum()
+    gx, gw, gs, gcos = torch.autograd.grad(loss, (x, w, scale, cos))
+    return [t.detach() for t in (lse, target, gx, gw, gs)], gcos, cos.detach(), norm.detach()
+
+
+def rounded_reference(case: Case, inp: dict):
+    """The reference with the kernels' roundings (see the module docstring)."""
+    if case.path == "chunk":
+        if case.compute == torch.float64:
+            return None
+        ref32 = reference(case.spec, inp, dtype=torch.float32)[0]
+        ref32[3] = ref32[3].to(case.dtype)  # grad_w stored in the centres' dtype
+        return ref32
+    w = inp["w"].double()
+    if case.dtype == torch.float32:  # TF32 products
+        x_p, w_p = round_to_tf32(inp["x_hat"]).double(), round_to_tf32(w).double()
+        round_g = lambda t: round_to_tf32(t).double()  # noqa: E731
+    else:
+        x_p, w_p = inp["x_hat"].to(case.dtype).double(), w
+        round_g = lambda t: t.float().to(case.dtype).double()  # noqa: E731
+    (lse, target, _, _, grad_scale), gcos, cos, norm = reference(case.spec, inp, x_p, w_p)
+    g = round_g(gcos / norm.clamp_min(NORM_EPS))
+    grad_x = g @ w_p
+    h = g.T @ x_p
+    radial = (gcos * cos).sum(dim=0)
+    grad_w = torch.where((norm > NORM_EPS).unsqueeze(1), h - w * (radial / norm.square()).unsqueeze(1), h)
+    return [lse, target, grad_x, grad_w.to(case.dtype).double(), grad_scale]
+
+
+# ---- running a case ----
+
+def _pointer(t):
+    return None if t is None else t.data_ptr()
+
+
+def run_emulated(lib, case: Case, inp: dict):
+    """The five outputs of the emulated kernels (as float64), or the emulator's error."""
+    compute = case.compute
+    fused = case.path == "fused"
+    x = inp["x_hat"].to(compute).to(case.dtype if fused else compute).contiguous()
+    keep = dict(x=x, w=inp["w"].contiguous(), labels=inp["labels"].contiguous())
+    for name in ("scale", "margin", "theta_y", "target_centre", "grad_lse", "grad_target"):
+        keep[name] = None if inp[name] is None else inp[name].to(compute).contiguous()
+    b, c, d = case.rows, case.cols, case.dim
+    out = dict(lse=torch.empty(b, dtype=compute), target_logit=torch.empty(b, dtype=compute),
+               grad_x=torch.empty(b, d, dtype=compute), grad_w=torch.empty(c, d, dtype=case.dtype),
+               grad_scale=torch.empty(b, dtype=compute))
+    p = SPEC_CASES[case.spec].kernel_params()
+    call = EmuHeadCall(rows=b, cols=c, dim=d, w_type=WEIGHT_TYPES[case.dtype], splits=case.splits, chunk=case.chunk,
+                       target=int(p.target), fallback=int(p.fallback), straight_through=int(p.straight_through),
+                       nontarget=int(p.nontarget), inter_dynamic=int(p.inter_dynamic), m1=p.m1, m3=p.m3,
+                       sphere_lambda=p.sphere_lambda, inter_mu=p.inter_mu, inter_alpha=p.inter_alpha)
+    for name, t in list(keep.items()) + list(out.items()):
+        setattr(call, name, _pointer(t))
+    error = ctypes.create_string_buffer(2048)
+    if fused:
+        status = lib.emu_fused_head(ctypes.byref(call), error, len(error))
+    else:
+        status = lib.emu_chunk_loop(ctypes.byref(call), int(compute == torch.float64), error, len(error))
+    if status != 0:
+        return error.value.decode(errors="replace")
+    return [out[n] for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
+
+
+OUTPUTS = ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")
+
+
+def compare(case: Case, got, ref64, ref_low, scale: float) -> tuple[list[str], dict]:
+    """Failures (one line each) and the error / bound of each output."""
+    failures, report = [], {}
+    eps = torch.finfo(torch.float64 if case.compute == torch.float64 else torch.float32).eps
+    for name, a, r, low in zip(OUTPUTS, got, ref64, ref_low or [None] * 5):
+        a = a.double()
+        magnitude = max(r.abs().max().item() if r.numel() else 0.0, 1.0)
+        floor = (64 if case.compute == torch.float64 else 4) * eps * scale * magnitude
+        own = (low - r).abs().max().item() if low is not None and r.numel() else 0.0
+        bound = 2 * own + floor
+        err = (a - r).abs().max().item() if r.numel() else 0.0
+        report[name] = (err, bound)
+        if not torch.isfinite(a).all():
+            failures.append(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite values")
+        elif not err <= bound:
+            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (2 x own {own:.3g} + floor {floor:.3g})")
+    return failures, report
+
+
+def identical(a, b) -> bool:
+    """Bit for bit (NaN payloads included)."""
+    return all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)) for x, y in zip(a, b))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="the CUDA kernels under the emulator vs the float64 reference")
+    parser.add_argument("--lib", type=Path, help="a built libcuda_emu.so (default: build it)")
+    parser.add_argument("--permuted", action="store_true", help="rerun each case in permuted orders: bit-identical")
+    parser.add_argument("--quick", action="store_true", help="a short case list (the mutation check's)")
+    parser.add_argument("-k", default="", help="only the cases whose name contains this")
+    parser.add_argument("--fail-fast", action="store_true")
+    parser.add_argument("-v", action="store_true", help="one line per case")
+    args = parser.parse_args()
+    start = time.time()
+    lib = ctypes.CDLL(str(args.lib or build()))
+    torch.manual_seed(0)
+    selected = [c for c in cases(args.quick) if args.k in c.name]
+    n_failures, worst = 0, {}
+    for index, case in enumerate(selected):
+        inp = op_inputs(case)
+        scale = float(inp["scale"].abs().max())
+        lib.emu_configure(0, 0, 0)
+        got = run_emulated(lib, case, inp)
+        failures = []
+        if isinstance(got, str):
+            failures = [f"emulator: {got}"]
+        else:
+            ref64 = reference(case.spec, inp)[0]
+            failures, report = compare(case, got, ref64, rounded_reference(case, inp), scale)
+            kind = " ".join(case.name.split(" ")[:2])
+            for name, (err, bound) in report.items():
+                key = (kind, name)
+                if key not in worst or err / max(bound, 1e-300) > worst[key][0] / max(worst[key][1], 1e-300):
+                    worst[key] = (err, bound)
+            if args.permuted and not failures:
+                seed = 1 if index % 2 == 0 else 2 + index  # reversed, or shuffled
+                lib.emu_configure(seed, seed, 1)
+                again = run_emulated(lib, case, inp)
+                if isinstance(again, str):
+                    failures.append(f"permuted run (order seed {seed}): emulator: {again}")
+                elif not identical(got, again):
+                    diff = [n for n, a, b in zip(OUTPUTS, got, again) if not torch.equal(a, b)]
+                    failures.append(f"permuted run (order seed {seed}) differs in {diff}")
+        if failures:
+            n_failures += 1
+            print(f"FAIL {case.name}: " + "; ".join(failures), flush=True)
+            if args.fail_fast:
+                break
+        elif args.v:
+            print(f"ok   {case.name}", flush=True)
+    kinds = sorted({k for k, _ in worst})
+    for kind in kinds:
+        parts = [f"{name} {worst[(kind, name)][0]:.2g}/{worst[(kind, name)][1]:.2g}" for name in OUTPUTS
+                 if (kind, name) in worst]
+        print(f"worst error/bound {kind}: " + ", ".join(parts))
+    permuted = " (each also in a permuted order, bit-identical)" if args.permuted else ""
+    print(f"cuda-emu: {len(selected)} cases, {n_failures} failures{permuted}, {time.time() - start:.0f} s")
+    return 1 if n_failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
