@@ -90,14 +90,17 @@ TABLES = {
 # D not a multiple of 16: every load along the features is a scalar load with its own
 # address, so 8 warps share the tile's addresses and K chunks are 32 wide (D = 100 takes
 # 4 of them). The InterFace tiles, with their second product, and float32 tiles hold half
-# the rows. One row per table: each is a compile per specialization.
+# the rows; sm_80's float32 cosine tiles spilled with every pipelined config tried, so
+# they take 16-wide K chunks over 4 warps, unpipelined. One row per table: each is a
+# compile per specialization.
 _RAGGED_16 = {"hopper": [(64, 64, 32, 8, 3)], "ampere": [(64, 64, 32, 8, 3)]}
 _RAGGED_HALF = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 32, 8, 3)]}
+_RAGGED_32_COSINES = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 16, 4, 1)]}
 RAGGED_TABLES = {
-    "forward": {"16": _RAGGED_16, "32": _RAGGED_HALF},
-    "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_HALF},
-    "logit_grads": {"16": _RAGGED_16, "32": _RAGGED_HALF},
-    "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_HALF},
+    "forward": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
+    "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_COSINES},
+    "logit_grads": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
+    "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_COSINES},
     "grad_features": {"16": _RAGGED_16, "32": _RAGGED_HALF},
     "grad_weight": {"16": _RAGGED_16, "32": _RAGGED_HALF},
 }
