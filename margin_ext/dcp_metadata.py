@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+
+from .safe_files import open_regular
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 METADATA_FILE = ".metadata"
+MAX_METADATA_BYTES = 256 << 20  # an index lists tensors and their chunks: kilobytes to megabytes
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -61,7 +64,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def read_metadata_file(path) -> "dcp_metadata.Metadata":
     """The DCP index at ``path``, unpickled with only DCP's own classes admitted, then checked."""
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:  # a FIFO named .metadata would block the load: refused
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"is {size} bytes, more than the {MAX_METADATA_BYTES} an index of tensors takes")
         metadata = _RestrictedUnpickler(handle).load()
     check_metadata(metadata)
     return metadata

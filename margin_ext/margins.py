@@ -70,8 +70,14 @@ def _check(name: str, value, ok: bool, expected: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
 
 
+#: the largest scale s: the float32 logits s*cos carry an error of about s * 6e-8 (6e-4 here), and far
+#: beyond it the backward overflows (at s = 1e10 the torch backend gives NaN gradients, cpp a NaN loss)
+MAX_SCALE = 1e4
+
+
 def _check_scale(s) -> None:
-    _check("s", s, isinstance(s, (int, float)) and math.isfinite(s) and s > 0, "a finite number > 0")
+    _check("s", s, isinstance(s, (int, float)) and math.isfinite(s) and 0 < s <= MAX_SCALE,
+           f"a finite number in (0, {MAX_SCALE:g}]")
 
 
 def _check_finite(name: str, value, low: float = -math.inf, high: float = math.inf) -> None:

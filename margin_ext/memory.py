@@ -28,6 +28,14 @@ class PeakMemory(TorchDispatchMode):
         self.largest_bytes = 0
         self.largest_shape = None
 
+    def _allocate(self, tensor: torch.Tensor, nbytes: int) -> tuple:
+        """Count a new storage of ``tensor``; returns what its release is called with."""
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        if nbytes > self.largest_bytes:
+            self.largest_bytes, self.largest_shape = nbytes, tuple(tensor.shape)
+        return (nbytes,)
+
     def _release(self, nbytes: int) -> None:
         self.live_bytes -= nbytes
 
@@ -43,9 +51,5 @@ class PeakMemory(TorchDispatchMode):
                     continue
                 nbytes = storage.nbytes()
                 self._seen[storage] = nbytes
-                weakref.finalize(storage, self._release, nbytes)
-                self.live_bytes += nbytes
-                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-                if nbytes > self.largest_bytes:
-                    self.largest_bytes, self.largest_shape = nbytes, tuple(t.shape)
+                weakref.finalize(storage, self._release, *self._allocate(t, nbytes))
         return out

@@ -37,6 +37,8 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
         raise ValueError("embeddings is an empty batch (B = 0): pass at least one row")
     if weight.shape[0] == 0:
         raise ValueError("weight has no classes (C = 0)")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings have no features (D = 0): the embedding size must be at least 1")
     if embeddings.shape[1] != weight.shape[1]:
         raise ValueError(f"embedding size mismatch: embeddings has D={embeddings.shape[1]}, "
                          f"weight has D={weight.shape[1]}")

@@ -47,6 +47,17 @@ def test_cpu_extension_is_built():
     assert ext.load("cpp", torch.device("cpu")).name == "cpp"
 
 
+def test_auto_takes_the_compiled_kernels_of_the_device(monkeypatch):
+    from margin_ext.backends import resolve
+
+    assert resolve("auto", torch.device("cpu")).name == "cpp"
+    if HAS_CUDA and ext.cuda_is_built():
+        assert resolve("auto", torch.device("cuda")).name == "cuda"
+    # without the extension, auto falls back to the torch backend instead of failing
+    monkeypatch.setattr(ext, "_MISSING", "the compiled extension margin_ext._C is not built")
+    assert resolve("auto", torch.device("cpu")).name == "torch"
+
+
 def test_every_spec_class_is_covered():
     assert {type(s) for s in SPEC_CASES.values()} >= set(mx.SPECS.values())
 

@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../norm_scale.h"
 #include "../tile_loop.h"
 
 namespace margin_ext {
@@ -574,7 +575,8 @@ __global__ void sum_scale_parts_kernel(const float* __restrict__ parts, int64_t 
 
 // The stored 16-bit values are read as raw bits: torch builds CUDA sources with the
 // implicit __nv_bfloat16 / __half conversions switched off (__CUDA_NO_*_CONVERSIONS__).
-// float32 centres' norms come from the values as stored (not rounded to TF32).
+// float32 centres' norms come from the values as stored (not rounded to TF32). Rows whose
+// squares could overflow are summed scaled (../norm_scale.h).
 template <typename W>
 __global__ void centre_norms_kernel(const Storage<W>* __restrict__ w, int64_t cols, int64_t dim,
                                     float* __restrict__ norms) {
@@ -582,13 +584,17 @@ __global__ void centre_norms_kernel(const Storage<W>* __restrict__ w, int64_t co
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (j >= cols) return;  // whole warps leave together
+  float peak = 0.f;
+  for (int64_t d = lane; d < dim; d += kWarp) peak = math::max_(peak, math::abs_(Operand<W>::value(w[j * dim + d])));
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) peak = math::max_(peak, __shfl_xor_sync(0xffffffffu, peak, offset));
+  const float scale = norm_scale(peak);  // 1 unless the squares could overflow
   float sum_sq = 0.f;
   for (int64_t d = lane; d < dim; d += kWarp) {
-    const float v = Operand<W>::value(w[j * dim + d]);
+    const float v = Operand<W>::value(w[j * dim + d]) / scale;
     sum_sq += v * v;
   }
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-  if (lane == 0) norms[j] = sqrtf(sum_sq);
+  if (lane == 0) norms[j] = scale * sqrtf(sum_sq);
 }
 
 unsigned int blocks_for(int64_t n, int threads) { return static_cast<unsigned int>((n + threads - 1) / threads); }

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../norm_scale.h"
+
 namespace margin_ext {
 namespace gpu {
 namespace {
@@ -41,6 +43,12 @@ template <> struct StoreAs<__half> {
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v = math::max_(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -91,12 +99,16 @@ __global__ void normalize_rows_kernel(const W* __restrict__ w, int64_t rows, int
   const int lane = threadIdx.x % kWarp;
   if (k >= rows) return;  // whole warps leave together
   const W* src = w + k * dim;
+  T peak = 0;
+  for (int64_t d = lane; d < dim; d += kWarp) peak = math::max_(peak, math::abs_(load_as<T>(src[d])));
+  peak = warp_max(peak);
+  const T scale = norm_scale(peak);  // 1 unless the squares could overflow (../norm_scale.h)
   T sum_sq = 0;
   for (int64_t d = lane; d < dim; d += kWarp) {
-    const T v = load_as<T>(src[d]);
+    const T v = load_as<T>(src[d]) / scale;
     sum_sq += v * v;
   }
-  const T norm = math::sqrt_(warp_sum(sum_sq));
+  const T norm = scale * math::sqrt_(warp_sum(sum_sq));
   const T denom = math::clamp_min(norm, T(kNormEps));
   T* dst = w_hat + k * dim;
   for (int64_t d = lane; d < dim; d += kWarp) dst[d] = load_as<T>(src[d]) / denom;

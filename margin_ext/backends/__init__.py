@@ -2,8 +2,8 @@
 
 Each backend module exposes ``load(device) -> Kernels`` and raises
 :class:`BackendUnavailable` with the reason when it cannot run there. ``"auto"`` takes
-the compiled CUDA kernels on CUDA tensors when they are built, else Triton on CUDA,
-else the chunked torch backend.
+the compiled kernels of the tensors' device when they are built (CUDA, or the CPU's),
+else Triton on CUDA, else the chunked torch backend.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from ..head_function import Kernels
 from .torch_chunked import TORCH_KERNELS
 
 BACKENDS = ("auto", "cuda", "cpp", "triton", "torch", "reference")
+# what "auto" tries per device type, first that loads wins; the torch backend runs anywhere
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 
 
 class BackendUnavailable(RuntimeError):
@@ -23,12 +25,11 @@ class BackendUnavailable(RuntimeError):
 def resolve(name: str, device: torch.device) -> Kernels:
     """The kernels of backend ``name`` for tensors on ``device`` ("reference" is not one)."""
     if name == "auto":
-        if device.type == "cuda":
-            for candidate in ("cuda", "triton"):
-                try:
-                    return resolve(candidate, device)
-                except BackendUnavailable:
-                    pass
+        for candidate in AUTO_ORDER.get(device.type, ()):
+            try:
+                return resolve(candidate, device)
+            except BackendUnavailable:
+                pass
         return TORCH_KERNELS
     if name == "torch":
         return TORCH_KERNELS

@@ -9,31 +9,31 @@ from __future__ import annotations
 
 import sys
 
-from .checkpointing import CheckpointError
-from .data.errors import DataError
+from .checkpointing import CheckpointError, CheckpointWarning
+from .cli import report_error, warning_lines
+from .data.errors import DataError, DataWarning
 from .distributed_launch import setup_distributed, teardown_distributed
 from .extras import MissingExtra
 from .options import OptionError, parse_args
-from .trainer import train
+from .trainer import TrainingDiverged, train
 
-# Mistakes in what the user asked for, and optional packages it needs that are missing:
-# reported as one line, exit status 2, no traceback.
-USER_ERRORS = (OptionError, DataError, CheckpointError, MissingExtra)
+# Mistakes in what the user asked for, optional packages it needs that are missing, and a run
+# that diverged (its checkpoints kept): reported as one line, exit status 2 (under torchrun
+# too: .cli), no traceback.
+USER_ERRORS = (OptionError, DataError, CheckpointError, MissingExtra, TrainingDiverged)
 
 
 def main(argv=None) -> int:
-    ctx = None
     try:
-        options = parse_args(argv)
-        ctx = setup_distributed(options.device)
-        train(options, ctx)
-        # every rank leaves together: a rank that tears gloo down while rank 0 still writes
-        # its logs can abort ("terminate called without an active exception")
-        ctx.barrier()
+        with warning_lines(CheckpointWarning, DataWarning):
+            options = parse_args(argv)
+            ctx = setup_distributed(options.device)
+            train(options, ctx)
+            # every rank leaves together: a rank that tears gloo down while rank 0 still writes
+            # its logs can abort ("terminate called without an active exception")
+            ctx.barrier()
     except USER_ERRORS as error:
-        if ctx is None or ctx.is_main:
-            print(f"margin-ext-train: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("margin-ext-train", str(error))
     finally:
         teardown_distributed()
     return 0

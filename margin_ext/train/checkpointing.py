@@ -10,8 +10,9 @@ Layout of ``<output>/checkpoints/step-00000200/``:
     lineage.json       the branch history of the run that wrote it (see below)
     head/              the sharded head and its optimizer (margin_ext.checkpoint.save_head)
 
-Crash safety. Every rank writes into ``.step-00000200.tmp`` and rank 0 renames it once
-all are done, so a folder named ``step-*`` is always complete. Saving a step again
+Crash safety. Every rank writes into a folder that rank 0 created exclusively under a fresh
+name, ``.step-00000200.<random>.tmp``, and rank 0 renames it once all are done, so a folder
+named ``step-*`` is always complete. Saving a step again
 swaps the older copy out to ``.step-00000200.old`` first; a folder is deleted by
 renaming it to ``.trash-*`` first. So whenever a run is killed, the last complete copy
 of every step is either ``step-*`` or ``.step-*.old``: the next start
@@ -23,9 +24,13 @@ Lineage. Each run start writes ``checkpoints/branch.json``: the list of
 a checkpoint that is not the newest of its run folder. Checkpoints outside that history
 (the newer steps of an abandoned branch) are moved to ``checkpoints/abandoned/<id>/``
 with a warning, so that retention and ``--resume auto`` see only the current branch.
+A branch id read from ``branch.json`` or ``lineage.json`` must be a plain name (it names a
+folder there); nothing is ever deleted in ``abandoned/``, and retention deletes only
+checkpoints of the current branch.
 
 Loading reads no pickle that can run code: ``trainer.pt`` and ``rng-rank*.pt`` with
-``torch.load(weights_only=True)``, the head through margin_ext.checkpoint. A checkpoint
+``torch.load(weights_only=True)``, the head through margin_ext.checkpoint; only regular files
+are opened (a FIFO would block), and every field is checked (:mod:`.trainer_state`). A checkpoint
 that cannot be read raises :class:`CheckpointError`; ``--resume auto`` then falls back
 to the newest checkpoint that can, with a warning.
 The output folder must be shared by all ranks (one machine, or a shared file system).
@@ -38,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -48,16 +54,17 @@ import torch
 
 # CheckpointError is also the trainer's: one class for every unusable checkpoint
 from margin_ext.checkpoint import CheckpointError, load_head, read_index, save_head
+from margin_ext.safe_files import open_regular, plain_name, read_regular, write_atomically
 
 from .distributed_launch import DistributedContext
+from .trainer_state import MAX_STEP, check_rng_file, check_trainer_state
 
 CHECKPOINTS = "checkpoints"
 ABANDONED = "abandoned"
 BRANCH_FILE = "branch.json"
 LINEAGE_FILE = "lineage.json"
 _NAME = re.compile(r"^step-(\d{8,})$")
-_TRAINER_KEYS = ("step", "epoch", "consumed", "world_size", "shape", "backbone", "backbone_optimizer",
-                 "schedulers", "scaler", "history")
+_LINEAGE_BYTES = 1 << 20  # a branch history is a few hundred bytes
 #: what may differ between a checkpoint and the run that resumes it, with --force-resume
 FORCEABLE = ("margin", "data")
 
@@ -75,25 +82,36 @@ def checkpoint_step(path) -> int:
 
 
 def list_checkpoints(output) -> list:
-    """Complete checkpoints of a run folder, oldest first."""
+    """Complete checkpoints of a run folder, oldest first (real folders only: a symlink is no run's own)."""
     root = checkpoint_root(output)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), path) for path in root.iterdir() if (m := _NAME.match(path.name)) and path.is_dir()]
+    found = [(int(m.group(1)), path) for path in root.iterdir()
+             if (m := _NAME.match(path.name)) and path.is_dir() and not path.is_symlink()]
     return [path for _, path in sorted(found)]
 
 
-def open_run_folder(ctx: DistributedContext, output, resume: Optional[str]) -> Optional[Path]:
+def check_checkpoint_root(output) -> None:
+    """CheckpointError when ``<output>/checkpoints`` exists but is no folder."""
+    root = checkpoint_root(output)
+    if (root.exists() or root.is_symlink()) and not root.is_dir():
+        raise CheckpointError(f"--output {output}: {root} exists and is not a folder; move it away, "
+                              f"or choose another --output")
+
+
+def open_run_folder(ctx: DistributedContext, output, resume: Optional[str], overwrite: bool = False) -> Optional[Path]:
     """Recover the run folder after a crash (rank 0), then find the checkpoint --resume names.
 
-    Without --resume, a folder that already holds checkpoints is refused.
+    Without --resume, a folder that already holds checkpoints is refused, unless ``overwrite``
+    (its checkpoints then move to ``checkpoints/abandoned/``, see :func:`start_branch`).
     """
+    check_checkpoint_root(output)
     if ctx.is_main:
         recover_checkpoints(output)
     ctx.barrier()
     if resume is None:
         found = list_checkpoints(output)
-        if found:
+        if found and not overwrite:
             raise CheckpointError(f"--output {output} already holds checkpoints (latest {found[-1].name}): "
                                   f"pass --resume auto to continue that run, or choose another --output")
         return None
@@ -154,20 +172,19 @@ def verify_checkpoint(path) -> None:
 
 
 def load_trainer_state(path: Path) -> dict:
+    """trainer.pt of a checkpoint, every field checked (:mod:`.trainer_state`)."""
     file = Path(path) / "trainer.pt"
     state = _safe_load(file)
-    missing = [key for key in _TRAINER_KEYS if key not in state] if isinstance(state, dict) else ["all"]
-    if missing:
-        raise CheckpointError(f"--resume {path}: trainer.pt is not a trainer checkpoint (missing {missing})")
-    if not isinstance(state["world_size"], int) or state["world_size"] < 1 or not isinstance(state["shape"], dict):
-        raise CheckpointError(f"--resume {path}: trainer.pt has a malformed world_size or shape")
+    problem = check_trainer_state(state)
+    if problem:
+        raise CheckpointError(f"--resume {path}: trainer.pt {problem}")
     return state
 
 
 def load_rank_rng(path: Path, rank: int, world_size: int) -> Optional[dict]:
     """This rank's saved RNG states, or None when the checkpoint came from another world size."""
     file = Path(path) / f"rng-rank{rank}.pt"
-    if not file.is_file():
+    if not file.exists():
         return None
     saved = _load_rng_file(file)
     return saved["rng"] if saved["world_size"] == world_size else None
@@ -175,19 +192,20 @@ def load_rank_rng(path: Path, rank: int, world_size: int) -> Optional[dict]:
 
 def _load_rng_file(file: Path) -> dict:
     saved = _safe_load(file)
-    if not (isinstance(saved, dict) and isinstance(saved.get("rng"), dict) and "world_size" in saved
-            and all(k in saved["rng"] for k in ("torch", "numpy", "python"))):
-        raise CheckpointError(f"--resume {file.parent}: {file.name} does not hold RNG states")
+    problem = check_rng_file(saved)
+    if problem:
+        raise CheckpointError(f"--resume {file.parent}: {file.name} {problem}")
     return saved
 
 
 def _safe_load(file: Path):
-    """torch.load of a file of the checkpoint: tensors and plain containers only, never code."""
+    """torch.load of a regular file of the checkpoint: tensors and plain containers only, never code."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with open_regular(file) as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"--resume {file.parent}: {file.name} is missing") from None
-    except Exception as error:  # weights_only refusals, truncated zips, garbage: all mean "unreadable"
+    except Exception as error:  # weights_only refusals, truncated zips, FIFOs, garbage: all mean "unreadable"
         first = str(error).strip().splitlines()
         raise CheckpointError(f"--resume {file.parent}: cannot read {file.name} ({type(error).__name__}: "
                               f"{first[0] if first else ''})") from None
@@ -224,7 +242,7 @@ def data_source(options, dataset) -> dict:
 def read_branch(output) -> Optional[list]:
     """The current branch history of a run folder, or None when none was recorded."""
     file = checkpoint_root(output) / BRANCH_FILE
-    if not file.is_file():
+    if not (file.exists() or file.is_symlink()):
         return None
     return _read_lineage_file(file)
 
@@ -232,16 +250,20 @@ def read_branch(output) -> Optional[list]:
 def read_lineage(path) -> Optional[list]:
     """The branch history a checkpoint was written in (None for a checkpoint without one)."""
     file = Path(path) / LINEAGE_FILE
-    return _read_lineage_file(file) if file.is_file() else None
+    return _read_lineage_file(file) if file.exists() or file.is_symlink() else None
 
 
 def _read_lineage_file(file: Path) -> list:
+    """[[branch id, first step], ...]: each id a plain name (it names a folder of abandoned/), each step
+    a step number; CheckpointError for anything else."""
     try:
-        lineage = json.loads(file.read_text())["lineage"]
+        lineage = json.loads(read_regular(file, _LINEAGE_BYTES, text=True))["lineage"]
         if not (isinstance(lineage, list) and lineage and all(
-                isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int)
+                isinstance(b, list) and len(b) == 2 and type(b[1]) is int and 0 <= b[1] <= MAX_STEP
                 for b in lineage)):
             raise ValueError("not a list of [branch, first step] pairs")
+        for branch, _ in lineage:
+            plain_name(branch, "branch id")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{file}: unreadable lineage ({error})") from None
     return lineage
@@ -291,16 +313,24 @@ def _move_abandoned(output, lineage: list) -> None:
         theirs = read_lineage(path)
         if in_lineage(theirs, checkpoint_step(path), lineage):
             continue
+        # the id was checked as a plain name when read: the target stays inside abandoned/
         target = checkpoint_root(output) / ABANDONED / (theirs[-1][0] if theirs else "unrecorded")
         target.mkdir(parents=True, exist_ok=True)
-        if (target / path.name).exists():
-            _discard(target / path.name)
-        os.replace(path, target / path.name)
+        os.replace(path, _free_name(target / path.name))  # never over an older copy: nothing is deleted
         moved.append(path.name)
     if moved:
         warnings.warn(f"{checkpoint_root(output)}: {', '.join(moved)} belong to an abandoned branch of the run "
                       f"(this run restarts from an older checkpoint): moved to {CHECKPOINTS}/{ABANDONED}/, "
                       f"where --resume auto and retention no longer see them", CheckpointWarning, stacklevel=3)
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3`` ... where ``path`` is taken."""
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
 
 
 def _same_folder(a, b) -> bool:
@@ -333,7 +363,10 @@ def recover_checkpoints(output) -> None:
     for partial in root.glob(".step-*.tmp"):
         _discard(partial)
     for trash in root.glob(".trash-*"):
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash.is_symlink():
+            trash.unlink()
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 clear_partial_checkpoints = recover_checkpoints
@@ -341,16 +374,18 @@ clear_partial_checkpoints = recover_checkpoints
 
 def save_checkpoint(ctx: DistributedContext, output, step: int, trainer_state: dict, head, head_optimizer,
                     keep: int, lineage: Optional[List] = None) -> Path:
-    """Collective: every rank calls it with its own head shard; rank 0's ``trainer_state`` is kept."""
+    """Collective: every rank calls it with its own head shard; rank 0's ``trainer_state`` is kept.
+
+    Retention deletes only checkpoints of this run's branch (others were moved aside when it started).
+    """
     root = checkpoint_root(output)
     final = root / f"step-{step:08d}"
-    temporary = root / f".step-{step:08d}.tmp"
+    temporary = None
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            _discard(temporary)
-        temporary.mkdir()
-    ctx.barrier()
+        # a fresh name, created exclusively: nothing planted at a predictable .tmp name is followed
+        temporary = tempfile.mkdtemp(dir=root, prefix=f".step-{step:08d}.", suffix=".tmp")
+    temporary = Path(ctx.broadcast_object(temporary))
 
     _save_file({"rank": ctx.rank, "world_size": ctx.world_size, "step": step, "rng": rng_state()},
                temporary / f"rng-rank{ctx.rank}.pt")
@@ -363,10 +398,19 @@ def save_checkpoint(ctx: DistributedContext, output, step: int, trainer_state: d
 
     if ctx.is_main:
         _replace_folder(temporary, final)
-        for old in list_checkpoints(output)[:-keep]:
+        current = [path for path in list_checkpoints(output)
+                   if lineage is None or in_lineage(_lineage_or_none(path), checkpoint_step(path), lineage)]
+        for old in current[:-keep]:
             _discard(old)
     ctx.barrier()
     return final
+
+
+def _lineage_or_none(path):
+    try:
+        return read_lineage(path)
+    except CheckpointError:
+        return None
 
 
 def load_head_state(path: Path, head, head_optimizer) -> None:
@@ -414,19 +458,11 @@ def _python_state_from_tensor(state):
 
 
 def _save_file(obj, path: Path) -> None:
-    with open(path, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 def _write_json_atomically(file: Path, value) -> None:
-    partial = file.with_name(f".{file.name}.tmp")
-    with open(partial, "w") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, file)
+    write_atomically(file, lambda handle: json.dump(value, handle), binary=False)
 
 
 def _replace_folder(source: Path, target: Path) -> None:
@@ -449,6 +485,9 @@ def _replace_folder(source: Path, target: Path) -> None:
 def _discard(path: Path) -> None:
     """Delete a folder without ever leaving it half deleted under its own name: renamed to
     ``.trash-*`` first (one atomic step), then removed; a kill in between leaves only trash."""
+    if path.is_symlink():  # planted: the link goes, never what it points to
+        path.unlink()
+        return
     trash = path.with_name(f".trash-{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)

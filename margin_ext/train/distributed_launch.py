@@ -37,6 +37,14 @@ class DistributedContext:
         if self.distributed:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective)."""
+        if not self.distributed:
+            return bool(flag)
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def broadcast_object(self, value):
         """Rank 0's ``value`` on every rank."""
         if not self.distributed:
@@ -44,6 +52,14 @@ class DistributedContext:
         holder = [value]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+    def gather_object(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
 
 def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:

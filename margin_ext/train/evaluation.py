@@ -17,6 +17,7 @@ from .data import (
     synthetic_verification_pairs,
 )
 from .data.errors import DataError
+from .model_file import default_normalization, normalize_pixels
 
 VERIFICATION_FOLDS = 10
 
@@ -36,20 +37,37 @@ def build_val_sets(options, image_shape) -> dict:
             channels=channels, seed=options.synthetic_seed)
         # the synthetic images are not mirror-symmetric: no flip test
         return {"synthetic": (images_a, images_b, issame, False)}
-    paths = [Path(item.strip()) for item in options.val.split(",") if item.strip()]
+    paths = val_paths(options)
     stems = Counter(path.stem for path in paths)
     sets = {}
     for path in paths:
         name = path.stem if stems[path.stem] == 1 else str(path)
         if name in sets:
             raise DataError(f"--val {path}: given twice")
-        sets[name] = _load_bin(path, channels, height, width)
+        sets[name] = load_pairs(path, channels, height, width)
     return sets
 
 
-def _load_bin(path: Path, channels: int, height: int, width: int):
+def val_paths(options) -> list:
+    """The .bin files of --val (none for 'synthetic' and 'none')."""
+    if options.val in ("none", "synthetic"):
+        return []
+    return [Path(item.strip()) for item in options.val.split(",") if item.strip()]
+
+
+def missing_val_files(options) -> list:
+    """A problem line for each --val file that is not there."""
+    return [_no_such_file(path) for path in val_paths(options) if not path.is_file()]
+
+
+def _no_such_file(path) -> str:
+    return f"--val {path}: no such verification file"
+
+
+def load_pairs(path: Path, channels: int, height: int, width: int):
+    """(images_a, images_b, issame, flip=True) of a .bin file, as uint8 at height x width."""
     if not path.is_file():
-        raise DataError(f"--val {path}: no such verification file")
+        raise DataError(_no_such_file(path))
     try:
         # kept as uint8 (a quarter of float32) and normalised batch by batch at evaluation
         images, issame = load_verification_bin(path, image_size=(height, width), as_uint8=True)
@@ -79,13 +97,17 @@ def verify(backbone: torch.nn.Module, val_sets: dict) -> dict:
     return results
 
 
-def embed(backbone, images, flip=False, chunk=2048):
-    """Embeddings (and those of the mirrored images) of float or uint8 images, chunk by chunk."""
+def embed(backbone, images, flip=False, chunk=2048, normalization=None):
+    """Embeddings (and those of the mirrored images) of float or uint8 images, chunk by chunk.
+
+    uint8 pixels are normalized as ``normalization`` says (default: InsightFace's [-1, 1]).
+    """
+    normalization = normalization or default_normalization(images.shape[1])
     parts = []
     for start in range(0, len(images), chunk):
         batch = images[start:start + chunk]
         if batch.dtype == torch.uint8:
-            batch = (batch.float() / 255.0 - 0.5) / 0.5  # InsightFace's input normalisation
+            batch = normalize_pixels(batch, normalization)
         parts.append(compute_embeddings(backbone, batch, flip=flip))
     if flip:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -17,9 +17,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from margin_ext.safe_files import read_regular, write_atomically, write_text_atomically
+
 TRAIN_FIELDS = ("step", "epoch", "loss", "lr", "top1", "samples_per_s")
 VAL_FIELDS = ("step", "epoch", "set", "accuracy", "std")
 TENSORBOARD_FOLDER = "tensorboard"
+_LOG_JSON_BYTES = 256 << 20  # the curves of a very long run are tens of MB
 
 
 def format_duration(seconds: float) -> str:
@@ -151,14 +154,18 @@ class RunLog:
     # -- files -----------------------------------------------------------------------------
 
     def _append_csv(self, name, fields, row):
-        with open(self.output / name, "a", newline="") as handle:
+        # the file was written afresh (atomically) when the run started: a link planted since is not followed
+        descriptor = os.open(self.output / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(descriptor, "w", newline="") as handle:
             csv.DictWriter(handle, fieldnames=fields).writerow(row)
 
     def _rewrite_csv(self, name, fields, rows):
-        with open(self.output / name, "w", newline="") as handle:
+        def write(handle):
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+        write_atomically(self.output / name, write, binary=False)
 
     def write_json(self, options: Optional[dict] = None, summary: Optional[dict] = None) -> None:
         if not self.enabled:
@@ -167,7 +174,7 @@ class RunLog:
         document = {}
         if path.exists():
             try:
-                document = json.loads(path.read_text())
+                document = json.loads(read_regular(path, _LOG_JSON_BYTES, text=True))
             except (OSError, ValueError):
                 document = {}
         document.update({"train": self.train, "val": self.val})
@@ -175,21 +182,28 @@ class RunLog:
             document["options"] = options
         if summary is not None:
             document["summary"] = summary
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=1, default=_jsonable))
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(document, indent=1, default=_jsonable))
 
     def plot(self, path: Optional[Path] = None) -> Optional[Path]:
-        """Loss and top-1 over steps beside verification accuracy over steps, as a PNG."""
+        """The curves (:meth:`figure`) as a PNG, ``curves.png`` of the run folder by default."""
         if not self.enabled:
             return None
+        import matplotlib.pyplot as plt
+
+        path = Path(path or self.output / "curves.png")
+        figure = self.figure()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+    def figure(self):
+        """Loss and top-1, the learning rate, and verification accuracy over steps: three panels."""
         import matplotlib
 
         matplotlib.use("Agg")  # no display on training machines
         import matplotlib.pyplot as plt
 
-        path = Path(path or self.output / "curves.png")
-        figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+        figure, (loss_axis, lr_axis, val_axis) = plt.subplots(1, 3, figsize=(16, 4))
         steps = [row["step"] for row in self.train]
         loss_axis.plot(steps, [row["loss"] for row in self.train], color="tab:blue", label="loss")
         loss_axis.set_xlabel("step")
@@ -199,6 +213,12 @@ class RunLog:
         top1_axis.set_ylabel("training top-1 (batch)", color="tab:orange")
         top1_axis.set_ylim(0, 1)
         loss_axis.set_title("training")
+
+        lr_axis.plot(steps, [row["lr"] for row in self.train], color="tab:green")
+        lr_axis.set_xlabel("step")
+        lr_axis.set_ylabel("learning rate (at the logged step)")
+        lr_axis.set_ylim(bottom=0)
+        lr_axis.set_title("schedule")
 
         for name in dict.fromkeys(row["set"] for row in self.val):
             rows = [row for row in self.val if row["set"] == name]
@@ -211,9 +231,7 @@ class RunLog:
         val_axis.legend(loc="lower right")
         val_axis.set_title("verification")
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        return path
+        return figure
 
 
 def _jsonable(value):

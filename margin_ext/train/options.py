@@ -11,8 +11,10 @@ import typing
 import margin_ext as mx
 from margin_ext.backends import BACKENDS
 
-BACKBONES = ("small", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+from .cli import CommandParser
 from .schedule import SCHEDULES
+
+BACKBONES = ("small", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -20,21 +22,11 @@ class OptionError(ValueError):
     """An option value that cannot work; the message names the option and the value."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the empty ones whose help already says what happens."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="margin-ext-train",
         description="Train a face-recognition backbone with a sharded margin-softmax head "
                     "(single process, or under torchrun --nproc-per-node N).",
-        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="options from a YAML file (keys are these options' names) or a preset "
@@ -48,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="any other spec parameter, repeatable (e.g. easy_margin=true, m2=0.3, base=cosface)")
     head.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC class sampling rate")
     head.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "reference"],
-                      help="kernels of the head")
+                      help="kernels of the head; auto: the compiled ones of the device where they are built "
+                           "(cpp on the CPU, cuda on CUDA), else triton on CUDA, else torch")
     head.add_argument("--num-classes", type=int, default=None,
                       help="number of identities; default: what the dataset declares (checked against it)")
 
@@ -72,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr-power", type=float, default=2.0, help="polynomial schedule's power")
     warmup = optim.add_mutually_exclusive_group()
     warmup.add_argument("--warmup-steps", type=int, default=None,
-                        help="linear warm-up from 0; default: 5%% of the run")
+                        help="linear warm-up: step i of W runs at (i+1)/(W+1) of --lr; default: 5%% of the run")
     warmup.add_argument("--warmup-epochs", type=float, default=None, help="the warm-up in epochs")
     optim.add_argument("--lr-milestones", default="0.6,0.85",
                        help="step schedule: fractions of the run where the lr is multiplied by --lr-gamma")
@@ -112,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", default=None,
                      help="a checkpoint folder, a run folder, or 'auto' (the latest checkpoint in --output, if any); "
                           "the run continues with the checkpoint's lr schedule")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --output that holds another run's files (they are replaced; "
+                          "its checkpoints move to checkpoints/abandoned/)")
     out.add_argument("--force-resume", action="store_true",
                      help="resume even where the checkpoint's margin or data source differs from this run's")
     out.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: at the end only)")
@@ -125,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "tensorboard is installed)")
     out.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto: CUDA when available (NCCL between processes), else the CPU (gloo)")
+    out.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="a step that has not finished after this long (a process stuck or gone) ends every "
+                          "process with an error naming the step; also the collectives' timeout")
     out.add_argument("--stop-after-steps", type=int, default=None,
                      help="exit after this step without the final checkpoint, evaluation or plot "
                           "(simulates a killed run)")
@@ -133,16 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Options of the command line, on top of those of --config when one is given."""
-    from .config import config_arguments
+    from .config import config_arguments, resolve_preset_paths
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--config", default=None)
     config = finder.parse_known_args(argv)[0].config
+    typed = list(argv)
     if config is not None:
         argv = config_arguments(config, parser, argv) + argv
     options = parser.parse_args(argv)
+    if config is not None:
+        resolve_preset_paths(options, config, parser, typed)
     check_options(options)
     return options
 
@@ -177,6 +179,7 @@ NUMERIC_RANGES = {
     "clip_grad": (float, 0.0, None, False, False),
     "dropout": (float, 0.0, 1.0, False, True),
     "margin_m": (float, None, None, False, False),
+    "dist_timeout": (float, 0.0, None, True, False),
 }
 
 

@@ -8,7 +8,11 @@ SCHEDULES = ("polynomial", "cosine", "step", "constant")
 
 
 class LrSchedule:
-    """lr factor of step i (0-based): linear warm-up from 0, then the decay of ``kind``.
+    """lr factor of step i (0-based): a linear warm-up, then the decay of ``kind``.
+
+    The warm-up of w steps rises in equal parts towards 1: step i < w runs at (i + 1) / (w + 1)
+    of the peak, so its first step already moves (arcface_torch's starts at exactly 0) and
+    step w is the first at the peak.
 
     polynomial: (1 - progress) ** power over the steps after the warm-up (arcface_torch's
     PolyScheduler, power 2). cosine: half a cosine over the same steps. step: times

@@ -6,8 +6,16 @@ on a logging step (from the same embeddings and centres, before the update),
 backward, gradient clipping, the two optimizers (backbone, head shard), the lr
 schedule. Around it: logging every ``--log-every`` steps, verification after every
 epoch and every ``--val-every`` steps (:mod:`.evaluation`), an atomic checkpoint every
-``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone's
-state_dict) when the run is done.
+``--checkpoint-every`` steps and at the end, and ``model.pt`` (the backbone with its
+architecture, :mod:`.model_file`) when the run is done. :func:`train` holds the run
+folder's lock (:mod:`.run_folder`) for the whole run.
+
+Non-finite state is never saved. Each step's loss is checked on the device (no sync:
+the first bad step is kept), read at every log line and before every checkpoint, which
+also checks the weights and BatchNorm's statistics; a bad one stops every rank with
+:class:`TrainingDiverged`, every checkpoint kept finite. A resume takes this run's
+``--lr``, so a diverged run continues with a lower one. A step that does not finish
+within ``--dist-timeout`` ends the process (:mod:`.watchdog`).
 
 Exact resume. A checkpoint is taken after a step; it holds everything that decides
 the following steps: weights, optimizer and scheduler states, the GradScaler, every
@@ -25,8 +33,8 @@ to the new ones. Random augmentation drawn inside DataLoader workers
 
 from __future__ import annotations
 
+import itertools
 import math
-import os
 import re
 import time
 import warnings
@@ -38,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from margin_ext import PartialFC
 from margin_ext.backends import BackendUnavailable, resolve
+from margin_ext.safe_files import fresh_temporary
 from margin_ext.train.backbones import build_backbone
 from margin_ext.train.data.errors import DataError
 from margin_ext.train.data.sampling import Batches, ResumableDistributedSampler, batch_count
@@ -48,17 +57,23 @@ from . import checkpointing as ckpt
 from .config import NOT_RECORDED, resolved_options, write_config
 from .ddp import agree_on_overflow, sum_gradients_hook
 from .distributed_launch import DistributedContext
-from .evaluation import build_val_sets, verify
+from .evaluation import build_val_sets, missing_val_files, verify
 from .logging import RunLog, format_duration
+from .model_file import MODEL_FILE, ModelInfo, default_normalization, save_model
 from .options import OptionError, lr_milestones, margin_spec, weight_decay
+from .run_folder import claim_run_folder
 from .schedule import LrSchedule
+from .watchdog import StepWatchdog
 
-SYNTHETIC_EPOCHS = 7  # about 3 minutes with 2 processes on 2 CPU cores
+SYNTHETIC_EPOCHS = 7  # 4-8 minutes with 2 processes on 2 idle CPU cores
 DEFAULT_EPOCHS = 20
-MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 
-__all__ = ["DataError", "Trainer", "train"]
+__all__ = ["DataError", "Trainer", "TrainingDiverged", "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; nothing of that state was saved."""
 
 
 def check_output_folder(output) -> Path:
@@ -68,9 +83,7 @@ def check_output_folder(output) -> Path:
         raise OptionError(f"--output {path}: exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fresh_temporary(path / ".write-test").unlink()  # created exclusively: no planted link is followed
     except OSError as error:
         raise OptionError(f"--output {path}: cannot write there ({error.strerror or error})") from None
     return path
@@ -88,18 +101,20 @@ class Trainer:
         self.options, self.ctx = options, ctx
         self.device = ctx.device
         self.output = check_output_folder(options.output)
+        ckpt.check_checkpoint_root(self.output)
         self.margin = margin_spec(options)
         try:
-            resolve(options.backend, self.device)
+            self.head_kernels = resolve(options.backend, self.device).name  # what --backend auto picks here
         except BackendUnavailable as error:
             raise OptionError(f"--backend {options.backend} on {self.device.type}: {error}") from None
 
-        resume_path = ckpt.open_run_folder(ctx, self.output, options.resume)
+        resume_path = ckpt.open_run_folder(ctx, self.output, options.resume, overwrite=options.overwrite)
         state = ckpt.load_trainer_state(resume_path) if resume_path is not None else None
         notes = self._adopt_checkpoint_run(state) if state is not None else []
 
         ckpt.seed_everything(options.seed)
-        self.train_set, self.num_classes = build_train_set(options)
+        # every size problem at once, the --val files' included, before anything is built
+        self.train_set, self.num_classes = build_train_set(options, missing_val_files(options))
         if len(self.train_set) < 2 * ctx.world_size:
             raise DataError(f"--data {options.data}: {len(self.train_set)} images are too few for "
                             f"{ctx.world_size} processes (BatchNorm needs 2 per process)")
@@ -110,18 +125,15 @@ class Trainer:
         self.val_sets = self._val_sets_on_rank0()
         self.sampler = ResumableDistributedSampler(self.train_set, ctx.world_size, ctx.rank, options.seed)
 
-        # same seed on every rank: identical backbones (DDP would broadcast rank 0's anyway)
-        self.backbone = build_backbone(options.backbone, options.embedding_size, in_channels=self.image_shape[0],
-                                       image_size=self.image_shape[1], dropout=options.dropout).to(self.device)
-        self.head = PartialFC(options.embedding_size, self.num_classes, margin=self.margin,
-                              sample_rate=options.sample_rate, backend=options.backend,
-                              seed=options.seed).to(self.device)
+        self.train_set.expected_shape = self.image_shape  # every other image must match it
+        self.backbone, self.head = self._build_model()
         self.backbone_optimizer = self._optimizer(self.backbone.parameters())
         self.head_optimizer = self._optimizer(self.head.parameters())
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[options.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
 
         self.step, self.epoch, self.consumed, self.elapsed_before = 0, 0, 0, 0.0
+        self.head_bytes = None  # per rank, measured after this run's first step
         if state is not None:
             self._check_compatible(state, resume_path)
             self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -141,6 +153,8 @@ class Trainer:
             for scheduler, saved in zip(self.schedulers, state["schedulers"]):
                 scheduler.load_state_dict(saved)  # the schedule's fields too: the same curve goes on
             notes += self._continue_schedule(state)
+        else:
+            notes += self._settings_not_meant()
 
         self.model = self.backbone
         if ctx.distributed:
@@ -150,6 +164,10 @@ class Trainer:
 
         self.log = RunLog(self.output, ctx.is_main, self.total_steps, options.progress, self.step,
                           tensorboard=not options.no_tensorboard)
+        self.watchdog = StepWatchdog(options.dist_timeout, ctx.rank, enabled=ctx.distributed)
+        # the first step whose loss was not finite (-1: none), kept on the device: no sync per step
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._nonfinite_loss = torch.zeros((), device=self.device)
         if state is not None:
             self.log.load_state_dict(state["history"])
             rng = ckpt.load_rank_rng(resume_path, ctx.rank, ctx.world_size)
@@ -159,12 +177,12 @@ class Trainer:
                 ckpt.seed_everything(derive_seed(options.seed, "resume", self.step, ctx.rank))
             self.log.print(f"resumed from {resume_path} at step {self.step} (epoch {self.epoch}, "
                            f"saved by {state['world_size']} process(es), now {ctx.world_size})")
-            for note in notes:
-                self.log.print(f"warning: {note}")
         else:
             self.log.start_fresh()
             # ranks draw their own streams from here on (dropout, augmentation)
             ckpt.seed_everything(derive_seed(options.seed, "rank", ctx.rank))
+        for note in notes:
+            self.log.print(f"warning: {note}")
         self.resumed_from = resume_path
         if ctx.is_main:
             write_config(self.output / CONFIG_FILE, self.recorded_options(),
@@ -209,12 +227,34 @@ class Trainer:
         if saved is not None and all(saved.get(key) == getattr(self.options, key) for key in ("epochs", "steps")):
             # the same length in steps, even where another world size pads the epochs differently
             self.total_steps = before
+        # LambdaLR's state holds the checkpoint's base lr: this run's --lr decides (lowered after a divergence)
+        for scheduler in self.schedulers:
+            scheduler.base_lrs = [self.options.lr] * len(scheduler.base_lrs)
+            for group in scheduler.optimizer.param_groups:
+                group["initial_lr"] = self.options.lr
         # LambdaLR's state holds the step, not the optimizers' lr: set it from the schedule
         self._set_schedule_length(self.total_steps)
         if self.total_steps == before:
             return []
         return [f"the run now ends at step {self.total_steps} instead of {before}: the lr schedule is "
                 f"stretched to the new length"]
+
+    def _settings_not_meant(self) -> list:
+        """Settings that run, but hardly as the user meant: said once, when a run starts."""
+        notes = []
+        images, global_batch = len(self.train_set), self.options.batch_size * self.ctx.world_size
+        if global_batch > images:
+            notes.append(f"--batch-size {self.options.batch_size} x {self.ctx.world_size} process(es) = "
+                         f"{global_batch} images per step, more than the {images} of the dataset: each step "
+                         f"takes the whole dataset once")
+        warmup = self.schedule.warmup_steps
+        if warmup >= self.total_steps:
+            notes.append(f"the warm-up of {warmup} steps is not shorter than the run of {self.total_steps}: "
+                         f"the lr never reaches --lr {self.options.lr:g}")
+        if self.num_classes == 1:
+            notes.append("the dataset has a single identity: the margin softmax has no other class to tell it "
+                         "from, the loss is 0 and nothing is learnt")
+        return notes
 
     def _val_sets_on_rank0(self) -> dict:
         """Only rank 0 evaluates, so only it holds the pairs; a bad file stops every rank."""
@@ -228,6 +268,26 @@ class Trainer:
         if problem is not None:
             raise DataError(problem)
         return sets
+
+    def _build_model(self):
+        """The backbone (the same seed on every rank: DDP would broadcast rank 0's anyway) and the head;
+        an OptionError naming --embedding-size where the allocator cannot hold them."""
+        options = self.options
+        try:
+            backbone = build_backbone(options.backbone, options.embedding_size, in_channels=self.image_shape[0],
+                                      image_size=self.image_shape[1], dropout=options.dropout).to(self.device)
+            head = PartialFC(options.embedding_size, self.num_classes, margin=self.margin,
+                             sample_rate=options.sample_rate, backend=options.backend,
+                             seed=options.seed).to(self.device)
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(error, MemoryError) and "alloc" not in str(error).lower() \
+                    and "out of memory" not in str(error).lower():
+                raise
+            centres = self.num_classes * options.embedding_size * 4
+            raise OptionError(f"--embedding-size {options.embedding_size} with {self.num_classes} classes: "
+                              f"the model does not fit in memory on {self.device} (the centres alone take "
+                              f"{centres / 2**30:.3g} GiB, and the allocator refused)") from None
+        return backbone, head
 
     def _optimizer(self, parameters):
         parameters = [p for p in parameters if p.requires_grad]
@@ -288,15 +348,16 @@ class Trainer:
     def fit(self) -> dict:
         options, ctx = self.options, self.ctx
         global_batch = options.batch_size * ctx.world_size
-        self.log.print(f"training {options.backbone} + PartialFC({self.margin!r}) on {len(self.train_set)} images of "
-                       f"{self.num_classes} identities; {ctx.world_size} process(es) on {self.device}, "
+        self.log.print(f"training {options.backbone} + PartialFC({self.margin!r}, {self.head_kernels} kernels) on "
+                       f"{len(self.train_set)} images of {self.num_classes} identities; {ctx.world_size} process(es) "
+                       f"on {self.device}, "
                        f"global batch {global_batch}, {self.total_steps} steps")
         self.started = time.perf_counter()
         interval_start, interval_steps, interval_samples, paused = self.started, 0, 0, 0.0
         loss_sum = torch.zeros((), device=self.device)
         last_eval_step = max((row["step"] for row in self.log.val), default=-1)
         last_checkpoint_step = self.step if self.resumed_from is not None else -1
-        steps_this_run, training_seconds = 0, 0.0
+        steps_this_run, training_seconds, trained_samples = 0, 0.0, 0
 
         while self.step < self.total_steps:
             loader = self._loader()
@@ -304,27 +365,33 @@ class Trainer:
             if batches_left == 0:  # the epoch was used up at the checkpoint
                 self.epoch, self.consumed = self.epoch + 1, 0
                 continue
+            self.watchdog.arm(self.step + 1)  # the batch's read counts as part of its step
             for batch_index, (images, labels) in enumerate(loader):
                 lr = self.backbone_optimizer.param_groups[0]["lr"]  # the lr this step uses
                 logging_step = (self.step + 1) % options.log_every == 0 or self.step + 1 == self.total_steps
                 loss, top1, batch = self._train_step(images, labels, measure_top1=logging_step)
                 self.step += 1
                 steps_this_run += 1
+                self._note_nonfinite(loss)
                 self.consumed = min(self.consumed + batch * ctx.world_size, len(self.train_set))
                 loss_sum += loss
                 interval_steps += 1
                 interval_samples += batch * ctx.world_size
                 self.log.advance()
+                if steps_this_run == 1:
+                    pause_start = time.perf_counter()
+                    self._report_head_memory()
+                    paused += time.perf_counter() - pause_start
 
+                self.watchdog.disarm()
                 if logging_step:
+                    self._stop_if_diverged(check_weights=False)
                     mean_loss = (loss_sum / interval_steps).item()
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(f"the loss is {mean_loss} at step {self.step}: lower --lr, "
-                                                 f"or use --amp none")
                     now = time.perf_counter()
                     # samples/s and the ETA count training only: verification and checkpoints are paused time
                     seconds = max(now - interval_start - paused, 1e-9)
                     training_seconds += seconds
+                    trained_samples += interval_samples
                     eta = training_seconds / steps_this_run * (self.total_steps - self.step)
                     self.log.log_train(self.step, self.epoch, mean_loss, lr, top1, interval_samples / seconds, eta)
                     interval_start, interval_steps, interval_samples, paused = now, 0, 0, 0.0
@@ -336,6 +403,7 @@ class Trainer:
                 periodic = options.val_every and self.step % options.val_every == 0
                 if (epoch_over or done or periodic) and last_eval_step != self.step:
                     self.evaluate()
+                    ctx.barrier()  # the others wait here, not inside the next step's watched collectives
                     last_eval_step = self.step
                 if epoch_over:
                     self.epoch, self.consumed = self.epoch + 1, 0
@@ -349,10 +417,47 @@ class Trainer:
                     return {"step": self.step, "stopped": True}
                 if done:
                     break
+                self.watchdog.arm(self.step + 1)
 
         if last_checkpoint_step != self.step:  # e.g. resumed from the final checkpoint
             self.save()
-        return self._finish(self._elapsed())
+        return self._finish(self._elapsed(), trained_samples / training_seconds if training_seconds else None)
+
+    def _report_head_memory(self) -> None:
+        """What the head holds on each rank once a step has run: centres, gradient, optimizer state."""
+        parameters = list(self.head.parameters())
+        tensors = parameters + [p.grad for p in parameters if p.grad is not None]
+        tensors += [value for state in self.head_optimizer.state.values() for value in state.values()
+                    if torch.is_tensor(value)]
+        mine = (self.head.num_local, sum(t.numel() * t.element_size() for t in tensors))
+        per_rank = self.ctx.gather_object(mine)
+        self.head_bytes = [nbytes for _, nbytes in per_rank]
+        self.log.print("head memory per rank (centres, their gradient, optimizer state): " + "; ".join(
+            f"rank {rank}: {classes:,} classes, {nbytes / 2**20:,.0f} MiB"
+            for rank, (classes, nbytes) in enumerate(per_rank)))
+
+    def _note_nonfinite(self, loss) -> None:
+        bad = ~torch.isfinite(loss) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, self.step, self._first_nonfinite)
+        self._nonfinite_loss = torch.where(bad, loss.float(), self._nonfinite_loss)
+
+    def _stop_if_diverged(self, check_weights: bool) -> None:
+        """TrainingDiverged on every rank once a step's loss was not finite, or (``check_weights``,
+        before a save) where a weight is not; a collective."""
+        first = int(self._first_nonfinite)
+        weights_bad = check_weights and not all(  # BatchNorm's running statistics too
+            bool(torch.isfinite(t).all()) for module in (self.backbone, self.head)
+            for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+        if not self.ctx.any(first >= 0 or weights_bad):
+            return
+        saved = ckpt.list_checkpoints(self.output)
+        kept = (f"the last checkpoint, {saved[-1].name}, and every one before it hold finite weights"
+                if saved else "no checkpoint was written")
+        what = (f"the loss became {float(self._nonfinite_loss)} at step {first}" if first >= 0
+                else f"the weights became non-finite by step {self.step}")
+        self.log.close()
+        raise TrainingDiverged(f"{what}: stopped without saving; {kept}: lower --lr and continue "
+                               f"with --resume auto")
 
     def _train_step(self, images, labels, measure_top1: bool):
         """One optimizer step; (loss, top-1 of the batch before the update or None, rows on this rank)."""
@@ -401,6 +506,7 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def save(self) -> Path:
+        self._stop_if_diverged(check_weights=True)  # a checkpoint never holds a non-finite state
         state = None
         if self.ctx.is_main:
             state = {
@@ -422,10 +528,12 @@ class Trainer:
         return ckpt.save_checkpoint(self.ctx, self.output, self.step, state, self.head, self.head_optimizer,
                                     self.options.keep_checkpoints, lineage=self.lineage)
 
-    def _finish(self, seconds: float) -> dict:
+    def _finish(self, seconds: float, samples_per_s) -> dict:
+        """``samples_per_s``: this run's training throughput (None when it took no step)."""
         results = self.log.final_results()
         summary = {"steps": self.step, "epochs_completed": self.epoch, "seconds": seconds,
-                   "world_size": self.ctx.world_size,
+                   "world_size": self.ctx.world_size, "head_bytes_per_rank": self.head_bytes,
+                   "train_samples_per_s": samples_per_s,
                    "final_verification": {name: {"accuracy": acc, "std": std} for name, (acc, std) in results.items()},
                    "final_loss": self.log.train[-1]["loss"] if self.log.train else float("nan")}
         self.log.close()
@@ -438,19 +546,33 @@ class Trainer:
                 except ImportError:
                     self.log.print("no plot: matplotlib is not installed (pip install 'margin_ext[train]')")
             verification = ", ".join(f"{name} {acc:.4f} ± {std:.4f}" for name, (acc, std) in results.items())
-            self.log.print(f"done: {self.step} steps in {format_duration(seconds)} on {self.ctx.world_size} "
-                           f"process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
+            throughput = f" ({samples_per_s:,.0f} samples/s training)" if samples_per_s else ""
+            self.log.print(f"done: {self.step} steps in {format_duration(seconds)}{throughput} on "
+                           f"{self.ctx.world_size} process(es); final loss {summary['final_loss']:.4f}; final verification accuracy "
                            f"{verification or 'not evaluated'}; logs in {self.output}")
         return summary
 
     def _write_model(self) -> Path:
-        """The backbone's state_dict, as arcface_torch's model.pt (python -m margin_ext.export converts it)."""
-        path = self.output / MODEL_FILE
-        temporary = path.with_name(path.name + ".tmp")
-        torch.save(self.backbone.state_dict(), temporary)
-        os.replace(temporary, path)
-        return path
+        """The backbone and its architecture (:mod:`.model_file`; python -m margin_ext.export converts it)."""
+        channels, height, _ = self.image_shape
+        info = ModelInfo(self.options.backbone, self.options.embedding_size, channels, height,
+                         default_normalization(channels), self.step)
+        return save_model(self.output / MODEL_FILE, self.backbone, info)
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.log.close()
 
 
 def train(options, ctx: DistributedContext) -> dict:
-    return Trainer(options, ctx).fit()
+    """One run: its folder locked (:mod:`.run_folder`) from before the first read of it to the end."""
+    lock = claim_run_folder(ctx, check_output_folder(options.output), options.resume, options.overwrite)
+    try:
+        trainer = Trainer(options, ctx)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -3,6 +3,7 @@
 // fault handlers that name the kernel, block and thread.
 #include "emulator.h"
 
+#include <dlfcn.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -143,8 +144,10 @@ std::string where() {
   State& s = st();
   char buf[512];
   if (!s.kernel) return "outside any kernel";
-  int n = snprintf(buf, sizeof buf, "kernel %s%s%s, block (%u,%u,%u)", s.kernel, s.context ? " " : "",
-                   s.context ? s.context : "", s.block_index.x, s.block_index.y, s.block_index.z);
+  // the launcher's template arguments: "[with W = ...]" of its __PRETTY_FUNCTION__
+  const char* with = s.context ? strstr(s.context, "[with ") : nullptr;
+  int n = snprintf(buf, sizeof buf, "kernel %s%s%s, block (%u,%u,%u)", s.kernel, with ? " " : "", with ? with : "",
+                   s.block_index.x, s.block_index.y, s.block_index.z);
   if (s.current >= 0) {
     const uint3& t = s.fibers[s.current].index;
     snprintf(buf + n, sizeof buf - n, ", thread (%u,%u,%u)", t.x, t.y, t.z);
@@ -217,8 +220,13 @@ void check_canaries() {
 void on_fault(int sig, siginfo_t* info, void*) {
   State& s = st();
   char buf[512];
-  if (sig == SIGABRT) {
-    snprintf(buf, sizeof buf, "aborted (the sanitizer's report above names the source line)");
+  if (sig == SIGILL) {
+    // -fsanitize-undefined-trap-on-error: ud2 where a check failed
+    Dl_info dl{};
+    const bool known = dladdr(info->si_addr, &dl) != 0 && dl.dli_fname;
+    snprintf(buf, sizeof buf, "sanitizer trap (a misaligned access or an index past a fixed-size array) at %s+0x%tx",
+             known ? dl.dli_fname : "?",
+             static_cast<const char*>(info->si_addr) - (known ? static_cast<const char*>(dl.dli_fbase) : nullptr));
   } else if (Region* r = find_region(info->si_addr)) {
     const char* p = static_cast<const char*>(info->si_addr);
     if (r->read_only && p >= r->data && p < r->data + r->bytes) {
@@ -256,7 +264,7 @@ void install_handlers() {
   sa.sa_sigaction = on_fault;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
   sigemptyset(&sa.sa_mask);
-  for (int sig : {SIGSEGV, SIGBUS, SIGABRT, SIGFPE}) sigaction(sig, &sa, nullptr);
+  for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE}) sigaction(sig, &sa, nullptr);
 }
 
 // ---- the scheduler ----
@@ -484,8 +492,7 @@ void check_layout(const Shape& sh) {
   }
   for (const auto* v : {&a, &b, &c}) {
     for (int count : *v) {
-      if (count != 1) throw std::logic_error(std::string("emu: the fragment layout of ") + sh.name +
-                                             " does not hold every element once");
+      if (count != 1) fail("the fragment layout of %s does not hold every element once", sh.name);
     }
   }
 }

@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
+import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -69,6 +71,7 @@ class Case:
     chunk: int = 0     # fused: backward workspace bytes (0: the kernels' budget); chunk loop: classes per chunk
     compute: torch.dtype = torch.float32  # the chunk loop's compute dtype
     seed: int = 0
+    odd_centres: bool = False  # centres 2, 3, 4: zero, tiny (1e-30), huge; rows 2, 3, 4 their targets
 
     @property
     def name(self) -> str:
@@ -77,7 +80,8 @@ class Case:
         if self.path == "chunk" and self.compute == torch.float64:
             kind += "/f64"
         return (f"{self.path} {kind} {self.spec} B={self.rows} C={self.cols} D={self.dim}"
-                f"{f' splits={self.splits}' if self.splits else ''}{f' chunk={self.chunk}' if self.chunk else ''}")
+                f"{f' splits={self.splits}' if self.splits else ''}{f' chunk={self.chunk}' if self.chunk else ''}"
+                f"{' zero/tiny/huge centres' if self.odd_centres else ''}")
 
 
 # Workspace bytes that hold one class tile of G for B rows: chunks of 64 classes.
@@ -101,13 +105,19 @@ def cases(quick: bool = False) -> list[Case]:
     shapes = [(64, 64, 64, 1, None), (1, 37, 16, 0, None), (70, 130, 72, 0, None), (33, 300, 100, 4, 1),
               (130, 190, 136, 3, 2), (5, 70, 512, 2, None)]
     for dtype in fused_dtypes:
-        for b, c, d, splits, tiles in shapes:
-            for spec in (FEW_SPECS if not quick else FEW_SPECS[:1]):
+        for index, (b, c, d, splits, tiles) in enumerate(shapes):
+            # quick: one spec per shape, in turn (the norm scale's logits near 0 among them)
+            for spec in (FEW_SPECS if not quick else [FEW_SPECS[index % len(FEW_SPECS)]]):
                 chunk = tiles * one_tile_chunks(b, dtype) if tiles else 0
                 out.append(Case("fused", dtype, spec, b, c, d, splits, chunk))
         for spec in (COSINE_SPECS if not quick else COSINE_SPECS[:3]):
             if spec not in FEW_SPECS:
                 out.append(Case("fused", dtype, spec, 70, 130, 72, seed=1))
+    # centres of zero, tiny and huge norm, targets of some rows
+    for dtype in (torch.bfloat16, torch.float32):
+        out.append(Case("fused", dtype, "arcface", 70, 130, 72, seed=6, odd_centres=True))
+    for dtype in (torch.float32, torch.bfloat16):
+        out.append(Case("chunk", dtype, "arcface", 9, 37, 24, chunk=16, seed=6, odd_centres=True))
     # the chunk loop: every spec, InterFace included, over chunks ending mid-way
     for spec in (SPEC_CASES if not quick else ["arcface", "interface"]):
         out.append(Case("chunk", torch.float32, spec, 9, 37, 24, chunk=16, seed=2))
@@ -131,6 +141,11 @@ def op_inputs(case: Case) -> dict:
         if i < case.rows and label < case.cols:
             labels[i] = label
     x, w, labels = make_inputs(case.rows, case.cols, case.dim, torch.float64, seed=case.seed, labels=labels)
+    if case.odd_centres:  # zero-initialised or padded classes, and the dtype's extremes
+        huge = 3e4 if case.dtype == torch.float16 else 1e20
+        for j, value in ((2, 0.0), (3, 1e-30), (4, huge)):
+            w[j] = value * w[j] / w[j].abs().max()
+            labels[j] = j
     # ignored rows (-1) and rows whose target is another shard's class (>= C)
     if case.rows > 2:
         labels[1] = -1
@@ -169,7 +184,11 @@ def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float
     labels = inp["labels"]
     xp = x if x_product is None else x + (x_product.to(dtype) - x).detach()
     wp = w if w_product is None else w + (w_product.to(dtype) - w).detach()
-    norm = torch.linalg.vector_norm(w, dim=1)
+    # |w| of rows whose squares overflow in `dtype`: summed divided by a power of two (exact)
+    peak = w.detach().abs().amax(dim=1, keepdim=True)
+    row_scale = torch.where(peak > torch.finfo(dtype).max ** 0.25, torch.exp2(torch.floor(torch.log2(peak))),
+                            torch.ones_like(peak))
+    norm = torch.linalg.vector_norm(w / row_scale, dim=1) * row_scale.squeeze(1)
     cos = (xp @ wp.T) / norm.clamp_min(NORM_EPS)
     n_cols = w.shape[0]
     hit = ((labels >= 0) & (labels < n_cols)).nonzero().squeeze(1)
@@ -245,8 +264,21 @@ def run_emulated(lib, case: Case, inp: dict):
     else:
         status = lib.emu_chunk_loop(ctypes.byref(call), int(compute == torch.float64), error, len(error))
     if status != 0:
-        return error.value.decode(errors="replace")
+        return with_source_line(error.value.decode(errors="replace"))
     return [out[n] for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
+
+
+def with_source_line(message: str) -> str:
+    """A sanitizer trap's address in the library, with the source line addr2line gives."""
+    m = re.search(r" at (\S+\.so)\+(0x[0-9a-f]+)", message)
+    if not m:
+        return message
+    try:
+        where = subprocess.run(["addr2line", "-e", m.group(1), "-i", m.group(2)], capture_output=True,
+                               text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return message
+    return message + (f" ({' <- '.join(where)})" if where else "")
 
 
 OUTPUTS = ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")

@@ -97,8 +97,9 @@ def test_resave_survives_a_kill_at_every_point(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         counter = _Crash(patch)
         _save(tmp_path / "count", 1)
+        first = counter.calls
         _save(tmp_path / "count", 1, "new")
-    points = counter.calls - 1  # renames and deletes of the second save
+    points = counter.calls - first  # renames (each file's, the folder's) and deletes of the second save
     assert points >= 3
     for at in range(1, points + 1):
         output = tmp_path / f"killed-{at}"
@@ -130,7 +131,11 @@ def test_retention_killed_midway_leaves_no_step_folder_behind(tmp_path, monkeypa
     for step in (1, 2):
         _save(tmp_path, step, keep=2)
     with monkeypatch.context() as patch:
-        _Crash(patch, at=2)  # rename tmp -> step-3, rename step-1 -> trash, delete: dies halfway
+        counter = _Crash(patch)
+        _save(tmp_path / "count", 1)
+    with monkeypatch.context() as patch:
+        # the save's renames (its files', then tmp -> step-3), rename step-1 -> trash, delete: dies halfway
+        _Crash(patch, at=counter.calls + 1)
         with pytest.raises(Killed):
             _save(tmp_path, 3, keep=2)
     assert _steps(tmp_path) == [2, 3]

@@ -289,6 +289,26 @@ def test_synthetic_set_is_deterministic_and_splits_differ():
     assert not torch.allclose(val.images, first.images)
 
 
+def test_a_large_synthetic_set_renders_images_as_they_are_read(monkeypatch):
+    from margin_ext.train.data import synthetic
+
+    monkeypatch.setattr(synthetic, "RENDER_AHEAD_LIMIT", 50)
+    lazy = SyntheticIdentities(30, 2, seed=1)
+    assert lazy.images is None and len(lazy) == 60 and lazy.num_classes == 30
+    images = torch.stack([lazy[i][0] for i in range(60)])
+    assert [lazy[i][1].item() for i in (0, 1, 2, 59)] == [0, 0, 1, 29]
+    assert torch.equal(lazy[-1][0], images[59])
+    assert torch.equal(SyntheticIdentities(30, 2, seed=1)[17][0], images[17])  # the same on every read
+    assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.2
+    # the same world: samples of one identity are closer than those of two, as rendered up front
+    flat = images.flatten(1)
+    distances = torch.cdist(flat, flat)
+    same = lazy.labels[:, None] == lazy.labels[None, :]
+    assert distances[same & ~torch.eye(60, dtype=torch.bool)].mean() < 0.9 * distances[~same].mean()
+    with pytest.raises(IndexError):
+        lazy[60]
+
+
 def test_synthetic_samples_are_closer_within_an_identity():
     dataset = SyntheticIdentities(30, 6, seed=1)
     flat = dataset.images.flatten(1)

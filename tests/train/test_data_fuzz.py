@@ -11,16 +11,12 @@ A failure message carries the seed and input number that reproduce it.
 import io
 import pickle
 import pickletools
-import resource
-import signal
 import struct
-import tracemalloc
-from collections import Counter
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from fuzzing import MEMORY_LIMIT, run_fuzz
 
 from margin_ext.train.data import (
     DataError,
@@ -34,69 +30,10 @@ SEED = 20261201
 RECORDIO_INPUTS = 400
 PNG_RECORDIO_INPUTS = 150  # Pillow, where installed
 BIN_INPUTS = 400
-SECONDS_PER_INPUT = 5
-MEMORY_LIMIT = 512 << 20
 
 # Values that size fields go wrong with: zero, tiny, sign bit, all ones, just past a bound.
 EXTREME_WORDS = [0, 1, 3, 0xFF, 0x100, 0xFFFF, 0x1FFFFFFF, 0x20000000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
 EXTREME_LABELS = [-1.0, -0.5, 0.5, 2.0, 3.0, 7.0, 1e9, 3.4e38, float("inf"), float("nan")]
-
-
-class Hang(BaseException):
-    """Raised by the alarm; a BaseException so that no `except Exception` in the readers swallows it."""
-
-
-@contextmanager
-def time_bound(seconds):
-    def on_alarm(signum, frame):
-        raise Hang(f"no outcome after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def run_fuzz(inputs, read):
-    """Feed each ``(description, write)`` to ``read``; return the outcome counts and the failures."""
-    outcomes, failures = Counter(), []
-    largest_peak = 0
-    rss_before = peak_rss_bytes()
-    tracemalloc.start()
-    try:
-        for number, (description, write) in enumerate(inputs):
-            write()
-            tracemalloc.reset_peak()
-            try:
-                with time_bound(SECONDS_PER_INPUT):
-                    outcomes[read()] += 1
-            except DataError:
-                outcomes["DataError"] += 1
-            except Hang as error:
-                failures.append(f"input {number} ({description}): {error}")
-                outcomes["hang"] += 1
-            except Exception as error:  # the finding: anything but a DataError
-                failures.append(f"input {number} ({description}): {type(error).__name__}: {error}"[:300])
-                outcomes["other exception"] += 1
-            peak = tracemalloc.get_traced_memory()[1]
-            largest_peak = max(largest_peak, peak)
-            if peak > MEMORY_LIMIT:
-                failures.append(f"input {number} ({description}): allocated {peak >> 20} MiB")
-    finally:
-        tracemalloc.stop()
-    rss_growth = peak_rss_bytes() - rss_before
-    if rss_growth > MEMORY_LIMIT:
-        failures.append(f"peak RSS grew by {rss_growth >> 20} MiB")
-    print(f"largest allocation peak of one input: {largest_peak / 2**20:.1f} MiB; "
-          f"peak RSS growth: {max(rss_growth, 0) / 2**20:.1f} MiB")
-    return outcomes, failures
 
 
 def corrupt(data: bytes, rng, fields) -> tuple:
@@ -291,12 +228,7 @@ def test_the_fuzz_harness_reports_what_it_must_catch(tmp_path):
         return np.empty(MEMORY_LIMIT + (1 << 20), dtype=np.uint8).size
 
     for read, finding in ((raises_key_error, "KeyError"), (hangs, "no outcome"), (allocates, "allocated")):
-        original = SECONDS_PER_INPUT
-        globals()["SECONDS_PER_INPUT"] = 1
-        try:
-            _, failures = run_fuzz([("probe", lambda: None)], read)
-        finally:
-            globals()["SECONDS_PER_INPUT"] = original
+        _, failures = run_fuzz([("probe", lambda: None)], read, seconds=1)
         assert any(finding in failure for failure in failures), failures
 
 

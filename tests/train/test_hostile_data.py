@@ -24,6 +24,7 @@ from margin_ext.train.data import (
     write_recordio,
     write_verification_bin,
 )
+from margin_ext.train.data.errors import DataWarning
 from margin_ext.train.data.recordio import RECORDIO_MAGIC
 from margin_ext.train.data.restricted_pickle import RefusedPickle, _RestrictedUnpickler
 
@@ -173,7 +174,8 @@ def test_python2_pickles_load(tmp_path, numpy_images, numpy_issame):
     assert len(reference[0]) == 6
     path = tmp_path / "agedb_30.bin"
     path.write_bytes(stream)
-    loaded, flags = load_verification_bin(path, image_size=(4, 4), as_uint8=True)
+    with pytest.warns(DataWarning, match="resized"):
+        loaded, flags = load_verification_bin(path, image_size=(4, 4), as_uint8=True)
     assert flags.tolist() == issame
     assert loaded.shape == (6, 3, 4, 4)
     assert torch.all(loaded[2] == 20) and torch.all(loaded[1] == 7)
@@ -201,8 +203,9 @@ def test_bin_load_gives_no_numpy_warning(tmp_path, recwarn):
     path.write_bytes(pickle.dumps(([np.frombuffer(image, np.uint8) for image in images], issame), protocol=5))
     load_verification_bin(path, image_size=(4, 4))
     write_verification_bin(path, images, issame)
-    load_verification_bin(path, image_size=(8, 8))
-    assert not [str(warning.message) for warning in recwarn.list]
+    with pytest.warns(DataWarning, match="4x4 pixels resized to the model's 8x8"):  # the resize's own notice
+        load_verification_bin(path, image_size=(8, 8))
+    assert not [str(warning.message) for warning in recwarn.list if warning.category is not DataWarning]
 
 
 def test_jpeg_bin_load_gives_no_read_only_array_warning(tmp_path, recwarn):

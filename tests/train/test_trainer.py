@@ -65,6 +65,7 @@ def test_single_process_run_writes_logs_checkpoints_and_plot(tmp_path, capsys):
         assert "no plot: matplotlib is not installed" in printed
     else:
         assert (out / "curves.png").stat().st_size > 1000
+        _assert_three_panels_with_the_lr(out)
 
     # every 3 steps and at the end, the last two kept; no partial folder left
     names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != "branch.json")
@@ -239,6 +240,17 @@ def test_bad_numbers_are_named(capsys):
     assert "--batch-size=0" in _error(capsys)
     assert main(["--sample-rate", "1.5"]) == 2
     assert "--sample-rate=1.5" in _error(capsys)
+
+
+def _assert_three_panels_with_the_lr(out):
+    from margin_ext.train.logging import RunLog
+
+    log = RunLog(out, enabled=True, total_steps=8)
+    log.load_state_dict(json.loads((out / "log.json").read_text()))
+    figure = log.figure()
+    assert [axis.get_title() for axis in figure.axes if axis.get_title()] == ["training", "schedule", "verification"]
+    lr_line = next(axis for axis in figure.axes if axis.get_title() == "schedule").lines[0]
+    assert list(lr_line.get_ydata()) == [row["lr"] for row in log.train]
 
 
 def test_sampler_resumes_on_any_world_size():

@@ -14,6 +14,7 @@ from margin_ext.train.data import (
     synthetic_verification_pairs,
     write_verification_bin,
 )
+from margin_ext.train.data.errors import DataWarning
 from margin_ext.train.data.verification import kfold_splits, pair_distances
 
 
@@ -133,11 +134,13 @@ def test_verification_bin_accepts_numpy_buffers_and_resizes(tmp_path):
     bins = [np.frombuffer(encode_npy(image), dtype=np.uint8) for image in images]
     with open(path, "wb") as handle:
         pickle.dump((bins, [False]), handle, protocol=2)
-    loaded, flags = load_verification_bin(path, image_size=(4, 4))
+    with pytest.warns(DataWarning, match="8x8 pixels resized to the model's 4x4"):
+        loaded, flags = load_verification_bin(path, image_size=(4, 4))
     assert loaded.shape == (2, 3, 4, 4) and flags.tolist() == [False]
     # A uniform image stays uniform through the resize.
     write_verification_bin(path, [encode_npy(np.full((8, 8, 3), 255, np.uint8))] * 2, [True])
-    loaded, _ = load_verification_bin(path, image_size=(4, 4))
+    with pytest.warns(DataWarning):
+        loaded, _ = load_verification_bin(path, image_size=(4, 4))
     assert torch.all(loaded == 1.0)
 
 

@@ -6,17 +6,24 @@ is optional; images saved with ``np.save`` are recognised by the NumPy magic
 prefix and decoded without it, so tests and synthetic exports need only numpy.
 
 The stored bytes are untrusted: the image size is read from the header and checked
-(:data:`MAX_IMAGE_SIDE`, at most :data:`MAX_CHANNELS` channels, and for ``.npy`` exactly the
-bytes present) before any pixel buffer is allocated, and every defect is a :class:`DataError`.
+(:data:`MAX_IMAGE_SIDE`, at most :data:`MAX_CHANNELS` channels, at most
+:data:`MAX_IMAGE_BYTES` of pixels, and for ``.npy`` exactly the bytes present) before any pixel
+buffer is allocated, and every defect is a :class:`DataError`. An image file is opened lazily
+(only a regular file: a FIFO is refused) and its header checked before the rest is read.
+Every image of a set must have the size and channel count of the first
+(:func:`check_same_shape`), or a DataError names the odd file.
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
 from numpy.lib import format as npy_format
+
+from margin_ext.safe_files import open_regular
 
 from .errors import DataError
 
@@ -25,6 +32,9 @@ NPY_MAGIC = b"\x93NUMPY"
 # Aligned face crops are 112 x 112; a side beyond this is a corrupt header, not a face.
 MAX_IMAGE_SIDE = 4096
 MAX_CHANNELS = 4
+#: the most bytes an image's pixels may take: 4096 x 4096 x 4 channels of uint8 (64 MiB); the budget
+#: of one stored record too (:mod:`.recordio`), whatever size the file's own fields claim
+MAX_IMAGE_BYTES = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE * MAX_CHANNELS
 
 _NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
@@ -58,9 +68,13 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
     """
     data = bytes(data)
     if data.startswith(NPY_MAGIC):
-        array = _decode_npy(data)
+        array = _decode_npy(io.BytesIO(data), len(data))
     else:
-        array = _decode_with_pil(data)
+        array = _decode_with_pil(io.BytesIO(data))
+    return _as_hwc(array)
+
+
+def _as_hwc(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3:
@@ -79,9 +93,9 @@ def _check_image_shape(shape) -> None:
         )
 
 
-def _decode_npy(data: bytes) -> np.ndarray:
+def _decode_npy(stream, available: int) -> np.ndarray:
+    """The array of a .npy stream of ``available`` bytes; the header checked before the pixels are read."""
     # np.load would allocate the header's shape before reading: check it against the bytes first.
-    stream = io.BytesIO(data)
     try:
         version = npy_format.read_magic(stream)
         read_header = _NPY_HEADER_READERS.get(version)
@@ -96,18 +110,24 @@ def _decode_npy(data: bytes) -> np.ndarray:
         raise DataError(f".npy image of shape {shape}: expected H x W or H x W x C")
     _check_image_shape(shape)
     size = int(np.prod(shape)) * dtype.itemsize
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(f".npy image of shape {shape} and dtype {dtype} takes {size} bytes, more than the "
+                        f"{MAX_IMAGE_BYTES} an image may")
     start = stream.tell()
-    if len(data) - start != size:
-        raise DataError(f".npy image of shape {shape} and dtype {dtype} needs {size} bytes, holds {len(data) - start}")
-    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=start)
+    if available - start != size:
+        raise DataError(f".npy image of shape {shape} and dtype {dtype} needs {size} bytes, holds {available - start}")
+    data = stream.read(size)
+    if len(data) != size:  # the file shrank while read
+        raise DataError(f".npy image of shape {shape} and dtype {dtype}: truncated at {start + len(data)} bytes")
+    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)))
     # a copy: frombuffer views the bytes read-only, and torch warns on read-only arrays
     return np.array(array.reshape(shape, order="F" if fortran_order else "C"), order="C")
 
 
-def _decode_with_pil(data: bytes) -> np.ndarray:
+def _decode_with_pil(stream) -> np.ndarray:
     image_module = _require_pil()
     try:
-        with image_module.open(io.BytesIO(data)) as image:
+        with image_module.open(stream) as image:
             width, height = image.size  # from the header: checked before decoding the pixels
             _check_image_shape((height, width))
             return np.array(image.convert("RGB"))  # a writable copy
@@ -118,13 +138,28 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
 
 
 def load_image_file(path) -> np.ndarray:
-    """Read and decode one image file (``.npy`` or anything Pillow opens)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    """Read and decode one image file (``.npy`` or anything Pillow opens), lazily: the header's size is
+    checked before the pixels are read, and only what the image needs is read."""
     try:
-        return decode_image(data)
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            magic = handle.read(len(NPY_MAGIC))
+            handle.seek(0)
+            array = _decode_npy(handle, size) if magic == NPY_MAGIC else _decode_with_pil(handle)
+        return _as_hwc(array)
     except DataError as error:
         raise DataError(f"{path}: {error}") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def check_same_shape(image: torch.Tensor, expected, where) -> None:
+    """DataError naming ``where`` unless the C x H x W ``image`` has the ``expected`` shape (None: any)."""
+    if expected is not None and tuple(image.shape) != tuple(expected):
+        channels, height, width = image.shape
+        raise DataError(f"{where}: an image of {channels} channel(s) and {height} x {width} pixels; the set's "
+                        f"first image has {expected[0]} channel(s) and {expected[1]} x {expected[2]}: every image "
+                        f"of a set must have one size and channel count")
 
 
 def to_model_input(image: np.ndarray) -> torch.Tensor:

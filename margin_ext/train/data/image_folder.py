@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .decode import IMAGE_SUFFIXES, load_image_file, random_horizontal_flip, to_model_input
+from .decode import IMAGE_SUFFIXES, check_same_shape, load_image_file, random_horizontal_flip, to_model_input
 
 
 def _visible(path: Path) -> bool:
@@ -24,7 +24,12 @@ def _visible(path: Path) -> bool:
 
 
 class ImageFolderDataset(Dataset):
-    """Items are ``(image, label)``: float32 C x H x W in [-1, 1] and an int64 label."""
+    """Items are ``(image, label)``: float32 C x H x W in [-1, 1] and an int64 label.
+
+    ``expected_shape`` (C, H, W), once set, is the shape every image must have (DataError naming the file).
+    """
+
+    expected_shape = None
 
     def __init__(self, root, random_flip: bool = False):
         self.root = Path(root)
@@ -64,6 +69,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         image = to_model_input(load_image_file(path))
+        check_same_shape(image, self.expected_shape, path)
         if self.random_flip:
             image = random_horizontal_flip(image)
         return image, torch.tensor(label, dtype=torch.int64)

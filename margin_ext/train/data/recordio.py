@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .decode import decode_image, random_horizontal_flip, to_model_input
+from margin_ext.safe_files import NotARegularFile, open_regular, read_regular
+
+from .decode import MAX_IMAGE_BYTES, check_same_shape, decode_image, random_horizontal_flip, to_model_input
 from .errors import DataError
 
 RECORDIO_MAGIC = 0xCED7230A
@@ -55,6 +57,12 @@ _IR_FORMAT = "<IfQQ"
 _IR_SIZE = struct.calcsize(_IR_FORMAT)
 # A key beyond this is an overflowed or corrupt number (np.fromstring saturates at 2**63 - 1).
 _MAX_KEY = 2 ** 62
+#: the most bytes one record may hold, whatever its part lengths and the file's (perhaps sparse) size
+#: claim: the largest image, its header and a generous label array
+MAX_RECORD_BYTES = MAX_IMAGE_BYTES + (1 << 20)
+#: labels are float32: whole numbers are exact only below 2**24, a larger label is no identity number
+MAX_LABEL = 2 ** 24
+_INDEX_BYTES = 8 << 30  # 100 million records take 2 GB of index text
 
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 IRHeader.__doc__ = "Record header: ``label`` is a float, or a float32 array when ``flag > 0``."
@@ -77,7 +85,10 @@ def read_index(path_idx) -> tuple:
     malformed line in the :class:`DataError` it raises.
     """
     path_idx = Path(path_idx)
-    text = path_idx.read_bytes()
+    try:
+        text = read_regular(path_idx, _INDEX_BYTES)
+    except (ValueError, NotARegularFile) as error:
+        raise DataError(str(error)) from None
     line_count = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
     values = None
     # one tab per line, none with two: then the integers pair up line by line
@@ -130,14 +141,18 @@ class RecordIOReader:
     def __init__(self, path_rec, path_idx=None):
         self.path_rec = Path(path_rec)
         self.path_idx = Path(path_idx) if path_idx is not None else index_path_for(path_rec)
-        if not self.path_rec.is_file():
+        if not self.path_rec.exists():
             raise FileNotFoundError(f"RecordIO file {self.path_rec} does not exist")
-        if not self.path_idx.is_file():
+        if not self.path_idx.exists():
             raise FileNotFoundError(
                 f"RecordIO index {self.path_idx} is missing: a .rec needs the .idx written with it, "
                 f"named like the .rec with an .idx suffix ({self.path_rec.name} -> {index_path_for(self.path_rec).name})"
             )
-        self.file_size = self.path_rec.stat().st_size
+        try:
+            with open_regular(self.path_rec) as handle:  # refuses a FIFO or a device before any read
+                self.file_size = os.fstat(handle.fileno()).st_size
+        except NotARegularFile as error:
+            raise DataError(str(error)) from None
         self.keys, self.offsets = read_index(self.path_idx)
         self._check_index()
         self._handle = None
@@ -171,7 +186,7 @@ class RecordIOReader:
 
     def _file(self):
         if self._handle is None or self._handle_pid != os.getpid():
-            self._handle = open(self.path_rec, "rb")
+            self._handle = open_regular(self.path_rec)
             self._handle_pid = os.getpid()
         return self._handle
 
@@ -257,13 +272,17 @@ class RecordIOReader:
         end = self._record_end(offset)
         handle = self._file()
         parts = []
-        position = offset
+        position, total = offset, 0
         while True:
             flag, length = self._read_part_header(handle, key, offset, position, end)
             expected = (0, 1) if not parts else (2, 3)
             if flag not in expected:
                 raise self.error(key, offset,
                                  f"part at byte {position} has continuation flag {flag}, expected {expected}")
+            total += length + (4 if parts else 0)
+            if total > MAX_RECORD_BYTES:  # checked before the read: a sparse file's zeros cost memory too
+                raise self.error(key, offset, f"its parts hold more than {MAX_RECORD_BYTES} bytes, more than "
+                                              f"any image (at most {MAX_IMAGE_BYTES} bytes of pixels) needs")
             parts.append(self._read_exactly(handle, length, key, offset))
             position += _PART_HEADER_SIZE + _padded(length)
             if flag in (0, 3):
@@ -293,6 +312,9 @@ class RecordIOReader:
             return self.read_record(key)[0]
         if length < _IR_SIZE:
             raise self.error(key, offset, f"a record of {length} bytes is shorter than its {_IR_SIZE}-byte header")
+        if length > MAX_RECORD_BYTES:
+            raise self.error(key, offset, f"a record of {length} bytes, more than the {MAX_RECORD_BYTES} any "
+                                          f"image needs")
         header = IRHeader(*struct.unpack(_IR_FORMAT, self._read_exactly(handle, _IR_SIZE, key, offset)))
         if header.flag > 0:
             if 4 * header.flag > length - _IR_SIZE:
@@ -409,6 +431,8 @@ class RecordIODataset(Dataset):
     A defect raises :class:`DataError` naming the file, the record and its offset.
     """
 
+    expected_shape = None  # (C, H, W) every image must have, once set (DataError naming the record)
+
     def __init__(self, source, num_classes: int | None = None, random_flip: bool = False):
         source = Path(source)
         path_rec = source / "train.rec" if source.is_dir() else source
@@ -496,9 +520,9 @@ class RecordIODataset(Dataset):
         if isinstance(header.label, np.ndarray) and header.label.size == 0:
             value = float("nan")
         label = _integral(value)
-        upper = self.num_classes if bound else None
-        if label is None or label < 0 or (upper is not None and label >= upper):
-            expected = f"[0, {upper})" if upper is not None else "a whole number >= 0"
+        upper = self.num_classes if bound else MAX_LABEL
+        if label is None or label < 0 or label >= upper:
+            expected = f"[0, {upper})" if bound else "[0, 2**24) (float32 labels are exact only below 2**24)"
             raise self.reader.error(key, self.reader.offset_of(key), f"label {value} is outside {expected}")
         return label
 
@@ -513,6 +537,7 @@ class RecordIODataset(Dataset):
             image = to_model_input(decode_image(image_bytes))
         except DataError as error:
             raise self.reader.error(key, self.reader.offset_of(key), str(error)) from None
+        check_same_shape(image, self.expected_shape, f"{self.reader.path_rec}: record {key}")
         if self.random_flip:
             image = random_horizontal_flip(image)
         return image, torch.tensor(label, dtype=torch.int64)

@@ -36,6 +36,9 @@ DEFAULT_NUISANCE = 2.0  # std of the identity-independent latent factors
 DEFAULT_JITTER = 2  # maximum crop shift in pixels
 DEFAULT_PIXEL_NOISE = 0.05
 _CHUNK = 4096  # samples rendered at once, bounds peak memory
+# Sets of more images are rendered image by image as they are read (a million identities
+# would take 3 GiB per process at 16 x 16 x 3 float32); smaller ones once, up front.
+RENDER_AHEAD_LIMIT = 1 << 18
 
 
 def derive_seed(*parts) -> int:
@@ -143,6 +146,10 @@ class SyntheticIdentities(Dataset):
     :func:`synthetic_verification_pairs`.
 
     The images are not mirror-symmetric: leave horizontal-flip augmentation off.
+
+    Up to ``RENDER_AHEAD_LIMIT`` images are rendered at construction, from one stream;
+    larger sets render item ``i`` when it is read, from a stream of its own, (seed,
+    split, i): as deterministic, but other images than the up-front rendering would give.
     """
 
     def __init__(
@@ -169,7 +176,10 @@ class SyntheticIdentities(Dataset):
         self.split = split
         self.prototypes = random_prototypes(num_identities, LATENT_DIM, _generator(seed, "train-identities"))
         self.labels = torch.arange(num_identities, dtype=torch.int64).repeat_interleave(samples_per_identity)
-        self.images = self.renderer.sample(self.prototypes, self.labels, _generator(seed, "samples", split))
+        self.seed = seed
+        self.images = None
+        if len(self.labels) <= RENDER_AHEAD_LIMIT:
+            self.images = self.renderer.sample(self.prototypes, self.labels, _generator(seed, "samples", split))
 
     @property
     def num_classes(self) -> int:
@@ -179,7 +189,12 @@ class SyntheticIdentities(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
+        if self.images is not None:
+            return self.images[index], self.labels[index]
+        index = range(len(self))[index]  # negative indices too, and IndexError past the end
+        labels = self.labels[index:index + 1]
+        image = self.renderer.sample(self.prototypes, labels, _generator(self.seed, "sample", self.split, index))
+        return image[0], self.labels[index]
 
 
 def synthetic_verification_pairs(

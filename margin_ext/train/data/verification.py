@@ -15,6 +15,7 @@ is the best one on the other nine folds.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -22,11 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from margin_ext.safe_files import read_regular
+
 from .decode import decode_image
-from .errors import DataError
+from .errors import DataError, DataWarning
 from .restricted_pickle import RefusedPickle, restricted_loads
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+MAX_BIN_BYTES = 4 << 30  # the public sets (LFW, CFP-FP, AgeDB-30, ...) take 50 to 300 MB
 
 
 def _image_bytes(path, position: int, entry) -> bytes:
@@ -56,7 +60,10 @@ def read_verification_pickle(path):
     (Python 2 pickles included); anything else, or a corrupt file, is a
     :class:`DataError` naming the file. Nothing named in the file is called.
     """
-    data = Path(path).read_bytes()
+    try:
+        data = read_regular(path, MAX_BIN_BYTES)
+    except ValueError as error:
+        raise DataError(f"{error}: not a verification set") from None
     try:
         loaded = restricted_loads(data)  # reads Python 2 pickles too, as the public sets are
     except RefusedPickle as error:
@@ -77,7 +84,8 @@ def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
     ``i`` is ``(images[2 * i], images[2 * i + 1])``, float32 in [-1, 1] (or uint8
     0..255 with ``as_uint8=True``, four times smaller for full-size sets), and
     ``issame`` a P-element bool tensor. Images whose size differs from
-    ``image_size`` are resized bilinearly. A file that is not a verification set,
+    ``image_size`` are resized bilinearly, with a :class:`DataWarning` (a model scores
+    near chance on faces at another scale than it was trained at). A file that is not a verification set,
     or holds an undecodable image, raises :class:`DataError` naming it.
     """
     bins, issame_list = read_verification_pickle(path)
@@ -87,6 +95,7 @@ def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
         )
     height, width = image_size
     images = None
+    resized_from = None
     for position, entry in enumerate(bins):
         try:
             image = decode_image(entry)
@@ -100,11 +109,17 @@ def load_verification_bin(path, image_size=(112, 112), as_uint8: bool = False):
             )
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         if tuple(tensor.shape[1:]) != (height, width):
+            resized_from = resized_from or tuple(tensor.shape[1:])
             resized = F.interpolate(tensor[None].float(), size=(height, width), mode="bilinear", align_corners=False)
             tensor = resized[0].round().clamp(0, 255)
         images[position] = tensor.to(torch.uint8)
     if images is None:
         images = torch.empty(0, 3, height, width, dtype=torch.uint8)
+    if resized_from is not None:
+        warnings.warn(f"{path}: images of {resized_from[0]}x{resized_from[1]} pixels resized to the model's "
+                      f"{height}x{width}: a model scores near chance on faces at another size than it was "
+                      f"trained on (train at the .bin's size, or give .bin files made at {height}x{width})",
+                      DataWarning, stacklevel=2)
     issame = torch.from_numpy(np.array(issame_list, dtype=np.bool_))
     if as_uint8:
         return images, issame
@@ -225,6 +240,31 @@ def evaluate_verification(
     )
 
 
+class TarAtFar(NamedTuple):
+    tar: float  # true accept rate: positive pairs closer than the threshold
+    far: float  # false accept rate reached: negative pairs closer than the threshold
+    threshold: float  # squared euclidean distance; "same" below it
+    far_resolution: float  # 1 / negative pairs: no FAR between 0 and this can be measured
+
+
+def tar_at_far(distances, issame, far: float) -> TarAtFar:
+    """The true accept rate at the largest threshold whose false accept rate is at most ``far``.
+
+    On all pairs at once (InsightFace's VAL@FAR interpolates over 10 folds instead). With
+    fewer than ``1 / far`` negative pairs the FAR reached is 0: see ``far_resolution``.
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    negatives = np.sort(distances[~issame])
+    if len(negatives) == 0 or not issame.any():
+        raise ValueError("TAR@FAR needs both positive and negative pairs")
+    allowed = int(np.floor(far * len(negatives) + 1e-9))  # false accepts within the FAR
+    threshold = float(negatives[allowed]) if allowed < len(negatives) else float("inf")
+    return TarAtFar(tar=float(np.mean(distances[issame] < threshold)),
+                    far=float(np.mean(negatives < threshold)), threshold=threshold,
+                    far_resolution=1.0 / len(negatives))
+
+
 @torch.no_grad()
 def compute_embeddings(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, flip: bool = False):
     """Embed ``images`` in eval mode, batch by batch; restores the model's train/eval mode.
@@ -236,7 +276,7 @@ def compute_embeddings(model: torch.nn.Module, images: torch.Tensor, batch_size:
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         outputs, mirrored = [], []
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device)
