@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import margin_ext as mx
-from margin_ext.backends import BackendUnavailable, resolve
+from margin_ext.backends import REGISTRY, BackendUnavailable, resolve
 
 S, M = 64.0, 0.5
 SPEC = mx.ArcFace(s=S, m=M)
@@ -200,10 +200,7 @@ def _floor(x, w, y):
 # --- the list -----------------------------------------------------------------------------
 
 HEADS = [
-    Head("cuda", "margin_ext cuda", "margin_ext", ARCFACE, _margin_ext("cuda"), 0.0, 2.0),
-    Head("cpp", "margin_ext cpp", "margin_ext", ARCFACE, _margin_ext("cpp"), 0.0, 2.0),
-    Head("triton", "margin_ext triton", "margin_ext", ARCFACE, _margin_ext("triton"), 0.0, 2.0),
-    Head("torch", "margin_ext torch", "margin_ext", ARCFACE, _margin_ext("torch"), 0.0, 2.0),
+    *(Head(name, f"margin_ext {name}", "margin_ext", ARCFACE, _margin_ext(name), 0.0, 2.0) for name in REGISTRY),
     Head("reference", "margin_ext reference", "margin_ext", ARCFACE, _margin_ext("reference"), 6.0, 2.0),
     Head("naive", "naive (F.linear + F.cross_entropy)", "baseline", ARCFACE, _naive, 6.0),
     Head("partial_fc", "arcface_torch Partial FC (1 shard)", "baseline", ARCFACE + " (straight-through grad)",
@@ -228,10 +225,9 @@ def available(head: Head, device: torch.device) -> Optional[str]:
         if head.name == "triton" and device.type != "cuda":
             return ("Triton runs on CUDA; on the CPU only under TRITON_INTERPRET=1, an interpreter "
                     "for tests, not for timing")
-        if head.name == "cuda" and device.type != "cuda":
-            return "backend 'cuda' runs on CUDA tensors"
-        if head.name == "cpp" and device.type != "cpu":
-            return "backend 'cpp' runs on CPU tensors"
+        devices = REGISTRY[head.name].devices
+        if device.type not in devices:
+            return f"backend {head.name!r} runs on {' or '.join(d.upper() for d in devices)} tensors"
         try:
             resolve(head.name, device)
         except BackendUnavailable as exc:

@@ -22,27 +22,21 @@
 
 namespace margin_ext {
 
-// The op's margin arguments, checked: they come straight from Python.
-inline MarginParams make_params(int64_t target_kind, int64_t fallback, bool straight_through, double m1,
-                                double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu,
-                                double inter_alpha, bool inter_dynamic) {
-  TORCH_CHECK(target_kind >= kSubtract && target_kind <= kSphere, "margin_ext: target_kind=", target_kind,
-              " is invalid: expected 0 (SUBTRACT), 1 (ANGULAR) or 2 (SPHERE)");
-  TORCH_CHECK(fallback >= kFallbackNone && fallback <= kFallbackEasy, "margin_ext: fallback=", fallback,
-              " is invalid: expected 0 (NONE), 1 (CLASSIC) or 2 (EASY)");
-  TORCH_CHECK(nontarget_kind == kCosine || nontarget_kind == kInterFace, "margin_ext: nontarget_kind=",
-              nontarget_kind, " is invalid: expected 0 (COSINE) or 1 (INTERFACE)");
-  MarginParams p;
-  p.target = static_cast<int>(target_kind);
-  p.fallback = static_cast<int>(fallback);
-  p.straight_through = straight_through;
-  p.m1 = m1;
-  p.m3 = m3;
-  p.sphere_lambda = sphere_lambda;
-  p.nontarget = static_cast<int>(nontarget_kind);
-  p.inter_mu = inter_mu;
-  p.inter_alpha = inter_alpha;
-  p.inter_dynamic = inter_dynamic;
+// margins.NonTargetParams from the ops' (nontarget_kind, nontarget_coeffs), checked: the
+// one place that knows the packed layout (InterFace: mu, alpha, dynamic).
+inline NonTargetParams make_nontarget(int64_t kind, c10::ArrayRef<double> coeffs) {
+  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true};
+  if (kind == kCosine) {
+    TORCH_CHECK(coeffs.empty(), "margin_ext: nontarget_coeffs=", coeffs, " is invalid: COSINE takes none");
+  } else if (kind == kInterFace) {
+    TORCH_CHECK(coeffs.size() == 3, "margin_ext: nontarget_coeffs=", coeffs,
+                " is invalid: INTERFACE takes (mu, alpha, dynamic)");
+    p.inter_mu = coeffs[0];
+    p.inter_alpha = coeffs[1];
+    p.inter_dynamic = coeffs[2] != 0.0;
+  } else {
+    TORCH_CHECK(false, "margin_ext: nontarget_kind=", kind, " is invalid: expected 0 (COSINE) or 1 (INTERFACE)");
+  }
   return p;
 }
 
@@ -57,11 +51,17 @@ inline WeightType weight_type(const at::Tensor& w) {
   }
 }
 
+// The rows of the ops' row_terms tensor (4, B) (extension.ROW_TERMS).
+enum RowTerm : int64_t { kScale = 0, kTarget = 1, kTargetGrad = 2, kNonTargetRow = 3, kRowTerms = 4 };
+
 // The head's inputs, checked and made contiguous in the compute dtype (x_hat's).
 struct HeadInputs {
-  at::Tensor x_hat, weight, labels, scale, margin, theta_y, target_centre;
-  MarginParams params;
+  at::Tensor x_hat, weight, labels, row_terms, target_centre;
+  NonTargetParams params;
   int64_t chunk_size;
+
+  template <typename T>
+  const T* row(RowTerm term) const { return row_terms.data_ptr<T>() + term * x_hat.size(0); }
 };
 
 inline void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& x_hat) {
@@ -77,10 +77,10 @@ inline void check_device_type(const at::Tensor& x_hat, c10::DeviceType device_ty
               " implementation but x_hat is on ", x_hat.device());
 }
 
+// The arguments every op starts with (extension.op_args), checked.
 inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
-                               const at::Tensor& scale, const at::Tensor& margin,
-                               const c10::optional<at::Tensor>& theta_y,
-                               const c10::optional<at::Tensor>& target_centre, MarginParams params,
+                               const at::Tensor& row_terms, const c10::optional<at::Tensor>& target_centre,
+                               int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
                                int64_t chunk_size) {
   TORCH_CHECK(x_hat.dim() == 2, "margin_ext: x_hat must be (B, D), got shape ", x_hat.sizes());
   TORCH_CHECK(x_hat.scalar_type() == at::kFloat || x_hat.scalar_type() == at::kDouble, "margin_ext: x_hat.dtype=",
@@ -97,8 +97,13 @@ inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight
               " is invalid: expected int64");
   TORCH_CHECK(labels.device() == x_hat.device(), "margin_ext: labels is on ", labels.device(),
               " but x_hat is on ", x_hat.device());
-  check_vector(scale, "scale", b, x_hat);
-  check_vector(margin, "margin", b, x_hat);
+  TORCH_CHECK(row_terms.dim() == 2 && row_terms.size(0) == kRowTerms && row_terms.size(1) == b,
+              "margin_ext: row_terms must have shape (", int64_t(kRowTerms), ", ", b,
+              ") (scale, target logit, its derivative, non-target row value), got ", row_terms.sizes());
+  TORCH_CHECK(at::isFloatingType(row_terms.scalar_type()), "margin_ext: row_terms.dtype=", row_terms.scalar_type(),
+              " is invalid: expected a floating dtype");
+  TORCH_CHECK(row_terms.device() == x_hat.device(), "margin_ext: row_terms is on ", row_terms.device(),
+              " but x_hat is on ", x_hat.device());
   TORCH_CHECK(chunk_size >= 1, "margin_ext: chunk_size=", chunk_size, " is invalid: expected >= 1");
 
   const auto acc = x_hat.scalar_type();
@@ -106,14 +111,11 @@ inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight
   in.x_hat = x_hat.contiguous();
   in.weight = weight.contiguous();
   in.labels = labels.contiguous();
-  in.scale = scale.to(acc).contiguous();
-  in.margin = margin.to(acc).contiguous();
-  in.params = params;
+  in.row_terms = row_terms.to(acc).contiguous();
+  in.params = make_nontarget(nontarget_kind, nontarget_coeffs);
   in.chunk_size = chunk_size;
-  if (params.nontarget == kInterFace) {
-    TORCH_CHECK(theta_y.has_value() && target_centre.has_value(),
-                "margin_ext: the InterFace non-target margin needs theta_y and target_centre");
-    check_vector(*theta_y, "theta_y", b, x_hat);
+  if (in.params.kind == kInterFace) {
+    TORCH_CHECK(target_centre.has_value(), "margin_ext: the InterFace non-target margin needs target_centre");
     const at::Tensor& tc = *target_centre;
     TORCH_CHECK(tc.dim() == 2 && tc.size(0) == b && tc.size(1) == x_hat.size(1),
                 "margin_ext: target_centre must have the shape of x_hat ", x_hat.sizes(), ", got ", tc.sizes());
@@ -121,7 +123,6 @@ inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight
                 " is invalid: expected a floating dtype");
     TORCH_CHECK(tc.device() == x_hat.device(), "margin_ext: target_centre is on ", tc.device(),
                 " but x_hat is on ", x_hat.device());
-    in.theta_y = theta_y->to(acc).contiguous();
     in.target_centre = tc.to(acc).contiguous();
   }
   return in;
@@ -134,9 +135,10 @@ ChunkRows<T> chunk_rows(const HeadInputs& in, int64_t start, int64_t n_cols, con
   rows.n_cols = n_cols;
   rows.start = start;
   rows.labels = in.labels.data_ptr<int64_t>();
-  rows.scale = in.scale.data_ptr<T>();
-  rows.margin = in.margin.data_ptr<T>();
-  rows.theta_y = in.theta_y.defined() ? in.theta_y.data_ptr<T>() : nullptr;
+  rows.scale = in.row<T>(kScale);
+  rows.target = in.row<T>(kTarget);
+  rows.target_grad = in.row<T>(kTargetGrad);
+  rows.theta_y = in.params.kind == kInterFace ? in.row<T>(kNonTargetRow) : nullptr;
   rows.class_cos = class_cos.defined() ? class_cos.data_ptr<T>() : nullptr;
   rows.params = in.params;
   return rows;
@@ -153,7 +155,7 @@ struct ChunkBuffers {
     w_hat = at::empty({chunk * dim}, opts);
     norms = at::empty({chunk}, opts);
     cos = at::empty({rows * chunk}, opts);
-    if (in.params.nontarget == kInterFace) class_cos = at::empty({rows * chunk}, opts);
+    if (in.params.kind == kInterFace) class_cos = at::empty({rows * chunk}, opts);
     if (backward) grad_w_hat = at::empty({chunk * dim}, opts);
   }
   static at::Tensor view(const at::Tensor& flat, int64_t r, int64_t c) {
@@ -257,6 +259,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_loop_backward(const HeadInp
   if (in.x_hat.scalar_type() == at::kDouble)
     return backward_loop<Dev, double>(in, stats.lse, stats.grad_lse, stats.grad_target);
   return backward_loop<Dev, float>(in, stats.lse, stats.grad_lse, stats.grad_target);
+}
+
+// The op entries head_forward / head_backward, written once for every device: `Dev`
+// supplies kDeviceType, a device Guard, and forward(in) / backward(in, stats) on checked
+// inputs (ops_cpu.cpp, ops_cuda.cpp register head_forward<Dev>, head_backward<Dev>).
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor> head_forward(const at::Tensor& x_hat, const at::Tensor& weight,
+                                                const at::Tensor& labels, const at::Tensor& row_terms,
+                                                const c10::optional<at::Tensor>& target_centre,
+                                                int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
+                                                int64_t chunk_size) {
+  check_device_type(x_hat, Dev::kDeviceType);
+  typename Dev::Guard guard(x_hat.device());
+  return Dev::forward(check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
+                                   nontarget_coeffs, chunk_size));
+}
+
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
+    const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
+    int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_target) {
+  check_device_type(x_hat, Dev::kDeviceType);
+  typename Dev::Guard guard(x_hat.device());
+  const HeadInputs in = check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
+                                     nontarget_coeffs, chunk_size);
+  return Dev::backward(in, check_row_statistics(in, lse, grad_lse, grad_target));
 }
 
 }  // namespace margin_ext

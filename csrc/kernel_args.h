@@ -18,11 +18,12 @@ struct ChunkRows {
   int64_t n_cols;
   int64_t start;
   const int64_t* labels;  // target class, or any value outside the chunk (-1: none here)
-  const T* scale;         // s_i
-  const T* margin;        // r_i
+  const T* scale;         // s_i, the scale of the non-target logits
+  const T* target;        // t_i, the target logit (already scaled)
+  const T* target_grad;   // d_i = d t_i / d cos_y
   const T* theta_y;       // InterFace only, else null
   const T* class_cos;     // InterFace only, else null
-  MarginParams params;
+  NonTargetParams params;
 
   MX_HD int64_t target_col(int64_t row) const {
     const int64_t t = labels[row] - start;

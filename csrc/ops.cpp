@@ -15,22 +15,22 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// The margin arguments are margins.MarginParams field by field; tensors that only
-// InterFace reads are optional.
-#define MX_ROW_ARGS                                                                                    \
-  "Tensor x_hat, Tensor weight, Tensor labels, Tensor scale, Tensor margin, Tensor? theta_y, "       \
-  "Tensor? target_centre, int target_kind, int fallback, bool straight_through, float m1, float m3, " \
-  "float sphere_lambda, int nontarget_kind, float inter_mu, float inter_alpha, bool inter_dynamic"
+// The arguments every op starts with (margin_ext.backends.extension.op_args): row_terms
+// is (4, B): the scale s_i, the target logit t_i, its derivative d_i = dt_i/dcos_y and the
+// non-target kind's row value (InterFace: theta_y); the non-target margin is a kind and
+// its packed coefficients (margins.NonTargetParams); target_centre only for InterFace.
+#define MX_ROW_ARGS                                                                      \
+  "Tensor x_hat, Tensor weight, Tensor labels, Tensor row_terms, Tensor? target_centre, " \
+  "int nontarget_kind, float[] nontarget_coeffs"
 #define MX_HEAD_ARGS MX_ROW_ARGS ", int chunk_size"
-#define MX_TILE_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int splits, bool tf32"
-#define MX_TILE_BACKWARD_ARGS MX_ROW_ARGS ", int tile_m, int tile_n, int chunk_cols, bool tf32"
 
 TORCH_LIBRARY(margin_ext, m) {
   m.set_python_module("margin_ext.backends.extension");
   // (B,) log-sum-exp of the margin logits and target logit (0 where the target is not in weight)
   m.def("head_forward(" MX_HEAD_ARGS ") -> (Tensor lse, Tensor target_logit)",
         {at::Tag::pt2_compliant_tag});
-  // gradients w.r.t. x_hat (compute dtype), weight (its dtype) and scale, from the saved lse
+  // gradients w.r.t. x_hat (compute dtype), weight (its dtype) and the non-target logits'
+  // scale, from the saved lse
   m.def("head_backward(" MX_HEAD_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)",
         {at::Tag::pt2_compliant_tag});
@@ -49,7 +49,8 @@ TORCH_LIBRARY(margin_ext, m) {
   // tile by tile with the given tile sizes, class splits (forward) and classes per
   // backward chunk (0: the CUDA kernels' choice), and with tf32 every product operand
   // rounded as the TF32 kernels round it (float32 weights only). For tests.
-  m.def("tile_forward(" MX_TILE_ARGS ") -> (Tensor lse, Tensor target_logit)");
-  m.def("tile_backward(" MX_TILE_BACKWARD_ARGS ", Tensor lse, Tensor grad_lse, Tensor grad_target) "
+  // tiles: (tile_m, tile_n, class splits) forward, (tile_m, tile_n, chunk_cols) backward.
+  m.def("tile_forward(" MX_ROW_ARGS ", int[] tiles, bool tf32) -> (Tensor lse, Tensor target_logit)");
+  m.def("tile_backward(" MX_ROW_ARGS ", int[] tiles, bool tf32, Tensor lse, Tensor grad_lse, Tensor grad_target) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale)");
 }

@@ -24,9 +24,8 @@
 namespace margin_ext {
 namespace {
 
+// The CUDA kernels of the chunk loop (head_loop.h).
 struct CudaDevice {
-  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
-  using Guard = c10::cuda::CUDAGuard;
 
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -65,7 +64,7 @@ bool fused_applies(const HeadInputs& in) {
   const int64_t b = in.x_hat.size(0);
   const bool tensor_core_type =
       w == at::kBFloat16 || w == at::kHalf || (w == at::kFloat && at::globalContext().allowTF32CuBLAS());
-  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && in.params.nontarget == kCosine && b > 0 &&
+  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && in.params.kind == kCosine && b > 0 &&
          in.weight.size(0) > 0 && tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
          gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1), weight_type(in.weight));
 }
@@ -93,9 +92,9 @@ struct FusedOperands {
     head.w_type = weight_type(in.weight);
     head.norms = norms.data_ptr<float>();
     head.labels = in.labels.data_ptr<int64_t>();
-    head.scale = in.scale.data_ptr<float>();
-    head.margin = in.margin.data_ptr<float>();
-    head.params = in.params;
+    head.scale = in.row<float>(kScale);
+    head.target = in.row<float>(kTarget);
+    head.target_grad = in.row<float>(kTargetGrad);
     check_launch(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.data_ptr<float>(),
                                    CudaDevice::stream()));
   }
@@ -149,47 +148,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const HeadInputs& 
   return {grad_x, grad_w, grad_scale};
 }
 
-// The op entries: the fused kernels where they apply, else the chunk loop.
-std::tuple<at::Tensor, at::Tensor> cuda_head_forward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size) {
-  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
-                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
-  check_device_type(x_hat, CudaDevice::kDeviceType);
-  CudaDevice::Guard guard(x_hat.device());
-  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
-                                     chunk_size);
-  if (fused_applies(in)) return fused_forward(in);
-  return chunk_loop_forward<CudaDevice>(in);
-}
+// The CUDA side of the op entries of head_loop.h: the fused kernels where they apply,
+// else the chunk loop.
+struct CudaHead {
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+  using Guard = c10::cuda::CUDAGuard;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_head_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse,
-    const at::Tensor& grad_target) {
-  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
-                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
-  check_device_type(x_hat, CudaDevice::kDeviceType);
-  CudaDevice::Guard guard(x_hat.device());
-  const HeadInputs in = check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params,
-                                     chunk_size);
-  const RowStatistics stats = check_row_statistics(in, lse, grad_lse, grad_target);
-  // the fused kernels take float32 x_hat (fused_applies), so the statistics are float32 too
-  if (fused_applies(in)) return fused_backward(in, stats.lse, stats.grad_lse, stats.grad_target);
-  return chunk_loop_backward<CudaDevice>(in, stats);
-}
+  static std::tuple<at::Tensor, at::Tensor> forward(const HeadInputs& in) {
+    if (fused_applies(in)) return fused_forward(in);
+    return chunk_loop_forward<CudaDevice>(in);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const HeadInputs& in, const RowStatistics& stats) {
+    // the fused kernels take float32 x_hat (fused_applies), so the statistics are float32 too
+    if (fused_applies(in)) return fused_backward(in, stats.lse, stats.grad_lse, stats.grad_target);
+    return chunk_loop_backward<CudaDevice>(in, stats);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(margin_ext, CUDA, m) {
-  m.impl("head_forward", &cuda_head_forward);
-  m.impl("head_backward", &cuda_head_backward);
+  m.impl("head_forward", &head_forward<CudaHead>);
+  m.impl("head_backward", &head_backward<CudaHead>);
 }
 
 }  // namespace margin_ext

@@ -126,30 +126,40 @@ struct RowStats {
 // What the epilogue reads of one row.
 template <typename T>
 struct TileRow {
-  int64_t label;  // global class of the target (-1: none)
-  T scale;        // s_i
-  T margin;       // r_i
-  T theta_y;      // InterFace only
+  int64_t label;    // global class of the target (-1: none)
+  T scale;          // s_i, of the non-target logits
+  T target;         // t_i, the target logit
+  T target_grad;    // d_i = d t_i / d cos_y
+  T theta_y;        // InterFace only
 };
 
-// What the backward reads of one row besides TileRow.
+// What the backward reads of one row besides TileRow: the saved statistics and the
+// target column's dL/dcos, the same for every tile of the row (row_grads).
 template <typename T>
 struct RowGrads {
   T lse;
   T grad_lse;
-  T grad_target;
+  T target_grad_cos;  // (grad_lse * exp(t - lse) + grad_target) * d
 };
 
-// The logit z_ij of an accumulator element: dot = x_i . w_j (raw centre), class_dot =
-// centre_y(i) . w_j (InterFace), column scaled by inv_norm_j.
 template <typename T>
-MX_HD T logit(T dot, T class_dot, T inv_norm_j, int64_t col, const TileRow<T>& row, const MarginParams& p) {
-  return row.scale *
-         logit_transform(dot * inv_norm_j, col, row.label, row.margin, row.theta_y, class_dot * inv_norm_j, p).value;
+MX_HD RowGrads<T> row_grads(const TileRow<T>& row, T lse, T grad_lse, T grad_target) {
+  return {lse, grad_lse, (math::exp_(row.target - lse) * grad_lse + grad_target) * row.target_grad};
+}
+
+// The logit z_ij of an accumulator element: dot = x_i . w_j (raw centre), class_dot =
+// centre_y(i) . w_j (InterFace), column scaled by inv_norm_j. The target column takes
+// the row's target logit t_i.
+template <typename T>
+MX_HD T logit(T dot, T class_dot, T inv_norm_j, int64_t col, const TileRow<T>& row, const NonTargetParams& p) {
+  if (col == row.label) return row.target;
+  return row.scale * nontarget_transform(dot * inv_norm_j, row.theta_y, class_dot * inv_norm_j, p).value;
 }
 
 // dL/dcos_ij and the element's share of dL/ds_i, from the saved log-sum-exp:
-// dL/dz = grad_lse * softmax + grad_target on the target column; dz/dcos = s * phi'(c).
+// dL/dz = grad_lse * softmax (+ grad_target on the target column); dz/dcos = s * the
+// non-target derivative, or d_i on the target column (whose logit carries its own
+// dependence on the scale: no share of dL/ds_i).
 template <typename T>
 struct CosGrad {
   T grad_cos;
@@ -158,11 +168,12 @@ struct CosGrad {
 
 template <typename T>
 MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& row, const RowGrads<T>& g,
-                             const MarginParams& p) {
-  const ValueGrad<T> vg = logit_transform(cos, col, row.label, row.margin, row.theta_y, class_cos, p);
-  T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
-  if (col == row.label) grad_z += g.grad_target;
-  return {grad_z * vg.grad * row.scale, grad_z * vg.value};
+                             const NonTargetParams& p) {
+  // selects, not a branch: every lane of a warp runs the same instructions
+  const ValueGrad<T> vg = nontarget_transform(cos, row.theta_y, class_cos, p);
+  const T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
+  const bool is_target = col == row.label;
+  return {is_target ? g.target_grad_cos : grad_z * vg.grad * row.scale, is_target ? T(0) : grad_z * vg.value};
 }
 
 // Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient, from

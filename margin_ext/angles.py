@@ -17,10 +17,13 @@ SIN_EPS = 1e-4
 
 class _ClampedAcos(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cos):
-        cos = cos.clamp(-1.0, 1.0)
-        ctx.save_for_backward(cos)
-        return torch.acos(cos)
+    def forward(cos):
+        return torch.acos(cos.clamp(-1.0, 1.0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # a separate setup_context lets torch.func transforms (the target terms' vjp) run it
+        ctx.save_for_backward(inputs[0].clamp(-1.0, 1.0))
 
     @staticmethod
     def backward(ctx, grad):

@@ -28,16 +28,21 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 # ---------------------------------------------------------------- group and shards
 
+#: A group of this process alone, even where torch.distributed is initialised: the
+#: functional head runs the sharded head's pipeline on it.
+LOCAL = "local"
+
+
 def group_size(group=None) -> int:
-    """Ranks in ``group``; 1 when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """Ranks in ``group``; 1 when torch.distributed is not initialised or for LOCAL."""
+    if group is LOCAL or not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
 def group_rank(group=None) -> int:
-    """This process's rank within ``group``; 0 when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """This process's rank within ``group``; 0 when torch.distributed is not initialised or for LOCAL."""
+    if group is LOCAL or not (dist.is_available() and dist.is_initialized()):
         return 0
     return dist.get_rank(group)
 

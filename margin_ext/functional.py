@@ -7,10 +7,10 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, default_chunk_size, resolve
-from .head_function import head_statistics, reduced_head_loss
 from .margins import ArcFace, MarginSpec
+from .pipeline import fuses_reduction, head_losses
 from .reference import reference_row_losses
-from .rows import normalize, prepare_rows, target_cosine
+from .rows import normalize, target_cosine
 from .validation import check_head_inputs
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -71,16 +71,16 @@ def margin_cross_entropy(
         zero = (embeddings[:0].sum() + weight[:0].sum()).float()
         return zero.expand(labels.shape[0]) if reduction == "none" else zero
     if backend == "reference":
-        target_cos = target_cosine(normalize(x), weight[y]) if margin.needs_target_cos else None
+        target_cos = target_cosine(normalize(x), weight[y])
         row_margin = margin.row_margins(y.numel(), target_cos, generator)
         row_losses = reference_row_losses(x, weight, y, margin, row_margin.to(x.device))
     else:
         kernels = resolve(backend, embeddings.device)
         chunk = min(chunk_size or default_chunk_size(y.numel(), weight.shape[0], weight.device), weight.shape[0])
-        if reduction != "none" and kernels.forward_backward is not None and _needs_grad(embeddings, weight):
+        if reduction != "none" and fuses_reduction(kernels, embeddings, weight):
             row_weight = 1.0 / rows.numel() if reduction == "mean" else 1.0
-            return _fused_reduced_loss(x, weight, y, margin, kernels, chunk, generator, row_weight)
-        row_losses = _fused_row_losses(x, weight, y, margin, kernels, chunk, generator)
+            return head_losses(x, weight, y, margin, kernels, chunk, generator=generator, row_weight=row_weight)
+        row_losses = head_losses(x, weight, y, margin, kernels, chunk, generator=generator)
 
     if reduction == "sum":
         return row_losses.sum()
@@ -102,42 +102,10 @@ def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend
     kernels = resolve(backend, embeddings.device)
     chunk = chunk_size or default_chunk_size(labels.shape[0], weight.shape[0], weight.device)
     y = torch.where(valid, labels, -1)
-    row_losses = _fused_row_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator)
+    row_losses = head_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator=generator)
     row_losses = torch.where(valid, row_losses, 0.0)
     if reduction == "sum":
         return row_losses.sum()
     if reduction == "mean":
         return row_losses.sum() / valid.sum().clamp_min(1)
     return row_losses
-
-
-def _needs_grad(embeddings, weight):
-    return torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad)
-
-
-def _kernel_inputs(x, weight, y, margin, generator):
-    """x_hat, the rows' inputs and the target cosines (None when the spec needs none)."""
-    x_hat = normalize(x)
-    target_cos = target_centre = None
-    if margin.needs_target_cos:
-        target_centre = normalize(weight[y])
-        target_cos = (x_hat * target_centre).sum(dim=1)
-    return x_hat, prepare_rows(margin, x, y, target_cos, target_centre, generator), target_cos
-
-
-def _fused_row_losses(x, weight, y, margin, kernels, chunk_size, generator):
-    x_hat, row_inputs, target_cos = _kernel_inputs(x, weight, y, margin, generator)
-    lse, target_logit = head_statistics(x_hat, weight, row_inputs, margin.kernel_params(), kernels, chunk_size)
-    losses = lse - target_logit
-    extra = margin.extra_loss(target_cos) if target_cos is not None else None
-    return losses if extra is None else losses + extra
-
-
-def _fused_reduced_loss(x, weight, y, margin, kernels, chunk_size, generator, row_weight):
-    """The mean (row_weight 1 / rows) or sum (1) of the row losses, the head's gradients
-    computed with its forward (kernels.forward_backward: one sweep instead of two).
-    The margin's extra loss on the target cosines keeps its own autograd path."""
-    x_hat, row_inputs, target_cos = _kernel_inputs(x, weight, y, margin, generator)
-    loss = reduced_head_loss(x_hat, weight, row_inputs, margin.kernel_params(), kernels, chunk_size, row_weight)
-    extra = margin.extra_loss(target_cos) if target_cos is not None else None
-    return loss if extra is None else loss + extra.sum() * row_weight

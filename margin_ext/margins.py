@@ -5,15 +5,25 @@ classes) is bent away from the plain scaled cosine. Each spec carries
 
 * its parameters, validated at construction;
 * ``target(cos_y, row_margin)``: the target logit divided by the scale, written as
-  readable torch so that the reference head differentiates it with autograd;
-* ``kernel_params()``: the same formula as a few numbers (:class:`MarginParams`)
-  that every fast backend reads (torch chunked, C++/CUDA, Triton);
-* ``row_margins(...)``: the per-row margin fed to the kernels (a constant, or the
-  random draw of ElasticFace).
+  readable torch; ``target_logit(cos_y, row)`` multiplies it by the row's scale (a spec
+  whose target needs more per row, such as the feature norm, overrides this one);
+* ``row_margins(...)``: the per-row margin (a constant, or the random draw of ElasticFace);
+* ``nontarget_params()``: what the kernels need for the other classes
+  (:class:`NonTargetParams`: a kind and a few coefficients; plain cosines by default).
+
+The target logit is needed once per row: :mod:`margin_ext.target_terms` evaluates
+``target_logit`` on each row's target cosine and takes its derivative by autograd; the
+kernels receive both and know nothing of the target formula.
+
+Target cosine semantics: c_y is the plain dot product of the normalized feature and the
+normalized target centre, never clamped (rounding may push it past +-1, e.g. at D = 1),
+like every other column's cosine. A formula that goes through the angle takes it with
+:func:`margin_ext.angles.clamped_acos`, which clamps c_y into [-1, 1] inside the acos and
+keeps its derivative finite at the poles (see ``SIN_EPS`` there); a formula linear in c_y
+(CosFace) stays linear past +-1.
 
 Notation: c = cos(theta) between the normalized feature and a class centre, y the
-target class, s the scale. Angles come from :func:`margin_ext.angles.clamped_acos`,
-whose derivative is clamped at cos = +-1 (see ``SIN_EPS`` there).
+target class, s the scale.
 """
 
 from __future__ import annotations
@@ -21,48 +31,42 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .angles import clamped_acos
 
 
-class TargetKind(enum.IntEnum):
-    """How the kernels transform the target cosine (r is the per-row margin)."""
-
-    SUBTRACT = 0  # c - r
-    ANGULAR = 1  # cos(m1 * theta + r) - m3, with an optional fallback
-    SPHERE = 2  # (psi(theta) + lambda * c) / (1 + lambda), psi of A-Softmax with m = r
-
-
-class Fallback(enum.IntEnum):
-    """What ANGULAR does where theta + r would pass pi."""
-
-    NONE = 0  # cos(theta + r) as written
-    CLASSIC = 1  # c - r * sin(r) when c <= cos(pi - r) (InsightFace, pytorch-metric-learning)
-    EASY = 2  # c when c <= 0
-
-
 class NonTargetKind(enum.IntEnum):
+    """How the kernels transform the cosine of a class that is not the row's target."""
+
     COSINE = 0  # c
     INTERFACE = 1  # cos(theta - mhat), mhat from the angle between target and class centres
 
 
 @dataclass(frozen=True)
-class MarginParams:
-    """The margin as the kernels see it. The per-row margin r travels separately."""
+class NonTargetParams:
+    """The non-target margin as the kernels see it: a kind and its coefficients.
 
-    target: TargetKind
-    fallback: Fallback = Fallback.NONE
-    straight_through: bool = False  # d phi / d c taken as 1
-    m1: float = 1.0
-    m3: float = 0.0
-    sphere_lambda: float = 0.0
-    nontarget: NonTargetKind = NonTargetKind.COSINE
-    inter_mu: float = 0.0
-    inter_alpha: float = 0.0
-    inter_dynamic: bool = True
+    ``coeffs`` is the packed list every backend reads by position; its layout per kind
+    is fixed by the spec that builds it (InterFace: mu, alpha, dynamic as 0 or 1).
+    """
+
+    kind: NonTargetKind = NonTargetKind.COSINE
+    coeffs: Tuple[float, ...] = ()
+
+
+@dataclass
+class TargetRow:
+    """What a spec's target formula may read of each row besides c_y ((B,) tensors)."""
+
+    #: r_i: the constant margin, or ElasticFace's draw
+    margin: torch.Tensor
+    #: s_i: the constant scale, or SphereFace's feature norm (differentiable)
+    scale: torch.Tensor
+    #: |x_i|: the feature norm before normalization (differentiable)
+    norm: torch.Tensor
 
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
@@ -88,14 +92,12 @@ def _check_finite(name: str, value, low: float = -math.inf, high: float = math.i
 class MarginSpec:
     """Behaviour shared by every spec; subclasses are frozen dataclasses."""
 
-    #: whether the loss needs cos(theta_y) outside the kernels (to order or draw margins,
-    #: for InterFace's detached theta_y, or for an extra per-row term)
-    needs_target_cos: bool = False
     #: whether ``row_margins`` draws random numbers
     is_random: bool = False
 
-    def kernel_params(self) -> MarginParams:
-        raise NotImplementedError
+    def nontarget_params(self) -> NonTargetParams:
+        """The non-target kind and coefficients the kernels apply to the other classes."""
+        return NonTargetParams()
 
     def margin_value(self) -> float:
         """The per-row margin r handed to the kernels for a deterministic spec."""
@@ -111,8 +113,16 @@ class MarginSpec:
         return None
 
     def target(self, cos_y: torch.Tensor, row_margin: torch.Tensor) -> torch.Tensor:
-        """Target logit / s, differentiable (used by the reference)."""
+        """Target logit / s, differentiable."""
         raise NotImplementedError
+
+    def target_logit(self, cos_y: torch.Tensor, row: TargetRow) -> torch.Tensor:
+        """The target logit s_i * phi(c_y) of each row, differentiable in c_y and in ``row``."""
+        return row.scale * self.target(cos_y, row.margin)
+
+    def nontarget_row(self, target_cos: torch.Tensor) -> Optional[torch.Tensor]:
+        """A detached per-row value the non-target kind reads (InterFace: theta_y), or None."""
+        return None
 
     def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor,
                   class_cos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -159,9 +169,6 @@ class ArcFace(MarginSpec):
     def margin_value(self):
         return self.m
 
-    def kernel_params(self):
-        fallback = Fallback.EASY if self.easy_margin else Fallback.CLASSIC
-        return MarginParams(TargetKind.ANGULAR, fallback=fallback, straight_through=self.straight_through)
 
     def target(self, cos_y, row_margin):
         m = row_margin
@@ -194,8 +201,6 @@ class CosFace(MarginSpec):
     def margin_value(self):
         return self.m
 
-    def kernel_params(self):
-        return MarginParams(TargetKind.SUBTRACT)
 
     def target(self, cos_y, row_margin):
         return cos_y - row_margin
@@ -229,10 +234,6 @@ class CombinedMargin(MarginSpec):
     def margin_value(self):
         return self.m3 if self._is_cosine_only else self.m2
 
-    def kernel_params(self):
-        if self._is_cosine_only:
-            return MarginParams(TargetKind.SUBTRACT)
-        return MarginParams(TargetKind.ANGULAR, m1=self.m1, m3=self.m3)
 
     def target(self, cos_y, row_margin):
         if self._is_cosine_only:
@@ -278,8 +279,6 @@ class SphereFace(MarginSpec):
     def margin_value(self):
         return self.m
 
-    def kernel_params(self):
-        return MarginParams(TargetKind.SPHERE, sphere_lambda=self.lambda_)
 
     def row_scale(self, embeddings):
         if self.s is not None:
@@ -320,15 +319,9 @@ class ElasticArcFace(MarginSpec):
         _check_finite("m", self.m, 0.0, math.pi - 1e-6)
         _check_finite("std", self.std, 0.0, 1.0)
 
-    @property
-    def needs_target_cos(self):
-        return self.plus
-
     def row_margins(self, num_rows, target_cos=None, generator=None):
         return _draw_elastic(self.m, self.std, self.plus, num_rows, target_cos, generator)
 
-    def kernel_params(self):
-        return MarginParams(TargetKind.ANGULAR)
 
     def target(self, cos_y, row_margin):
         return torch.cos(clamped_acos(cos_y) + row_margin)
@@ -353,15 +346,9 @@ class ElasticCosFace(MarginSpec):
         _check_finite("m", self.m, 0.0, 2.0)
         _check_finite("std", self.std, 0.0, 1.0)
 
-    @property
-    def needs_target_cos(self):
-        return self.plus
-
     def row_margins(self, num_rows, target_cos=None, generator=None):
         return _draw_elastic(self.m, self.std, self.plus, num_rows, target_cos, generator)
 
-    def kernel_params(self):
-        return MarginParams(TargetKind.SUBTRACT)
 
     def target(self, cos_y, row_margin):
         return cos_y - row_margin
@@ -397,7 +384,6 @@ class InterFace(MarginSpec):
     mu: float = math.pi / 18
     alpha: float = 0.1
     dynamic: bool = True
-    needs_target_cos = True
 
     def __post_init__(self):
         _check_scale(self.s)
@@ -408,15 +394,19 @@ class InterFace(MarginSpec):
     def margin_value(self):
         return self.m
 
-    def kernel_params(self):
-        return MarginParams(TargetKind.ANGULAR, nontarget=NonTargetKind.INTERFACE,
-                            inter_mu=self.mu, inter_alpha=self.alpha, inter_dynamic=self.dynamic)
 
     def target(self, cos_y, row_margin):
         return torch.cos(clamped_acos(cos_y) + row_margin)
 
+    def nontarget_params(self):
+        # the packed layout the kernels read: mu, alpha, dynamic
+        return NonTargetParams(NonTargetKind.INTERFACE, (float(self.mu), float(self.alpha), float(self.dynamic)))
+
+    def nontarget_row(self, target_cos):
+        return torch.acos(target_cos.detach().clamp(-1, 1))  # theta_y, detached
+
     def nontarget(self, cos, target_cos, class_cos):
-        theta_y = torch.acos(target_cos.detach().clamp(-1, 1)).unsqueeze(1)
+        theta_y = self.nontarget_row(target_cos).unsqueeze(1)
         if self.dynamic:
             phi = torch.acos(class_cos.detach().clamp(-1, 1)).clamp(0.01, math.pi)
             first = torch.exp(-self.mu / phi)
@@ -442,7 +432,6 @@ class IntraLoss(MarginSpec):
 
     base: MarginSpec = field(default_factory=ArcFace)
     weight: float = 1.0
-    needs_target_cos = True
 
     def __post_init__(self):
         _check("base", self.base, isinstance(self.base, MarginSpec) and not isinstance(self.base, IntraLoss),
@@ -466,14 +455,20 @@ class IntraLoss(MarginSpec):
     def row_scale(self, embeddings):
         return self.base.row_scale(embeddings)
 
-    def kernel_params(self):
-        return self.base.kernel_params()
+    def nontarget_params(self):
+        return self.base.nontarget_params()
 
     def target(self, cos_y, row_margin):
         return self.base.target(cos_y, row_margin)
 
+    def target_logit(self, cos_y, row):
+        return self.base.target_logit(cos_y, row)
+
     def nontarget(self, cos, target_cos, class_cos):
         return self.base.nontarget(cos, target_cos, class_cos)
+
+    def nontarget_row(self, target_cos):
+        return self.base.nontarget_row(target_cos)
 
     def extra_loss(self, target_cos):
         return self.weight * clamped_acos(target_cos)

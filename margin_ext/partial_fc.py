@@ -10,14 +10,13 @@ step reads straight down:
 2. map each global label to its column in this shard (-1 where another rank owns it)
    and, with ``sample_rate < 1`` in training, keep the positives of the shard plus
    uniformly drawn negatives;
-3. where the spec needs cos(theta_y), the owner of each row's class computes it and
-   a sum over the ranks hands it to everybody; random margins are drawn once and
-   broadcast from rank 0;
-4. the shard's kernels give per-row (log-sum-exp, target logit)
-   (:func:`margin_ext.head_function.head_statistics`);
-5. log-sum-exp across ranks (MAX then SUM of rescaled sums), target logit from its
-   owner (a SUM), the spec's extra term: the loss, the mean over the global batch's
-   counted rows, identical on every rank.
+3. the head pipeline (:func:`margin_ext.pipeline.head_losses`, shared with the
+   functional op): the owner of each row's class computes cos(theta_y) and a sum over
+   the ranks hands it to everybody; the spec's target logit and its derivative per row
+   (random margins drawn once, broadcast from rank 0); the shard's kernels give per-row
+   (log-sum-exp, target logit); log-sum-exp across ranks (MAX then SUM of rescaled
+   sums), target logit from its owner (a SUM), the spec's extra term;
+4. the loss: the mean over the global batch's counted rows, identical on every rank.
 
 Backward: the kernels give each rank the gradient of its shard's centres and its
 classes' share of the gradient of every gathered row; the gather's backward sums the
@@ -36,11 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .backends import BACKENDS, default_chunk_size, resolve
-from .head_function import head_statistics
-from .margins import ArcFace, MarginSpec, NonTargetKind
+from .margins import ArcFace, MarginSpec
 from .monitoring import best_class
-from .rows import normalize, prepare_rows
-from .validation import FLOAT_DTYPES
+from .pipeline import head_losses
+from .validation import (EMB_NDIM, FLOAT_DTYPES, NOT_TENSOR, OK, batch_error, batch_problem, dtype_code,
+                         dtype_name)
 
 INIT_STD = 0.01  # insightface's PartialFC initialises the centres from N(0, 0.01)
 INIT_BLOCK = 4096  # classes drawn from one generator; a shard boundary never changes the numbers
@@ -109,20 +108,6 @@ def sample_classes(local_labels: torch.Tensor, num_local: int, sample_rate: floa
         index = score.topk(keep).indices.sort().values
     remapped = torch.where(owned, torch.searchsorted(index, local_labels), local_labels)
     return index, remapped
-
-
-# Problems with one rank's inputs, sent with its batch size so that every rank raises.
-_OK, _NOT_TENSOR, _EMB_NDIM, _EMB_DTYPE, _EMB_SIZE, _LABEL_DTYPE, _LABEL_SHAPE, _DEVICE = range(8)
-_KNOWN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
-
-
-def _dtype_code(dtype) -> int:
-    return _KNOWN_DTYPES.index(dtype) if dtype in _KNOWN_DTYPES else -1
-
-
-def _dtype_name(code: int) -> str:
-    return str(_KNOWN_DTYPES[code]) if code >= 0 else "an unsupported dtype"
 
 
 class PartialFC(nn.Module):
@@ -213,42 +198,11 @@ class PartialFC(nn.Module):
             weight = weight[index]  # gradient reaches only the sampled centres
             self.sampled_classes = index + self.start
 
-        spec, group = self.margin, self.process_group
-        x_hat = normalize(x)
-        target_cos = target_centre = None
-        if spec.needs_target_cos:
-            target_cos, target_centre = self._target_cosine(x_hat, weight, local_labels)
-        rows = prepare_rows(spec, x, local_labels, target_cos, target_centre, generator)
-        if spec.is_random:
-            rows.margin = distributed.broadcast_from_first(rows.margin, group)  # one draw for the whole batch
-
         kernels = self._kernels_for(weight.device)
         chunk = self.chunk_size or default_chunk_size(n_rows, weight.shape[0], weight.device)
-        lse, target_logit = head_statistics(x_hat, weight, rows, spec.kernel_params(), kernels,
-                                            min(chunk, weight.shape[0]))
-        losses = (distributed.logsumexp_across_ranks(lse, group)
-                  - distributed.sum_across_ranks(target_logit, group))
-        extra = spec.extra_loss(target_cos) if target_cos is not None else None
-        if extra is not None:
-            losses = losses + extra
+        losses = head_losses(x, weight, local_labels, self.margin, kernels, min(chunk, weight.shape[0]),
+                             group=self.process_group, generator=generator)
         return losses.sum() / n_rows
-
-    def _target_cosine(self, x_hat, weight, local_labels):
-        """cos(theta_y) (differentiable) and the normalized target centre, from each row's owner.
-
-        Each rank fills the rows whose class it owns and zeros elsewhere; the sum over
-        the ranks is then exact. The centres travel only for InterFace, which needs them.
-        """
-        mine = (local_labels >= 0).nonzero().squeeze(1)
-        centre = normalize(weight[local_labels[mine]])
-        mine_cos = (x_hat[mine] * centre).sum(dim=1)
-        cos = mine_cos.new_zeros(x_hat.shape[0]).index_put((mine,), mine_cos)
-        target_cos = distributed.sum_across_ranks(cos, self.process_group)
-        target_centre = None
-        if self.margin.kernel_params().nontarget == NonTargetKind.INTERFACE:
-            centres = x_hat.new_zeros(x_hat.shape).index_put((mine,), centre.detach().to(x_hat.dtype))
-            target_centre = distributed.sum_across_ranks(centres, self.process_group)
-        return target_cos, target_centre
 
     def _kernels_for(self, device):
         if device not in self._kernels:
@@ -267,23 +221,24 @@ class PartialFC(nn.Module):
     def _gather_batch(self, embeddings, labels, differentiable: bool):
         """Embeddings and labels of every rank, in rank order, after checking them everywhere."""
         group = self.process_group
-        code, value = self._input_problem(embeddings, labels)
-        batch = embeddings.shape[0] if code not in (_NOT_TENSOR, _EMB_NDIM) else 0
-        wants_grad = differentiable and code == _OK and embeddings.requires_grad and torch.is_grad_enabled()
+        code, value = batch_problem(embeddings, labels, self.embedding_size, self.weight.device)
+        batch = embeddings.shape[0] if code not in (NOT_TENSOR, EMB_NDIM) else 0
+        wants_grad = differentiable and code == OK and embeddings.requires_grad and torch.is_grad_enabled()
         # the dtype travels too: the gather moves raw bytes, so fp16 on one rank and bf16 on
         # another would be reinterpreted (a wrong loss), fp32 against fp16 would break the gather
-        dtype = _dtype_code(embeddings.dtype) if code == _OK else -1
+        dtype = dtype_code(embeddings.dtype) if code == OK else -1
         meta = torch.tensor([batch, code, value, wants_grad, dtype], dtype=torch.int64,
                             device=distributed.collective_device(group))
         table = distributed.all_gather_stacked(meta, group).tolist()
         for rank, (_, code, value, _, _) in enumerate(table):
-            if code != _OK:
-                raise self._input_error(rank, code, value, table[rank][0])
+            if code != OK:
+                raise batch_error(code, value, batch=table[rank][0], device=self.weight.device, where=f" on rank {rank}",
+                                  expected_size=f"expected embedding_size={self.embedding_size}")
         dtypes = [row[4] for row in table]
         for rank, other in enumerate(dtypes):
             if other != dtypes[0]:
-                raise TypeError(f"embeddings.dtype={_dtype_name(dtypes[0])} on rank 0 but "
-                                f"embeddings.dtype={_dtype_name(other)} on rank {rank}: every rank must pass "
+                raise TypeError(f"embeddings.dtype={dtype_name(dtypes[0])} on rank 0 but "
+                                f"embeddings.dtype={dtype_name(other)} on rank {rank}: every rank must pass "
                                 f"embeddings of one dtype")
         sizes = [row[0] for row in table]
         if sum(sizes) == 0:
@@ -304,44 +259,6 @@ class PartialFC(nn.Module):
                              f"range: expected a class in [0, num_classes={self.num_classes}) or "
                              f"ignore_index={self.ignore_index}")
         return x, y
-
-    def _input_problem(self, embeddings, labels):
-        """(code, value) of the first thing wrong with this rank's inputs, (_OK, 0) if none."""
-        if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            return _NOT_TENSOR, 0
-        if embeddings.dim() != 2:
-            return _EMB_NDIM, embeddings.dim()
-        if embeddings.dtype not in FLOAT_DTYPES:
-            return _EMB_DTYPE, _dtype_code(embeddings.dtype)
-        if embeddings.shape[1] != self.embedding_size:
-            return _EMB_SIZE, embeddings.shape[1]
-        if labels.dtype != torch.int64:
-            return _LABEL_DTYPE, _dtype_code(labels.dtype)
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            return _LABEL_SHAPE, labels.shape[0] if labels.dim() == 1 else -1
-        if embeddings.device != self.weight.device or labels.device != self.weight.device:
-            return _DEVICE, 0
-        return _OK, 0
-
-    def _input_error(self, rank, code, value, batch):
-        where = f"on rank {rank}"
-        if code == _NOT_TENSOR:
-            return TypeError(f"embeddings and labels must be torch.Tensors ({where})")
-        if code == _EMB_NDIM:
-            return ValueError(f"embeddings must be (B, D) {where}, got a {value}-D tensor")
-        if code == _EMB_DTYPE:
-            return TypeError(f"embeddings.dtype={_dtype_name(value)} {where} is not supported: "
-                             f"expected one of {FLOAT_DTYPES}")
-        if code == _EMB_SIZE:
-            return ValueError(f"embeddings {where} has D={value} columns, expected "
-                              f"embedding_size={self.embedding_size}")
-        if code == _LABEL_DTYPE:
-            return TypeError(f"labels.dtype={_dtype_name(value)} {where} is invalid: expected "
-                             f"torch.int64 (use labels.long())")
-        if code == _LABEL_SHAPE:
-            shape = f"({value},)" if value >= 0 else "a tensor that is not 1-D"
-            return ValueError(f"labels {where} must have shape ({batch},) to match embeddings, got {shape}")
-        return ValueError(f"embeddings and labels {where} must be on the head's device {self.weight.device}")
 
     # ------------------------------------------------------------------ monitoring and export
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .margins import MarginSpec, NonTargetKind
+from .margins import MarginSpec, NonTargetKind, TargetRow
 from .rows import normalize_rows
 
 
@@ -33,15 +33,15 @@ def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels:
     target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
 
     class_cos = None
-    if margin.kernel_params().nontarget == NonTargetKind.INTERFACE:
+    if margin.nontarget_params().kind == NonTargetKind.INTERFACE:
         class_cos = w[labels] @ w.T  # cos(W_y, W_j) for every row and class
-    logits_over_s = margin.nontarget(cos, target_cos, class_cos)
-    target_over_s = margin.target(target_cos, row_margin.to(dtype))
-    logits_over_s = logits_over_s.scatter(1, labels.unsqueeze(1), target_over_s.unsqueeze(1))
-
-    scale = margin.row_scale(embeddings.to(dtype))
-    scale = margin.s if scale is None else scale.to(dtype).unsqueeze(1)
-    logits = logits_over_s * scale
+    features = embeddings.to(dtype)
+    scale = margin.row_scale(features)
+    scale = torch.full_like(target_cos, margin.s) if scale is None else scale.to(dtype)
+    row = TargetRow(margin=row_margin.to(dtype), scale=scale, norm=features.norm(dim=1))
+    target = margin.target_logit(target_cos, row)
+    logits = margin.nontarget(cos, target_cos, class_cos) * scale.unsqueeze(1)
+    logits = logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
     loss = F.cross_entropy(logits, labels, reduction="none")
     extra = margin.extra_loss(target_cos)
     if extra is not None:

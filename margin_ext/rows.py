@@ -1,8 +1,9 @@
 """What the kernels need to know about each row besides its feature.
 
 The head's kernels see a block of rows and a block of classes. Everything that is a
-property of a row rather than of a (row, class) pair is prepared once, in O(B), by
-:func:`prepare_rows` and handed to every backend in a :class:`RowInputs`.
+property of a row rather than of a (row, class) pair -- the scale, the target logit and
+its derivative, InterFace's theta_y -- is prepared once, in O(B), by the head pipeline
+(:mod:`margin_ext.pipeline`) and handed to every backend in a :class:`RowInputs`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .margins import MarginSpec, NonTargetKind
+from .margins import MarginSpec, TargetRow
 
 NORM_EPS = 1e-12  # F.normalize's eps, for features and class centres alike
 
@@ -25,13 +26,17 @@ class RowInputs:
     #: (B,) int64: the target's column in the weight handed to the kernel, or -1 when
     #: the target is not among those classes (another shard's, or an ignored row)
     labels: torch.Tensor
-    #: (B,) float32 scale s_i; differentiable for SphereFace's feature-norm scale
+    #: (B,) float32 scale s_i of the non-target logits; differentiable for SphereFace's
+    #: feature-norm scale
     scale: torch.Tensor
-    #: (B,) float32 margin r_i (constant, or ElasticFace's draw)
-    margin: torch.Tensor
-    #: (B,) float32 detached theta_y, for InterFace (None otherwise)
-    theta_y: Optional[torch.Tensor] = None
-    #: (B, D) float32 detached normalized target class centres, for InterFace
+    #: (B,) t_i = s_i * phi(c_y), the target logit; differentiable through everything it
+    #: reads but c_y (whose gradient the kernels carry, through target_grad)
+    target_logit: torch.Tensor
+    #: (B,) d_i = d t_i / d c_y, detached
+    target_grad: torch.Tensor
+    #: (B,) the detached per-row value the non-target kind reads (InterFace: theta_y)
+    nontarget_row: Optional[torch.Tensor] = None
+    #: (B, D) detached normalized target class centres, for InterFace's dynamic phi
     target_centre: Optional[torch.Tensor] = None
 
 
@@ -62,23 +67,15 @@ def target_cosine(x_hat: torch.Tensor, target_weight: torch.Tensor) -> torch.Ten
     return (x_hat * normalize(target_weight)).sum(dim=1)
 
 
-def prepare_rows(spec: MarginSpec, embeddings: torch.Tensor, labels: torch.Tensor,
-                 target_cos: Optional[torch.Tensor], target_centre: Optional[torch.Tensor],
-                 generator: Optional[torch.Generator] = None) -> RowInputs:
-    """Scale, margin and InterFace's detached inputs for rows that all have a target.
+def target_terms(spec: MarginSpec, target_cos: torch.Tensor, row: TargetRow):
+    """(t, d) per row: t = spec.target_logit(c_y, row) and d = dt/dc_y, by autograd of
+    the spec's own formula (a vector-Jacobian product with ones: rows are independent).
 
-    ``target_cos`` / ``target_centre`` are required when the spec needs them
-    (``spec.needs_target_cos``); the sharded head computes them on the target's owner.
+    t stays differentiable in ``row`` (a scale or a margin that depends on the features)
+    but not in c_y: the kernels put t on the target column and carry c_y's gradient
+    through d, inside the products they already form.
     """
-    device = embeddings.device
-    n = embeddings.shape[0]
-    scale = spec.row_scale(embeddings)
-    if scale is None:
-        scale = torch.full((n,), float(spec.s), dtype=torch.float32, device=device)
-    margin = spec.row_margins(n, target_cos, generator).to(device)
-    rows = RowInputs(labels=labels, scale=scale, margin=margin)
-    if spec.kernel_params().nontarget == NonTargetKind.INTERFACE:
-        acc = torch.float64 if target_cos.dtype == torch.float64 else torch.float32
-        rows.theta_y = torch.acos(target_cos.detach().to(acc).clamp(-1, 1))
-        rows.target_centre = target_centre.detach().to(acc)
-    return rows
+    cos = target_cos.detach()
+    t, vjp = torch.func.vjp(lambda c: spec.target_logit(c, row), cos)
+    (d,) = vjp(torch.ones_like(t))
+    return t, d.detach()

@@ -69,7 +69,7 @@ def reference_loss_and_grads(x, w, labels, spec, compute_dtype, seed=0, reductio
     w = w.detach().clone().requires_grad_(True)
     valid = labels != -1
     xv, yv = x[valid], labels[valid]
-    target_cos = target_cosine(normalize(xv.detach()), w.detach()[yv]) if spec.needs_target_cos else None
+    target_cos = target_cosine(normalize(xv.detach()), w.detach()[yv])
     margins = spec.row_margins(int(valid.sum()), target_cos, torch.Generator().manual_seed(seed))
     rows = reference_row_losses(xv, w, yv, spec, margins, compute_dtype=compute_dtype)
     terms = rows / max(int(valid.sum()), 1) if reduction == "mean" else rows
@@ -184,3 +184,29 @@ def tf32_reference_loss_and_grads(x, w, labels, spec, seed=0, reduction="mean"):
     products alone leave, which sets the tolerance of the TF32 kernels."""
     with Tf32Products():
         return reference_loss_and_grads(x.float(), w.float(), labels, spec, torch.float32, seed, reduction)
+
+
+def kernel_inputs(spec, x, w, y, generator=None):
+    """x_hat, the kernels' RowInputs and the non-target params of ``spec``, as the head
+    pipeline builds them (rows labelled -1 have no target among the classes)."""
+    from margin_ext.distributed import LOCAL
+    from margin_ext.margins import NonTargetKind
+    from margin_ext.pipeline import owner_target_cosine, row_inputs
+    from margin_ext.rows import normalize
+
+    x_hat = normalize(x)
+    params = spec.nontarget_params()
+    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=params.kind == NonTargetKind.INTERFACE)
+    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator), params
+
+
+def rows_to(rows, device=None, dtype=None):
+    """``rows`` with its float tensors moved to ``device`` / ``dtype`` (labels keep int64)."""
+    from margin_ext.rows import RowInputs
+
+    def move(name, t):
+        if t is None:
+            return None
+        return t.to(device=device) if name == "labels" else t.detach().to(device=device, dtype=dtype or t.dtype)
+
+    return RowInputs(**{k: move(k, v) for k, v in vars(rows).items()})

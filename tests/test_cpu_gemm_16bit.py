@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from margin_ext.backends import extension as ext
-from margin_ext.rows import RowInputs, normalize
-from cases import SPEC_CASES, assert_low_precision_result, loss_and_grads, make_inputs
+from cases import SPEC_CASES, assert_low_precision_result, kernel_inputs, loss_and_grads, make_inputs, rows_to
 
 pytestmark = pytest.mark.skipif(not ext.is_built(), reason="the compiled extension is not built")
 
@@ -38,9 +37,8 @@ def test_within_reference_error(name, dtype, monkeypatch):
 def head_inputs(dtype, n_rows=9, n_classes=37, dim=23, spec_name="arcface"):
     spec = SPEC_CASES[spec_name]
     x, w, y = make_inputs(n_rows, n_classes, dim, torch.float32, seed=5, labels=BOUNDARY_LABELS[:n_rows])
-    rows = RowInputs(labels=y, scale=torch.full((n_rows,), float(spec.s)),
-                     margin=torch.full((n_rows,), spec.margin_value()))
-    return normalize(x), w.to(dtype), rows, spec.kernel_params()
+    x_hat, rows, params = kernel_inputs(spec, x, w, y)
+    return x_hat, w.to(dtype), rows_to(rows), params
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

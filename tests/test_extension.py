@@ -12,8 +12,9 @@ import torch
 import margin_ext as mx
 from margin_ext.backends import BackendUnavailable
 from margin_ext.backends import extension as ext
-from margin_ext.rows import RowInputs, normalize
-from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from margin_ext.margins import TargetRow
+from margin_ext.rows import RowInputs, normalize, target_terms
+from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -120,16 +121,8 @@ def test_gradcheck_float64(name, device):
 def op_inputs(spec, n_rows=5, n_classes=13, dim=8, weight_dtype=torch.float64, device="cpu", seed=4):
     """Arguments of the ops: x_hat, weight, rows (row 1 has no target), params."""
     x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=seed, ignore_rows=(1,))
-    x_hat = normalize(x)
-    scale = spec.row_scale(x)
-    scale = torch.full((n_rows,), float(spec.s), dtype=torch.float64) if scale is None else scale
-    rows = RowInputs(labels=y, scale=scale, margin=torch.full((n_rows,), spec.margin_value(), dtype=torch.float64))
-    if spec.kernel_params().nontarget == mx.margins.NonTargetKind.INTERFACE:
-        centre = normalize(w[y.clamp_min(0)])
-        rows.theta_y = torch.acos((x_hat * centre).sum(dim=1).clamp(-1, 1))
-        rows.target_centre = centre
-    rows = RowInputs(**{k: None if v is None else v.to(device) for k, v in vars(rows).items()})
-    return x_hat.to(device), w.to(weight_dtype).to(device), rows, spec.kernel_params()
+    x_hat, rows, params = kernel_inputs(spec, x, w, y, torch.Generator().manual_seed(0))
+    return x_hat.to(device), w.to(weight_dtype).to(device), rows_to(rows, device, torch.float64), params
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,9 +138,17 @@ def test_op_autograd_gradcheck(name, device):
     x_hat.requires_grad_(True)
     w.requires_grad_(name not in NOT_THE_DERIVATIVE)
     scale = rows.scale.clone().requires_grad_(True)
+    margin = torch.full_like(scale, spec.margin_value())
 
     def stats(x_hat, w, scale):
-        return ext.head_forward(x_hat, w, RowInputs(rows.labels, scale, rows.margin, rows.theta_y,
+        # the target logit as a function of the inputs, its c_y path handed to the op's d:
+        # t - d (c_y - c_y.detach()) has t's value and, through c_y, no gradient of its own
+        target_cos = (x_hat * normalize(w[rows.labels.clamp_min(0)])).sum(dim=1)
+        row = TargetRow(margin=margin, scale=scale, norm=torch.ones_like(scale))
+        t = spec.target_logit(target_cos, row)
+        _, d = target_terms(spec, target_cos, row)
+        t = t - d * (target_cos - target_cos.detach())
+        return ext.head_forward(x_hat, w, RowInputs(rows.labels, scale, t, d, rows.nontarget_row,
                                                     rows.target_centre), params, 4)
 
     assert torch.autograd.gradcheck(stats, (x_hat, w, scale))
@@ -160,9 +161,8 @@ def test_opcheck(name, weight_dtype, device):
     spec = SPEC_CASES[name]
     x_hat, w, rows, params = op_inputs(spec, weight_dtype=weight_dtype, device=device)
     x_hat = x_hat.float()
-    rows = RowInputs(**{k: None if v is None else (v if k == "labels" else v.float()) for k, v in vars(rows).items()})
-    common = (x_hat, w, rows.labels, rows.scale, rows.margin, rows.theta_y, rows.target_centre,
-              *ext.margin_args(params), 4)
+    rows = rows_to(rows, dtype=torch.float32)
+    common = (*ext.op_args(x_hat, w, rows, params), 4)
     forward_args = (x_hat.clone().requires_grad_(True), w.clone().requires_grad_(True), *common[2:])
     torch.library.opcheck(torch.ops.margin_ext.head_forward.default, forward_args)
     lse, _ = torch.ops.margin_ext.head_forward(*common)
@@ -232,12 +232,12 @@ def test_no_nan_when_a_feature_sits_on_its_centre(device):
 def test_host_checks_name_the_bad_argument():
     spec = SPEC_CASES["interface"]
     x_hat, w, rows, params = op_inputs(spec)
-    args = dict(x_hat=x_hat, weight=w, labels=rows.labels, scale=rows.scale, margin=rows.margin,
-                theta_y=rows.theta_y, target_centre=rows.target_centre)
+    args = dict(zip(("x_hat", "weight", "labels", "row_terms", "target_centre", "nontarget_kind",
+                     "nontarget_coeffs"), ext.op_args(x_hat, w, rows, params)))
 
     def call(**changes):
         a = {**args, **changes}
-        return torch.ops.margin_ext.head_forward(*a.values(), *ext.margin_args(params), 4)
+        return torch.ops.margin_ext.head_forward(*a.values(), 4)
 
     with pytest.raises(RuntimeError, match="labels.dtype=Int"):
         call(labels=rows.labels.int())
@@ -245,12 +245,14 @@ def test_host_checks_name_the_bad_argument():
         call(weight=w[:, :3])
     with pytest.raises(RuntimeError, match="x_hat.dtype=BFloat16"):
         call(x_hat=x_hat.bfloat16())
-    with pytest.raises(RuntimeError, match="scale must have shape"):
-        call(scale=rows.scale[:2])
-    with pytest.raises(RuntimeError, match="needs theta_y and target_centre"):
-        call(theta_y=None)
+    with pytest.raises(RuntimeError, match="row_terms must have shape"):
+        call(row_terms=args["row_terms"][:, :2])
+    with pytest.raises(RuntimeError, match="needs target_centre"):
+        call(target_centre=None)
+    with pytest.raises(RuntimeError, match="nontarget_coeffs=.*INTERFACE takes"):
+        call(nontarget_coeffs=[0.1])
     with pytest.raises(RuntimeError, match="chunk_size=0"):
-        torch.ops.margin_ext.head_forward(*args.values(), *ext.margin_args(params), 0)
+        torch.ops.margin_ext.head_forward(*args.values(), 0)
 
 
 def test_backend_unavailable_says_why():

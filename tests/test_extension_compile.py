@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import margin_ext as mx
 from margin_ext import functional
 from margin_ext.backends import extension as ext
-from cases import make_inputs
+from cases import kernel_inputs, make_inputs
 
 
 class TinyModel(torch.nn.Module):
@@ -38,11 +37,8 @@ class TinyModel(torch.nn.Module):
 
 def op_head(embeddings, weight, labels, spec):
     """The loss straight from the op and its registered autograd."""
-    x_hat = F.normalize(embeddings, dim=1, eps=1e-12)
-    n = labels.shape[0]
-    lse, target = torch.ops.margin_ext.head_forward(
-        x_hat, weight, labels, torch.full((n,), spec.s), torch.full((n,), spec.margin_value()), None, None,
-        *ext.margin_args(spec.kernel_params()), 8)
+    x_hat, rows, params = kernel_inputs(spec, embeddings, weight, labels)
+    lse, target = torch.ops.margin_ext.head_forward(*ext.op_args(x_hat, weight, rows, params), 8)
     return (lse - target).mean()
 
 

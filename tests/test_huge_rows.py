@@ -18,11 +18,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import margin_ext as mx  # noqa: E402
 from cases import loss_and_grads, make_inputs  # noqa: E402
-from margin_ext.backends import BackendUnavailable, resolve  # noqa: E402
+from margin_ext.backends import REGISTRY, BackendUnavailable, resolve  # noqa: E402
 from margin_ext.rows import NORM_EPS, normalize, normalize_rows  # noqa: E402
 
 HUGE = 2.0 ** 70  # 1.2e21: the row's norm is far above 1.8e19, its entries well inside float32
-BACKENDS = ["reference", "torch", "cpp", "triton"]
+BACKENDS = ["reference", *(name for name, backend in REGISTRY.items() if "cpu" in backend.devices)]
 
 
 def test_ordinary_rows_are_f_normalize_bit_for_bit():

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import margin_ext as mx
-from margin_ext.margin_math import nontarget_transform, target_transform
+from margin_ext.margin_math import nontarget_transform
+from margin_ext.margins import TargetRow
+from margin_ext.rows import target_terms
 
 
 def target(spec, cos, margin=None):
@@ -17,8 +19,9 @@ def target(spec, cos, margin=None):
 
 def kernel_target(spec, cos, margin=None):
     margin = spec.margin_value() if margin is None else margin
-    value, grad = target_transform(torch.tensor([cos], dtype=torch.float64),
-                                   torch.tensor([margin], dtype=torch.float64), spec.kernel_params())
+    one = torch.ones(1, dtype=torch.float64)
+    row = TargetRow(margin=torch.tensor([margin], dtype=torch.float64), scale=one, norm=one)
+    value, grad = target_terms(spec, torch.tensor([cos], dtype=torch.float64), row)
     return value.item(), grad.item()
 
 
@@ -87,7 +90,7 @@ def test_interface_nontarget_margin():
     class_cos = torch.tensor([[0.1]], dtype=torch.float64)
     dynamic = mx.InterFace()
     assert dynamic.nontarget(cos, tc, class_cos).item() == pytest.approx(0.33374320372670974, abs=1e-12)
-    value, _ = nontarget_transform(cos, torch.acos(tc).unsqueeze(1), class_cos, dynamic.kernel_params())
+    value, _ = nontarget_transform(cos, torch.acos(tc).unsqueeze(1), class_cos, dynamic.nontarget_params())
     assert value.item() == pytest.approx(0.33374320372670974, abs=1e-12)
     static = mx.InterFace(dynamic=False)
     assert static.nontarget(cos, tc, class_cos).item() == pytest.approx(0.32712859614725204, abs=1e-12)

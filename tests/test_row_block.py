@@ -14,8 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import margin_ext as mx
 from margin_ext.backends import extension as ext
 from margin_ext.memory import PeakMemory
-from margin_ext.rows import RowInputs, normalize
-from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from margin_ext.margins import TargetRow
+from margin_ext.rows import RowInputs, normalize, target_terms
+from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
 # C = 37 classes in chunks of 8 (the last one partial), B = 9 rows, labels on both sides
@@ -43,20 +44,12 @@ PLANS = {
 def op_inputs(spec, weight_dtype=torch.float64, compute=torch.float64, seed=0):
     """x_hat, weight, rows, params of the ops (row 8 without a target) and per-row weights."""
     x, w, y = make_inputs(ROWS, CLASSES, DIM, torch.float64, seed=seed, labels=BOUNDARY_LABELS, ignore_rows=(8,))
-    x_hat = normalize(x).to(compute)
-    scale = spec.row_scale(x)
-    scale = torch.full((ROWS,), float(spec.s), dtype=torch.float64) if scale is None else scale
-    centre = normalize(w[y.clamp_min(0)])
-    target_cos = (normalize(x) * centre).sum(dim=1)
-    margin = spec.row_margins(ROWS, target_cos, torch.Generator().manual_seed(seed))
-    rows = RowInputs(labels=y, scale=scale.to(compute), margin=margin.to(compute))
-    if spec.kernel_params().nontarget == mx.margins.NonTargetKind.INTERFACE:
-        rows.theta_y = torch.acos(target_cos.clamp(-1, 1)).to(compute)
-        rows.target_centre = centre.to(compute)
+    x_hat, rows, params = kernel_inputs(spec, x, w, y, torch.Generator().manual_seed(seed))
+    x_hat, rows = x_hat.to(compute), rows_to(rows, dtype=compute)
     g = torch.Generator().manual_seed(seed + 1)
     grad_lse = torch.rand(ROWS, generator=g, dtype=torch.float64).to(compute)
     grad_target = -torch.rand(ROWS, generator=g, dtype=torch.float64).to(compute)
-    return x_hat, w.to(weight_dtype), rows, spec.kernel_params(), grad_lse, grad_target
+    return x_hat, w.to(weight_dtype), rows, params, grad_lse, grad_target
 
 
 def op_pair(x_hat, w, rows, params, grad_lse, grad_target):
@@ -163,8 +156,7 @@ def test_bad_arguments_name_themselves():
 def test_opcheck(name, weight_dtype, block):
     spec = SPEC_CASES[name]
     x_hat, w, rows, params, gl, gt = op_inputs(spec, weight_dtype=weight_dtype, compute=torch.float32)
-    args = (x_hat, w, rows.labels, rows.scale, rows.margin, rows.theta_y, rows.target_centre,
-            *ext.margin_args(params), CHUNK, gl, gt, budget_for(block, torch.float32), 2)
+    args = (*ext.op_args(x_hat, w, rows, params), CHUNK, gl, gt, budget_for(block, torch.float32), 2)
     torch.library.opcheck(torch.ops.margin_ext.head_forward_backward.default, args)
 
 
@@ -184,7 +176,7 @@ class Plan:
 
     def rows(self, n_rows, spec, converts=False):
         """Rows per block the op must take for n_rows counted rows (0: the op pair)."""
-        if spec.kernel_params().nontarget == mx.margins.NonTargetKind.INTERFACE:
+        if spec.nontarget_params().kind == mx.margins.NonTargetKind.INTERFACE:
             return 0
         if self.block >= n_rows:
             return n_rows
@@ -208,7 +200,7 @@ class OpLog(TorchDispatchMode):
         if func.namespace == "margin_ext":
             name = func._opname
             if name == "head_forward_backward":
-                x_hat, weight, nontarget, budget, min_block = args[0], args[1], args[13], args[-2], args[-1]
+                x_hat, weight, nontarget, budget, min_block = args[0], args[1], args[5], args[-2], args[-1]
                 name = (name, torch.ops.margin_ext.row_block_rows(x_hat, weight, nontarget, budget, min_block))
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
@@ -304,7 +296,10 @@ def test_learnable_scale_gets_its_gradient():
     x_hat, labels = x_hat[valid], rows.labels[valid]
     n = labels.numel()
     scale = torch.linspace(20.0, 40.0, n, dtype=torch.float64, requires_grad=True)
-    row_inputs = RowInputs(labels=labels, scale=scale, margin=rows.margin[valid])
+    target_cos = (x_hat * normalize(w[labels])).sum(dim=1)
+    margin = torch.full((n,), spec.m, dtype=torch.float64)
+    t, d = target_terms(spec, target_cos, TargetRow(margin=margin, scale=scale, norm=torch.ones_like(scale)))
+    row_inputs = RowInputs(labels=labels, scale=scale, target_logit=t, target_grad=d)
     from margin_ext.head_function import head_statistics, reduced_head_loss
     kernels = ext.load("cpp", torch.device("cpu"))
     loss = reduced_head_loss(x_hat, w, row_inputs, params, kernels, CHUNK, 1.0 / n)

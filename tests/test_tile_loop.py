@@ -13,11 +13,10 @@ rounded to TF32 as the kernels for float32 weights round them.
 import pytest
 import torch
 
-import margin_ext as mx
 from margin_ext import functional
 from margin_ext.backends import extension as ext
-from margin_ext.rows import RowInputs, normalize
-from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from margin_ext.rows import RowInputs
+from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads, round_to_tf32,
                    tf32_matmuls, tf32_reference_loss_and_grads)
 
@@ -93,10 +92,8 @@ def op_inputs(spec, weight_dtype, n_rows=9, n_classes=37, dim=16):
         labels = [(n_classes - 1 - 7 * i) % n_classes for i in range(n_rows)]  # the last class first
     x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=5, labels=labels,
                           ignore_rows=(2,) if n_rows > 2 else ())
-    x_hat = normalize(x)
-    rows = RowInputs(labels=y, scale=torch.full((n_rows,), float(spec.s), dtype=torch.float64),
-                     margin=torch.full((n_rows,), spec.margin_value(), dtype=torch.float64))
-    return x_hat, w.to(weight_dtype), rows, spec.kernel_params()
+    x_hat, rows, params = kernel_inputs(spec, x, w, y)
+    return x_hat, w.to(weight_dtype), rows_to(rows), params
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -28,11 +28,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import margin_ext as mx  # noqa: E402
-from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error,  # noqa: E402
+from cases import (SPEC_CASES, kernel_inputs as pipeline_inputs, assert_low_precision_result, assert_within_reference_error,  # noqa: E402
                    logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads, tf32_matmuls)
 from margin_ext.backends import BackendUnavailable, resolve  # noqa: E402
 from margin_ext.backends.torch_chunked import TORCH_KERNELS  # noqa: E402
-from margin_ext.rows import normalize, prepare_rows  # noqa: E402
 
 # C = 37 in tiles of 16: labels on both sides of each tile boundary (15|16, 31|32) and at the ends.
 BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
@@ -147,10 +146,7 @@ def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=(), labels=No
     """x_hat, weight and RowInputs as a shard sees them: ``foreign_rows`` have label -1
     (their target lives in another shard) but still carry InterFace's target centre."""
     x, w, y = make_inputs(n_rows, n_classes, dim, torch.float32, seed=seed, labels=labels)
-    x_hat = normalize(x)
-    centre = normalize(w[y])
-    target_cos = (x_hat * centre).sum(dim=1)
-    rows = prepare_rows(spec, x, y, target_cos, centre, torch.Generator().manual_seed(seed))
+    x_hat, rows, _ = pipeline_inputs(spec, x, w, y, torch.Generator().manual_seed(seed))
     labels = y.clone()
     labels[list(foreign_rows)] = -1
     rows.labels = labels
@@ -169,7 +165,7 @@ def kernel_inputs(spec, n_rows, n_classes, dim, seed, foreign_rows=(), labels=No
 
 def compare_kernels(kernels, spec, inputs, device, splits=None, chunk_size=None, **backward_overrides):
     x_hat, w, rows, grad_lse, grad_target = inputs("cpu")
-    params = spec.kernel_params()
+    params = spec.nontarget_params()
     lse, target = TORCH_KERNELS.forward(x_hat, w, rows, params, 8)
     gx, gw, gs = TORCH_KERNELS.backward(x_hat, w, rows, params, 8, lse, grad_lse, grad_target)
 
@@ -255,7 +251,7 @@ def test_kernels_shard_without_classes(device):
     triton_kernels(device)
     x_hat, w, rows, grad_lse, grad_target = kernel_inputs(mx.ArcFace(), 4, 10, 8, seed=16, foreign_rows=range(4))(
         device)
-    params = mx.ArcFace().kernel_params()
+    params = mx.ArcFace().nontarget_params()
     lse, target = triton_head.forward(x_hat, w[:0], rows, params, None, splits=3)
     assert torch.isneginf(lse).all() and (target == 0).all()
     gx, gw, gs = triton_head.backward(x_hat, w[:0], rows, params, None, lse, grad_lse, grad_target)

@@ -5,8 +5,8 @@
 // the weights). Per chunk, the GEMMs run on the raw centres (no normalized copy of them;
 // a converted copy only when they are stored in another dtype than the compute one), and
 // the vectorized row kernels (row_kernels.h) apply inv_norm_j as they read the cosines.
-// The target column of each row goes through the scalar margin math of margin_math.h,
-// once per row.
+// The target column of each row takes the row's target logit t_i (and its derivative
+// d_i in the backward), evaluated once per row in Python.
 //
 // The row-side steps take a RowRange: the rows one GEMM covered, all of the batch for the
 // op pair, a row block for row_block_sweep.cpp. Per-row arrays (lse, grad_lse, the
@@ -23,6 +23,7 @@
 
 #include "../head_loop.h"
 #include "gemm_16bit.h"
+#include "head_sweep.h"
 #include "row_kernels.h"
 
 namespace margin_ext {
@@ -45,20 +46,6 @@ constexpr int64_t kMinChunk = 256;
 struct RowRange {
   int64_t first, count;
 };
-
-// The op's arguments, checked and made contiguous in the compute dtype.
-inline HeadInputs checked_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
-                                 const at::Tensor& scale, const at::Tensor& margin,
-                                 const c10::optional<at::Tensor>& theta_y,
-                                 const c10::optional<at::Tensor>& target_centre, int64_t target_kind,
-                                 int64_t fallback, bool straight_through, double m1, double m3,
-                                 double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-                                 bool inter_dynamic, int64_t chunk_size) {
-  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
-                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
-  check_device_type(x_hat, c10::DeviceType::CPU);
-  return check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params, chunk_size);
-}
 
 template <typename T>
 struct ClassSweep {
@@ -96,7 +83,7 @@ struct ClassSweep {
     class_norms();
   }
 
-  bool interface_dynamic() const { return in.params.nontarget == kInterFace && in.params.inter_dynamic; }
+  bool interface_dynamic() const { return in.params.kind == kInterFace && in.params.inter_dynamic; }
 
   static at::Tensor view(const at::Tensor& flat, int64_t r, int64_t c) { return flat.narrow(0, 0, r * c).view({r, c}); }
 
@@ -157,9 +144,9 @@ struct ClassSweep {
     rc.class_cos = class_cos;
     rc.inv_norm = inv_norm.template data_ptr<T>() + start;
     rc.target = t;
-    rc.scale = in.scale.template data_ptr<T>() + r.first;
-    rc.interface_margin = in.params.nontarget == kInterFace;
-    rc.theta_y = rc.interface_margin ? in.theta_y.template data_ptr<T>() + r.first : nullptr;
+    rc.scale = in.template row<T>(kScale) + r.first;
+    rc.interface_margin = in.params.kind == kInterFace;
+    rc.theta_y = rc.interface_margin ? in.template row<T>(kNonTargetRow) + r.first : nullptr;
     rc.inter_dynamic = in.params.inter_dynamic;
     rc.inter_mu = T(in.params.inter_mu);
     rc.inter_alpha = T(in.params.inter_alpha);
@@ -173,12 +160,10 @@ struct ClassSweep {
     const int64_t n = rc.n_cols;
     T *rm = run_max + r.first, *rs = run_sum + r.first, *tl = target_logit + r.first;
     T *cm = chunk_max + r.first, *cs = chunk_sum + r.first;
-    const T* margin = in.margin.template data_ptr<T>() + r.first;
+    const T* target = in.template row<T>(kTarget) + r.first;
     at::parallel_for(0, r.count, grain_for(n), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        // the target first: InterFace's kernel writes its logits over the cosines
-        const int64_t t = rc.target[i];
-        if (t >= 0) tl[i] = rc.scale[i] * target_transform(rc.cos[i * n + t] * rc.inv_norm[t], margin[i], in.params).value;
+        if (rc.target[i] >= 0) tl[i] = target[i];
       }
       kernels.forward(rc, b, e, cm, cs);
       for (int64_t i = b; i < e; ++i) {
@@ -199,21 +184,18 @@ struct ClassSweep {
     const int64_t n = rc.n_cols;
     const T *l = lse + r.first, *gl = grad_lse + r.first, *gt = grad_target + r.first;
     T *gs = grad_scale + r.first, *rgs = row_grad_scale + r.first;
-    const T* margin = in.margin.template data_ptr<T>() + r.first;
+    const T* target = in.template row<T>(kTarget) + r.first;
+    const T* target_grad = in.template row<T>(kTargetGrad) + r.first;
     at::parallel_for(0, r.count, grain_for(n), [&](int64_t b, int64_t e) {
       kernels.backward(rc, b, e, l, gl, rgs);
       for (int64_t i = b; i < e; ++i) {
-        T g_scale = rgs[i];
         const int64_t t = rc.target[i];
         if (t >= 0) {
-          T* at_target = rc.cos + i * n + t;
-          const T s = rc.scale[i];
-          const ValueGrad<T> vg = target_transform(*at_target * rc.inv_norm[t], margin[i], in.params);
-          const T g = math::exp_(vg.value * s - l[i]) * gl[i] + gt[i];
-          g_scale += g * vg.value;
-          *at_target = g * vg.grad * s * rc.inv_norm[t];
+          // the target logit carries its own dependence on the scale: no share of grad_scale
+          const T g = math::exp_(target[i] - l[i]) * gl[i] + gt[i];
+          rc.cos[i * n + t] = g * target_grad[i] * rc.inv_norm[t];
         }
-        gs[i] += g_scale;
+        gs[i] += rgs[i];
       }
     });
   }
@@ -257,11 +239,6 @@ struct ClassSweep {
     weight_grad(h, w, start, n, grad_w.narrow(0, start, n));
   }
 };
-
-// The op pair's sweeps (head_sweep.cpp) on checked inputs: 1 GEMM per chunk forward,
-// 3 backward.
-std::tuple<at::Tensor, at::Tensor> sweep_forward(const HeadInputs& in);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sweep_backward(const HeadInputs& in, const RowStatistics& stats);
 
 }  // namespace cpu
 }  // namespace margin_ext

@@ -124,29 +124,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sweep_backward(const HeadInputs& 
   return Sweep<float>(in).backward(stats.lse, stats.grad_lse, stats.grad_target);
 }
 
-std::tuple<at::Tensor, at::Tensor> head_forward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size) {
-  return sweep_forward(checked_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                      fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                      inter_alpha, inter_dynamic, chunk_size));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse,
-    const at::Tensor& grad_target) {
-  const HeadInputs in = checked_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                       fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                       inter_alpha, inter_dynamic, chunk_size);
-  return sweep_backward(in, check_row_statistics(in, lse, grad_lse, grad_target));
-}
-
 }  // namespace cpu
 }  // namespace margin_ext

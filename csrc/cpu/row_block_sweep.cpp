@@ -30,7 +30,7 @@ int64_t block_rows(const HeadInputs& in, int64_t logits_budget, int64_t min_row_
   const int64_t rows = in.x_hat.size(0), classes = in.weight.size(0);
   // InterFace's forward kernel writes its logits over the cosines, and its dynamic phi
   // needs the class cosines too: it keeps the op pair's sweeps
-  if (rows == 0 || classes == 0 || in.params.nontarget == kInterFace) return 0;
+  if (rows == 0 || classes == 0 || in.params.kind == kInterFace) return 0;
   // 16-bit centres on a CPU that multiplies them natively: the op pair's 16-bit products
   if (use_16bit_gemm(in.weight.scalar_type())) return 0;
   const int64_t block = logits_budget / (classes * int64_t(in.x_hat.element_size()));
@@ -127,15 +127,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_b
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size, const at::Tensor& grad_lse, const at::Tensor& grad_target,
-    int64_t logits_budget, int64_t min_row_block) {
-  const HeadInputs in = checked_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                       fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                       inter_alpha, inter_dynamic, chunk_size);
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
+    const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
+    int64_t chunk_size, const at::Tensor& grad_lse, const at::Tensor& grad_target, int64_t logits_budget,
+    int64_t min_row_block) {
+  check_device_type(x_hat, c10::DeviceType::CPU);
+  const HeadInputs in = check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
+                                     nontarget_coeffs, chunk_size);
   const int64_t b = in.x_hat.size(0);
   check_vector(grad_lse, "grad_lse", b, in.x_hat);
   check_vector(grad_target, "grad_target", b, in.x_hat);
@@ -153,7 +151,7 @@ int64_t row_block_rows(const at::Tensor& x_hat, const at::Tensor& weight, int64_
   HeadInputs in;
   in.x_hat = x_hat;
   in.weight = weight;
-  in.params.nontarget = static_cast<int>(nontarget_kind);
+  in.params.kind = static_cast<int>(nontarget_kind);
   return block_rows(in, logits_budget, min_row_block);
 }
 

@@ -11,12 +11,10 @@ namespace margin_ext {
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t chunk_size, const at::Tensor& grad_lse, const at::Tensor& grad_target,
-    int64_t logits_budget, int64_t min_row_block);
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
+    const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
+    int64_t chunk_size, const at::Tensor& grad_lse, const at::Tensor& grad_target, int64_t logits_budget,
+    int64_t min_row_block);
 
 // Rows per block that head_forward_backward would take for these shapes and dtypes, or
 // 0 where it runs head_forward's and head_backward's sweeps.

@@ -45,13 +45,14 @@ struct TileProblem {
   std::vector<T> norms;  // |w_j|
   const int64_t* labels;
   const T* scale;
-  const T* margin;
+  const T* target;
+  const T* target_grad;
   const T* theta_y;
-  MarginParams params;
+  NonTargetParams params;
   bool tf32;  // product operands rounded to TF32
 
   tile::TileRow<T> row(int64_t i) const {
-    return {labels[i], scale[i], margin[i], theta_y ? theta_y[i] : T(0)};
+    return {labels[i], scale[i], target[i], target_grad[i], theta_y ? theta_y[i] : T(0)};
   }
   // A product operand: as stored, or rounded to TF32 (float32 centres on TF32 tensor cores).
   T operand(W v) const {
@@ -85,9 +86,10 @@ TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, cons
   p.norms.resize(p.grid.cols);
   for (int64_t j = 0; j < p.grid.cols; ++j) p.norms[j] = math::sqrt_(dot<T>(p.w + j * p.dim, p.w + j * p.dim, p.dim));
   p.labels = in.labels.data_ptr<int64_t>();
-  p.scale = in.scale.data_ptr<T>();
-  p.margin = in.margin.data_ptr<T>();
-  p.theta_y = in.theta_y.defined() ? in.theta_y.data_ptr<T>() : nullptr;
+  p.scale = in.row<T>(kScale);
+  p.target = in.row<T>(kTarget);
+  p.target_grad = in.row<T>(kTargetGrad);
+  p.theta_y = in.params.kind == kInterFace ? in.row<T>(kNonTargetRow) : nullptr;
   p.params = in.params;
   p.tf32 = tf32;
   return p;
@@ -164,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
         std::fill(radial, radial + tn, T(0));
         for (int r = 0; r < g.rows_in(rt); ++r) {
           const int64_t i = rt * g.tile_m + r;
-          const tile::RowGrads<T> rg{lse[i], grad_lse[i], grad_target[i]};
+          const tile::RowGrads<T> rg = tile::row_grads(p.row(i), lse[i], grad_lse[i], grad_target[i]);
           T scale_part = T(0);
           for (int c = 0; c < tn; ++c) {
             T scaled = T(0);  // zero past C: the products read whole tiles
@@ -237,14 +239,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
 }
 
 HeadInputs tile_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
-                       const at::Tensor& scale, const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-                       const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback,
-                       bool straight_through, double m1, double m3, double sphere_lambda, int64_t nontarget_kind,
-                       double inter_mu, double inter_alpha, bool inter_dynamic) {
-  const MarginParams params = make_params(target_kind, fallback, straight_through, m1, m3, sphere_lambda,
-                                          nontarget_kind, inter_mu, inter_alpha, inter_dynamic);
+                       const at::Tensor& row_terms, const c10::optional<at::Tensor>& target_centre,
+                       int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs, c10::ArrayRef<int64_t> tiles) {
   check_device_type(x_hat, c10::DeviceType::CPU);
-  return check_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, params, /*chunk_size=*/1);
+  TORCH_CHECK(tiles.size() == 3, "margin_ext: tiles=", tiles, " is invalid: expected three integers");
+  return check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind, nontarget_coeffs,
+                      /*chunk_size=*/1);
 }
 
 // Calls f.template operator()<T, W>() for the compute type of x_hat and the weight's storage type.
@@ -262,15 +262,15 @@ auto dispatch(const HeadInputs& in, F&& f) {
   return dbl ? f.template operator()<double, float>() : f.template operator()<float, float>();
 }
 
-std::tuple<at::Tensor, at::Tensor> tile_forward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t splits, bool tf32) {
-  const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                    fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                    inter_alpha, inter_dynamic);
+// tiles: (tile_m, tile_n, class splits)
+std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& x_hat, const at::Tensor& weight,
+                                                const at::Tensor& labels, const at::Tensor& row_terms,
+                                                const c10::optional<at::Tensor>& target_centre,
+                                                int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
+                                                c10::ArrayRef<int64_t> tiles, bool tf32) {
+  const HeadInputs in =
+      tile_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind, nontarget_coeffs, tiles);
+  const int64_t tile_m = tiles[0], tile_n = tiles[1], splits = tiles[2];
   const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
   return dispatch(in, [&]<typename T, typename W>() {
@@ -278,30 +278,23 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(
   });
 }
 
+// tiles: (tile_m, tile_n, classes per backward chunk; 0: the CUDA kernels' choice)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
-    const at::Tensor& margin, const c10::optional<at::Tensor>& theta_y,
-    const c10::optional<at::Tensor>& target_centre, int64_t target_kind, int64_t fallback, bool straight_through,
-    double m1, double m3, double sphere_lambda, int64_t nontarget_kind, double inter_mu, double inter_alpha,
-    bool inter_dynamic, int64_t tile_m, int64_t tile_n, int64_t chunk_cols, bool tf32, const at::Tensor& lse,
-    const at::Tensor& grad_lse, const at::Tensor& grad_target) {
-  const HeadInputs in = tile_inputs(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                    fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                    inter_alpha, inter_dynamic);
-  const int64_t b = in.x_hat.size(0);
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
+    const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
+    c10::ArrayRef<int64_t> tiles, bool tf32, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target) {
+  const HeadInputs in =
+      tile_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind, nontarget_coeffs, tiles);
+  const int64_t tile_m = tiles[0], tile_n = tiles[1], chunk_cols = tiles[2];
   TORCH_CHECK(chunk_cols >= 0, "margin_ext: chunk_cols=", chunk_cols,
               " is invalid: expected 0 (the CUDA kernels' choice) or a positive multiple of tile_n");
-  check_vector(lse, "lse", b, in.x_hat);
-  check_vector(grad_lse, "grad_lse", b, in.x_hat);
-  check_vector(grad_target, "grad_target", b, in.x_hat);
-  const auto acc = in.x_hat.scalar_type();
-  const at::Tensor lse_c = lse.to(acc).contiguous(), grad_lse_c = grad_lse.to(acc).contiguous();
-  const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
+  const RowStatistics stats = check_row_statistics(in, lse, grad_lse, grad_target);
   const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
   return dispatch(in, [&]<typename T, typename W>() {
     return run_backward(make_problem<T, W>(in, x_w, centre_w, tile_m, tile_n, /*splits=*/1, tf32), chunk_cols,
-                        in.weight, lse_c.data_ptr<T>(), grad_lse_c.data_ptr<T>(), grad_target_c.data_ptr<T>(),
+                        in.weight, stats.lse.data_ptr<T>(), stats.grad_lse.data_ptr<T>(), stats.grad_target.data_ptr<T>(),
                         in.x_hat.options());
   });
 }

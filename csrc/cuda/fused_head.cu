@@ -198,15 +198,20 @@ __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storag
   }
 }
 
+// The fused kernels take the cosine non-target only (InterFace runs the chunk loop): a
+// constant, so that no other kind's code is generated into them.
+__device__ constexpr NonTargetParams kCosineOnly{kCosine, 0.0, 0.0, true};
+
 __device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int64_t i) {
-  if (i >= h.rows) return {-1, 0.f, 0.f, 0.f};
-  return {h.labels[i], h.scale[i], h.margin[i], 0.f};
+  if (i >= h.rows) return {-1, 0.f, 0.f, 0.f, 0.f};
+  return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], 0.f};
 }
 
-__device__ __forceinline__ tile::RowGrads<float> load_row_grads(const float* lse, const float* grad_lse,
-                                                               const float* grad_target, int64_t rows, int64_t i) {
+__device__ __forceinline__ tile::RowGrads<float> load_row_grads(const tile::TileRow<float>& row, const float* lse,
+                                                               const float* grad_lse, const float* grad_target,
+                                                               int64_t rows, int64_t i) {
   if (i >= rows) return {0.f, 0.f, 0.f};
-  return {lse[i], grad_lse[i], grad_target[i]};
+  return tile::row_grads(row, lse[i], grad_lse[i], grad_target[i]);
 }
 
 __device__ __forceinline__ float column_inv_norm(const FusedHead& h, int64_t col0, int c, int n_cols) {
@@ -274,7 +279,7 @@ fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restri
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi) {
           if (c < n_cols && row0 + warp * 16 + lane / 4 + 8 * hi < h.rows) {
-            const float z = tile::logit(acc[nt][2 * hi + e], 0.f, inv, col0 + c, row[hi], h.params);
+            const float z = tile::logit(acc[nt][2 * hi + e], 0.f, inv, col0 + c, row[hi], kCosineOnly);
             stats[hi].push(z, c == target[hi]);
           }
         }
@@ -405,7 +410,7 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
   for (int hi = 0; hi < 2; ++hi) {
     const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
     row[hi] = load_row(h, i);
-    row_grads[hi] = load_row_grads(g.lse, g.grad_lse, g.grad_target, h.rows, i);
+    row_grads[hi] = load_row_grads(row[hi], g.lse, g.grad_lse, g.grad_target, h.rows, i);
   }
   auto* grad_cos = static_cast<S*>(chunk.grad_cos);
 #pragma unroll
@@ -421,7 +426,7 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
         float scaled = 0.f;  // zero past C and B: the products read whole tiles
         if (c < n_cols && row0 + wm * 16 + lane / 4 + 8 * hi < h.rows) {
           const float cos = acc[nt][2 * hi + e] * inv;
-          const tile::CosGrad<float> cg = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], h.params);
+          const tile::CosGrad<float> cg = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], kCosineOnly);
           grad_scale[hi] += cg.grad_scale;
           radial[e] += cg.grad_cos * cos;
           scaled = cg.grad_cos * inv;

@@ -37,9 +37,10 @@ struct FusedHead {
   WeightType w_type;     // kBFloat16, kFloat16 or kFloat32
   const float* norms;    // (C,) |w_j| (centre_norms)
   const int64_t* labels;  // (B,) target class, -1 or out of [0, C): none
-  const float* scale;    // (B,) s_i
-  const float* margin;   // (B,) r_i
-  MarginParams params;   // non-target kind kCosine (InterFace runs the chunk loop)
+  const float* scale;    // (B,) s_i, of the non-target logits
+  const float* target;   // (B,) t_i, the target logit
+  const float* target_grad;  // (B,) d_i = d t_i / d cos_y
+  // non-target kind: the plain cosine only (InterFace runs the chunk loop)
 };
 
 // A launcher's result: the first failing kernel's error, or cudaSuccess.

@@ -2,8 +2,8 @@
 
 The Python face of ``margin_ext._C`` (sources in ``csrc/``), which defines these ops:
 
-* ``torch.ops.margin_ext.head_forward(x_hat, weight, labels, scale, margin, theta_y,
-  target_centre, <margin params>, chunk_size) -> (lse, target_logit)``
+* ``torch.ops.margin_ext.head_forward(x_hat, weight, labels, row_terms, target_centre,
+  nontarget_kind, nontarget_coeffs, chunk_size) -> (lse, target_logit)``
 * ``torch.ops.margin_ext.head_backward(<the same>, lse, grad_lse, grad_target)
   -> (grad_x, grad_weight, grad_scale)``
 * ``torch.ops.margin_ext.head_forward_backward(<head_forward's>, grad_lse, grad_target,
@@ -12,10 +12,13 @@ The Python face of ``margin_ext._C`` (sources in ``csrc/``), which defines these
   chunk instead of 4 where ``logits_budget`` bytes hold a block of rows' cosines over
   every class (csrc/README.md, "The CPU sweep").
 
-The margin params are :class:`~margin_ext.margins.MarginParams` field by field. This
-module gives them fake implementations (shapes, for torch.compile), makes
-``head_forward`` differentiable (its backward is ``head_backward``) and wraps them in
-the :class:`~margin_ext.head_function.Kernels` contract for ``backends.resolve``.
+``row_terms`` is (4, B): the scale s_i, the target logit t_i, its derivative d_i and the
+non-target kind's row value (InterFace's theta_y); ``nontarget_kind`` and
+``nontarget_coeffs`` are the spec's :class:`~margin_ext.margins.NonTargetParams`.
+:func:`op_args` builds them, the one place that does. This module gives the ops fake
+implementations (shapes, for torch.compile), makes ``head_forward`` differentiable (its
+backward is ``head_backward``) and wraps them in the
+:class:`~margin_ext.backends.base.Kernels` contract for ``backends.resolve``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from ..head_function import Kernels
-from ..margins import MarginParams
+from ..margins import NonTargetParams
 from ..rows import RowInputs
+from .base import BackendUnavailable, Kernels
 
 _MODULE = "margin_ext._C"
 _BUILD_HINT = ("build it from the source tree with `pip install --no-build-isolation -e .`; the CUDA kernels "
@@ -62,26 +65,31 @@ def cuda_is_built() -> bool:
     return is_built() and torch._C._dispatch_has_kernel_for_dispatch_key("margin_ext::head_forward", "CUDA")
 
 
-def margin_args(params: MarginParams) -> tuple:
-    """The ops' margin arguments, in schema order."""
-    return (int(params.target), int(params.fallback), bool(params.straight_through), float(params.m1),
-            float(params.m3), float(params.sphere_lambda), int(params.nontarget), float(params.inter_mu),
-            float(params.inter_alpha), bool(params.inter_dynamic))
+#: The rows of the ops' row_terms tensor.
+ROW_TERMS = ("scale", "target_logit", "target_grad", "nontarget_row")
 
 
-def head_forward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+def op_args(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams) -> tuple:
+    """The arguments every op starts with, in schema order: x_hat, weight, labels,
+    row_terms (4, B) in x_hat's dtype, target_centre, nontarget_kind, nontarget_coeffs."""
+    nontarget_row = rows.target_logit.new_zeros(()) if rows.nontarget_row is None else rows.nontarget_row
+    terms = [rows.scale, rows.target_logit, rows.target_grad, nontarget_row]
+    row_terms = torch.stack([t.to(x_hat.dtype).expand(rows.labels.shape) for t in terms])
+    return (x_hat, weight, rows.labels, row_terms, rows.target_centre, int(params.kind),
+            [float(c) for c in params.coeffs])
+
+
+def head_forward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams,
                  chunk_size: int):
-    """(lse, target_logit) per row; differentiable w.r.t. x_hat, weight and rows.scale."""
-    return torch.ops.margin_ext.head_forward(x_hat, weight, rows.labels, rows.scale, rows.margin, rows.theta_y,
-                                             rows.target_centre, *margin_args(params), chunk_size)
+    """(lse, target_logit) per row."""
+    return torch.ops.margin_ext.head_forward(*op_args(x_hat, weight, rows, params), chunk_size)
 
 
-def head_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+def head_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams,
                   chunk_size: int, lse: torch.Tensor, grad_lse: torch.Tensor, grad_target: torch.Tensor):
     """(grad_x_hat, grad_weight in the weight's dtype, grad_scale) from the saved lse."""
-    return torch.ops.margin_ext.head_backward(x_hat, weight, rows.labels, rows.scale, rows.margin, rows.theta_y,
-                                              rows.target_centre, *margin_args(params), chunk_size, lse,
-                                              grad_lse, grad_target)
+    return torch.ops.margin_ext.head_backward(*op_args(x_hat, weight, rows, params), chunk_size, lse, grad_lse,
+                                              grad_target)
 
 
 #: Bytes of stored cosines head_forward_backward may hold (a block of rows over every
@@ -96,7 +104,7 @@ LOGITS_BUDGET = 256 << 20
 MIN_ROW_BLOCK = 32
 
 
-def head_forward_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: MarginParams,
+def head_forward_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams,
                           chunk_size: int, grad_lse: torch.Tensor, grad_target: torch.Tensor,
                           logits_budget: Optional[int] = None, min_row_block: Optional[int] = None):
     """(lse, target_logit, grad_x_hat, grad_weight in the weight's dtype, grad_scale) for
@@ -104,18 +112,17 @@ def head_forward_backward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowIn
     grad_target_i target_logit_i, known before the forward. None: LOGITS_BUDGET, MIN_ROW_BLOCK."""
     budget = LOGITS_BUDGET if logits_budget is None else logits_budget
     min_block = MIN_ROW_BLOCK if min_row_block is None else min_row_block
-    return torch.ops.margin_ext.head_forward_backward(x_hat, weight, rows.labels, rows.scale, rows.margin,
-                                                      rows.theta_y, rows.target_centre, *margin_args(params),
-                                                      chunk_size, grad_lse, grad_target, budget, min_block)
+    return torch.ops.margin_ext.head_forward_backward(*op_args(x_hat, weight, rows, params), chunk_size, grad_lse,
+                                                      grad_target, budget, min_block)
 
 
-def row_block_rows(x_hat: torch.Tensor, weight: torch.Tensor, params: MarginParams,
+def row_block_rows(x_hat: torch.Tensor, weight: torch.Tensor, params: NonTargetParams,
                    logits_budget: Optional[int] = None, min_row_block: Optional[int] = None) -> int:
     """Rows per block head_forward_backward takes for these inputs; 0 where it runs the
     op pair's sweeps (4 GEMMs per chunk)."""
     budget = LOGITS_BUDGET if logits_budget is None else logits_budget
     min_block = MIN_ROW_BLOCK if min_row_block is None else min_row_block
-    return torch.ops.margin_ext.row_block_rows(x_hat, weight, int(params.nontarget), budget, min_block)
+    return torch.ops.margin_ext.row_block_rows(x_hat, weight, int(params.kind), budget, min_block)
 
 
 def tile_kernels(tile_m: int, tile_n: int, splits: int, chunk_cols: int = 0, tf32: bool = False) -> Kernels:
@@ -129,14 +136,12 @@ def tile_kernels(tile_m: int, tile_n: int, splits: int, chunk_cols: int = 0, tf3
     product over the same operands here: the tests' view of the GPU's tile logic.
     """
     def forward(x_hat, weight, rows, params, chunk_size):
-        return torch.ops.margin_ext.tile_forward(x_hat, weight, rows.labels, rows.scale, rows.margin, rows.theta_y,
-                                                 rows.target_centre, *margin_args(params), tile_m, tile_n, splits,
+        return torch.ops.margin_ext.tile_forward(*op_args(x_hat, weight, rows, params), [tile_m, tile_n, splits],
                                                  tf32)
 
     def backward(x_hat, weight, rows, params, chunk_size, lse, grad_lse, grad_target):
-        return torch.ops.margin_ext.tile_backward(x_hat, weight, rows.labels, rows.scale, rows.margin,
-                                                  rows.theta_y, rows.target_centre, *margin_args(params), tile_m,
-                                                  tile_n, chunk_cols, tf32, lse, grad_lse, grad_target)
+        return torch.ops.margin_ext.tile_backward(*op_args(x_hat, weight, rows, params),
+                                                  [tile_m, tile_n, chunk_cols], tf32, lse, grad_lse, grad_target)
 
     name = f"tile({tile_m}x{tile_n}, {splits} splits, chunks of {chunk_cols or 'auto'}{', tf32' if tf32 else ''})"
     return Kernels(name, forward, backward)
@@ -148,8 +153,6 @@ CUDA_KERNELS = Kernels("cuda", head_forward, head_backward)
 
 def load(name: str, device) -> Kernels:
     """The compiled kernels of backend ``name`` ("cpp" or "cuda") for tensors on ``device``."""
-    from . import BackendUnavailable
-
     device = torch.device(device)
     if name not in ("cpp", "cuda"):
         raise ValueError(f"backend={name!r} is not a compiled backend: expected 'cpp' or 'cuda'")
@@ -168,55 +171,50 @@ def load(name: str, device) -> Kernels:
 
 
 # ---- fake implementations (torch.compile, meta tensors) and autograd ----
+# Every op starts with op_args' seven arguments; the fakes name the ones they read.
 
-def _head_forward_fake(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind, fallback,
-                       straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu, inter_alpha,
-                       inter_dynamic, chunk_size):
+def _check_shapes(x_hat, weight, labels):
     torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
     torch._check(x_hat.shape[1] == weight.shape[1], lambda: "x_hat and weight must have the same D")
     torch._check(labels.shape == (x_hat.shape[0],), lambda: "labels must be (B,)")
+
+
+def _head_forward_fake(x_hat, weight, labels, *_):
+    _check_shapes(x_hat, weight, labels)
     rows = x_hat.shape[0]
     return x_hat.new_empty(rows), x_hat.new_empty(rows)
 
 
-def _head_backward_fake(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind, fallback,
-                        straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu, inter_alpha,
-                        inter_dynamic, chunk_size, lse, grad_lse, grad_target):
-    torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
-    torch._check(x_hat.shape[1] == weight.shape[1], lambda: "x_hat and weight must have the same D")
-    return (x_hat.new_empty(x_hat.shape), weight.new_empty(weight.shape),
-            x_hat.new_empty(x_hat.shape[0]))
+def _head_backward_fake(x_hat, weight, labels, *_):
+    _check_shapes(x_hat, weight, labels)
+    return x_hat.new_empty(x_hat.shape), weight.new_empty(weight.shape), x_hat.new_empty(x_hat.shape[0])
 
 
-def _head_forward_backward_fake(x_hat, weight, labels, scale, margin, theta_y, target_centre, target_kind,
-                                fallback, straight_through, m1, m3, sphere_lambda, nontarget_kind, inter_mu,
-                                inter_alpha, inter_dynamic, chunk_size, grad_lse, grad_target, logits_budget,
-                                min_row_block):
-    torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
-    torch._check(x_hat.shape[1] == weight.shape[1], lambda: "x_hat and weight must have the same D")
-    rows = x_hat.shape[0]
-    return (x_hat.new_empty(rows), x_hat.new_empty(rows), x_hat.new_empty(x_hat.shape),
-            weight.new_empty(weight.shape), x_hat.new_empty(rows))
-
-
-_TENSOR_INPUTS = 7  # x_hat, weight, labels, scale, margin, theta_y, target_centre
+def _head_forward_backward_fake(x_hat, weight, labels, *_):
+    return (*_head_forward_fake(x_hat, weight, labels), *_head_backward_fake(x_hat, weight, labels))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], output[0])
-    ctx.other_args = tuple(inputs[_TENSOR_INPUTS:])  # margin params and chunk_size
+    ctx.save_for_backward(*inputs[:5], output[0])
+    ctx.other_args = tuple(inputs[5:])  # nontarget kind, coeffs and chunk_size
 
 
 def _head_forward_backward(ctx, grad_lse, grad_target):
-    x_hat, weight, labels, scale, margin, theta_y, target_centre, lse = ctx.saved_tensors
+    x_hat, weight, labels, row_terms, target_centre, lse = ctx.saved_tensors
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     grad_target = torch.zeros_like(lse) if grad_target is None else grad_target
     grad_x, grad_w, grad_scale = torch.ops.margin_ext.head_backward(
-        x_hat, weight, labels, scale, margin, theta_y, target_centre, *ctx.other_args, lse, grad_lse, grad_target)
-    grads = [None] * (_TENSOR_INPUTS + len(ctx.other_args))
+        x_hat, weight, labels, row_terms, target_centre, *ctx.other_args, lse, grad_lse, grad_target)
+    grads = [None] * (5 + len(ctx.other_args))
     grads[0] = grad_x if ctx.needs_input_grad[0] else None
     grads[1] = grad_w if ctx.needs_input_grad[1] else None
-    grads[3] = grad_scale.to(scale.dtype) if ctx.needs_input_grad[3] else None
+    if ctx.needs_input_grad[3]:
+        # the scale's row and the target logit's (dL/dt = grad_lse * p_y + grad_target where owned)
+        from ..head_function import target_logit_grad
+
+        grad_t = target_logit_grad(labels, row_terms[1], lse, grad_lse, grad_target)
+        zero = torch.zeros_like(grad_t)
+        grads[3] = torch.stack([grad_scale.to(lse.dtype), grad_t, zero, zero]).to(row_terms.dtype)
     return tuple(grads)
 
 

@@ -2,8 +2,8 @@
 
 Walks the classes in chunks. The class norms are computed once per call; each chunk's
 centres are normalized on the fly (no normalized copy of the whole weight), its cosines
-formed by one GEMM in float32, the margin applied to the target column, and the per-row
-running max and sum-exp updated (online softmax), in place on the GEMM's output.
+formed by one GEMM in float32, the row's target logit put on the target column, and the
+per-row running max and sum-exp updated (online softmax), in place on the GEMM's output.
 Backward recomputes each chunk from the saved log-sum-exp.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..head_function import Kernels
-from ..margin_math import nontarget_transform, target_transform
+from ..margin_math import nontarget_transform
 from ..rows import NORM_EPS, RowInputs
+from .base import Kernels
 
 
 def _class_norms(weight: torch.Tensor, acc: torch.dtype, chunk_size: int) -> torch.Tensor:
@@ -25,20 +25,18 @@ def _class_norms(weight: torch.Tensor, acc: torch.dtype, chunk_size: int) -> tor
 
 
 def _chunk_logits(x_hat, w_hat, rows: RowInputs, params, start: int):
-    """Logits / s of a chunk, the non-target derivative (None: 1), the targets and their derivative.
+    """Non-target logits / s of a chunk, their derivative (None: 1), and the rows (hit)
+    whose target is in the chunk, at columns col.
 
     For the cosine non-target the logits are the GEMM's output itself, overwritten in place.
     """
     cos = x_hat @ w_hat.T
     class_cos = None if rows.target_centre is None else rows.target_centre.to(cos.dtype) @ w_hat.T
-    theta_y = None if rows.theta_y is None else rows.theta_y.to(cos.dtype).unsqueeze(1)
+    theta_y = None if rows.nontarget_row is None else rows.nontarget_row.to(cos.dtype).unsqueeze(1)
     local = rows.labels - start
     hit = ((local >= 0) & (local < cos.shape[1])).nonzero().squeeze(1)
-    col = local[hit]
-    t_value, t_deriv = target_transform(cos[hit, col], rows.margin[hit].to(cos.dtype), params)
     value, deriv = nontarget_transform(cos, theta_y, class_cos, params)
-    value[hit, col] = t_value
-    return value, deriv, hit, col, t_deriv
+    return value, deriv, hit, local[hit]
 
 
 def _forward(x_hat, weight, rows: RowInputs, params, chunk_size):
@@ -46,6 +44,7 @@ def _forward(x_hat, weight, rows: RowInputs, params, chunk_size):
     acc = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
     x_hat = x_hat.to(acc)
     scale = rows.scale.detach().to(acc).unsqueeze(1)
+    target = rows.target_logit.detach().to(acc)
     denom = _class_norms(weight, acc, chunk_size).clamp_min_(NORM_EPS).unsqueeze(1)
     run_max = torch.full((n_rows,), -torch.inf, dtype=acc, device=x_hat.device)
     run_sum = torch.zeros(n_rows, dtype=acc, device=x_hat.device)
@@ -53,9 +52,9 @@ def _forward(x_hat, weight, rows: RowInputs, params, chunk_size):
     for start in range(0, n_classes, chunk_size):
         stop = min(start + chunk_size, n_classes)
         w_hat = weight[start:stop].to(acc) / denom[start:stop]
-        value, _, hit, col, _ = _chunk_logits(x_hat, w_hat, rows, params, start)
+        value, _, hit, col = _chunk_logits(x_hat, w_hat, rows, params, start)
         logits = value.mul_(scale)
-        target_logit[hit] = logits[hit, col]
+        logits[hit, col] = target_logit[hit] = target[hit]
         new_max = torch.maximum(run_max, logits.amax(dim=1))
         run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1)
         run_max = new_max
@@ -67,6 +66,7 @@ def _backward(x_hat, weight, rows: RowInputs, params, chunk_size, lse, grad_lse,
     acc = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
     x_hat = x_hat.to(acc)
     scale = rows.scale.detach().to(acc).unsqueeze(1)
+    target, target_grad = rows.target_logit.detach().to(acc), rows.target_grad.to(acc)
     lse, grad_lse, grad_target = lse.to(acc), grad_lse.to(acc), grad_target.to(acc)
     norm = _class_norms(weight, acc, chunk_size).unsqueeze(1)
     denom = norm.clamp_min(NORM_EPS)
@@ -76,17 +76,15 @@ def _backward(x_hat, weight, rows: RowInputs, params, chunk_size, lse, grad_lse,
     for start in range(0, n_classes, chunk_size):
         stop = min(start + chunk_size, n_classes)
         w_hat = weight[start:stop].to(acc) / denom[start:stop]
-        value, deriv, hit, col, t_deriv = _chunk_logits(x_hat, w_hat, rows, params, start)
-        # dL/dz = grad_lse * softmax (+ grad_target on the target column)
+        value, deriv, hit, col = _chunk_logits(x_hat, w_hat, rows, params, start)
+        # dL/dz = grad_lse * softmax, on the non-target columns; the target column's
+        # dL/dcos = (grad_lse * p_y + grad_target) * d, and none of the scale's gradient
+        # (the target logit carries its own)
         grad_z = torch.addcmul(-lse.unsqueeze(1), value, scale).exp_().mul_(grad_lse.unsqueeze(1))
-        grad_z[hit, col] += grad_target[hit]
+        grad_z[hit, col] = 0.0
         grad_scale += torch.bmm(grad_z.unsqueeze(1), value.unsqueeze(2)).view(-1)  # row-wise <dL/dz, value>
-        if deriv is None:  # cosine non-target: derivative 1 but on the target column
-            grad_z[hit, col] *= t_deriv
-        else:
-            deriv[hit, col] = t_deriv
-            grad_z.mul_(deriv)
-        grad_cos = grad_z.mul_(scale)
+        grad_cos = grad_z.mul_(scale) if deriv is None else grad_z.mul_(deriv).mul_(scale)
+        grad_cos[hit, col] = (torch.exp(target[hit] - lse[hit]) * grad_lse[hit] + grad_target[hit]) * target_grad[hit]
         grad_x += grad_cos @ w_hat
         grad_w_hat = grad_cos.T @ x_hat
         # backward of w / max(|w|, eps)

@@ -50,13 +50,12 @@ def load_row_grads(Lse, GradLse, GradTarget, rows, B):
 
 
 @triton.jit
-def logit_grads(value, deriv, is_target, cols, C, scale, lse, grad_lse, grad_target):
-    """p, dL/dz and dL/dc of a tile (margin_math's derivative times the scale)."""
-    p = tl.exp(value * scale[:, None] - lse[:, None])
+def logit_grads(z, dz, is_target, cols, C, lse, grad_lse, grad_target):
+    """p, dL/dz and dL/dc of a tile of logits z with derivatives dz / dc."""
+    p = tl.exp(z - lse[:, None])
     p = tl.where(cols[None, :] < C, p, 0.0)
     grad_z = p * grad_lse[:, None] + tl.where(is_target, grad_target[:, None], 0.0)
-    grad_cos = grad_z * deriv * scale[:, None]
-    return p, grad_z, grad_cos
+    return p, grad_z, grad_z * dz
 
 
 @triton.jit
@@ -68,11 +67,10 @@ def tile_matters(p, is_target, skip_eps):
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _logit_grads_kernel(
-    X, W, Norms, Centre, Labels, Scale, Margin, ThetaY, Lse, GradLse, GradTarget,
+    X, W, Norms, Centre, Labels, Scale, Target, TargetGrad, ThetaY, Lse, GradLse, GradTarget,
     GradCos, GradScalePart, RadialPart,
     B, C, D, B_BIN, C_BIN, first_class, stride_x, stride_w, stride_centre, stride_g,
-    m1, m3, lam, mu, alpha, first, skip_eps,
-    TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+    mu, alpha, first, skip_eps,
     NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -83,7 +81,8 @@ def _logit_grads_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # within the chunk [first_class, first_class + C)
     row_ok = rows < B
     col_ok = cols < C
-    label, scale, r, theta_y = load_rows(Labels, Scale, Margin, ThetaY, rows, B, NONTARGET == INTERFACE)
+    label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
+                                            NONTARGET == INTERFACE)
     # a target outside the chunk is no target here (it may fall in this tile's masked columns)
     label = tl.where((label >= first_class) & (label < first_class + C), label - first_class, -1)
     lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)
@@ -91,9 +90,9 @@ def _logit_grads_kernel(
     _, inv_norm = centre_norms(Norms, cols, C)
     cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
                                  stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
-    value, deriv, is_target = margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha,
-                                            first, TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC)
-    p, grad_z, grad_cos = logit_grads(value, deriv, is_target, cols, C, scale, lse, grad_lse, grad_target)
+    z, dz, value, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
+                                            NONTARGET, DYNAMIC)
+    p, grad_z, grad_cos = logit_grads(z, dz, is_target, cols, C, lse, grad_lse, grad_target)
     tl.store(GradScalePart + pid_n.to(tl.int64) * B + rows, tl.sum(grad_z * value, axis=1), mask=row_ok)
     if SKIP:
         grad_cos = tl.where(tile_matters(p, is_target, skip_eps), grad_cos, 0.0)
@@ -205,7 +204,7 @@ def logit_grads_chunk(x, weight, norms, centre, row_args, grad_args, scalars, fl
     n_rows, dim = x.shape
     n_classes = weight.shape[0]
     width = operand_width(weight.dtype)
-    name = table_name("logit_grads", flags[3])
+    name = table_name("logit_grads", flags[0])
 
     def shape_of(meta):
         return (triton.cdiv(n_classes, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"])), 1

@@ -69,17 +69,18 @@ def cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
 
 
 @triton.jit
-def load_rows(Labels, Scale, Margin, ThetaY, rows, B, NEED_THETA: tl.constexpr):
+def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl.constexpr):
     """Per-row inputs; rows past B get label -1 and scale 0 (their logits are all 0)."""
     row_ok = rows < B
     label = tl.load(Labels + rows, mask=row_ok, other=-1).to(tl.int32)  # C < 2**31
     scale = tl.load(Scale + rows, mask=row_ok, other=0.0)
-    r = tl.load(Margin + rows, mask=row_ok, other=0.0)
+    target = tl.load(Target + rows, mask=row_ok, other=0.0)
+    target_grad = tl.load(TargetGrad + rows, mask=row_ok, other=0.0)
     if NEED_THETA:
         theta_y = tl.load(ThetaY + rows, mask=row_ok, other=0.0)
     else:
         theta_y = tl.zeros(scale.shape, dtype=tl.float32)
-    return label, scale, r, theta_y
+    return label, scale, target, target_grad, theta_y
 
 
 @triton.jit
@@ -120,11 +121,10 @@ def even_k(args):
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _forward_kernel(
-    X, W, Norms, Centre, Labels, Scale, Margin, ThetaY,
+    X, W, Norms, Centre, Labels, Scale, Target, TargetGrad, ThetaY,
     MaxOut, SumOut, TargetOut,
     B, C, D, B_BIN, C_BIN, stride_x, stride_w, stride_centre,
-    m1, m3, lam, mu, alpha, first,
-    TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+    mu, alpha, first,
     NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -133,7 +133,8 @@ def _forward_kernel(
     tile_start, tile_stop = split_range(tl.cdiv(C, BLOCK_N), split, tl.num_programs(1))
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    label, scale, r, theta_y = load_rows(Labels, Scale, Margin, ThetaY, rows, B, NONTARGET == INTERFACE)
+    label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
+                                            NONTARGET == INTERFACE)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -143,9 +144,8 @@ def _forward_kernel(
         _, inv_norm = centre_norms(Norms, cols, C)
         cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
                                      stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
-        value, _, is_target = margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha,
-                                            first, TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC)
-        z = value * scale[:, None]
+        z, _, _, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
+                                           NONTARGET, DYNAMIC)
         z = tl.where(cols[None, :] < C, z, float("-inf"))
         target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -184,14 +184,14 @@ def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, split
     """Per-split (max, sum-exp, target logit) of every row, each (splits, B) float32.
 
     x: the normalized features in the products' operand dtype; norms: (C,) float32
-    |w_j|; row_args: (labels, scale, margin, theta_y); scalars: (m1, m3, lam, mu, alpha,
-    first); flags: the constexpr (TARGET, FALLBACK, STRAIGHT_THROUGH, NONTARGET, DYNAMIC, DOT).
+    |w_j|; row_args: (labels, scale, target logit, its derivative, theta_y); scalars: (mu,
+    alpha, first); flags: the constexpr (NONTARGET, DYNAMIC, DOT).
     ``splits`` overrides the class split count.
     """
     n_rows, dim = x.shape
     n_classes = weight.shape[0]
     width = operand_width(weight.dtype)
-    name = table_name("forward", flags[3])
+    name = table_name("forward", flags[0])
 
     def shape_of(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]),), class_split_count(n_rows, n_classes, x.device, meta)

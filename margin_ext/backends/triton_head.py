@@ -34,9 +34,9 @@ import os
 
 import torch
 
-from ..head_function import Kernels
-from ..margins import MarginParams, NonTargetKind
+from ..margins import NonTargetKind, NonTargetParams
 from ..rows import RowInputs
+from .base import BackendUnavailable, Kernels, default_chunk_size
 
 _FP32_DOTS = ("ieee", "tf32x3", "tf32")
 CPU_REASON = "Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1"
@@ -44,8 +44,6 @@ CPU_REASON = "Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1"
 
 def load(device) -> Kernels:
     """The Triton kernels for tensors on ``device``; BackendUnavailable says why not."""
-    from . import BackendUnavailable
-
     device = torch.device(device)
     try:
         import triton  # noqa: F401
@@ -122,15 +120,13 @@ def _skip_eps() -> float:
 def backward_chunk(n_rows: int, n_classes: int, chunk_size, device: torch.device) -> int:
     """Classes per backward chunk: ``chunk_size`` (the backends' default when None), on
     CUDA rounded up to a multiple of 256 so that no tile straddles two chunks."""
-    from . import default_chunk_size
-
     chunk = chunk_size or default_chunk_size(n_rows, n_classes, device)
     if device.type == "cuda":
         chunk = -(-chunk // 256) * 256
     return int(max(1, min(chunk, n_classes)))
 
 
-def _kernel_args(x_hat, weight, rows: RowInputs, params: MarginParams):
+def _kernel_args(x_hat, weight, rows: RowInputs, params: NonTargetParams):
     from .triton_forward import centre_norm_vector
 
     _check_dtypes(x_hat, weight)
@@ -140,29 +136,29 @@ def _kernel_args(x_hat, weight, rows: RowInputs, params: MarginParams):
     f32 = dict(dtype=torch.float32, device=device)
     labels = rows.labels.to(device=device, dtype=torch.int64).contiguous()
     scale = rows.scale.detach().to(**f32).contiguous()
-    margin = rows.margin.detach().to(**f32).contiguous()
-    interface = params.nontarget == NonTargetKind.INTERFACE
-    if interface and (rows.theta_y is None or rows.target_centre is None):
-        raise ValueError("InterFace needs rows.theta_y and rows.target_centre (see rows.prepare_rows)")
+    target = rows.target_logit.detach().to(**f32).contiguous()
+    target_grad = rows.target_grad.detach().to(**f32).contiguous()
+    interface = params.kind == NonTargetKind.INTERFACE
+    if interface and (rows.nontarget_row is None or rows.target_centre is None):
+        raise ValueError("InterFace needs rows.nontarget_row and rows.target_centre (see pipeline.row_inputs)")
     # every product takes the features in the weight's dtype: round them once here, not
     # in each program for each class tile (and to nearest even, which the interpreter's
     # own float32 -> bfloat16 cast is not)
     x_hat = x_hat.to(weight.dtype)
     if interface:
-        theta_y = rows.theta_y.detach().to(**f32).contiguous()
+        theta_y = rows.nontarget_row.detach().to(**f32).contiguous()
         centre = rows.target_centre.detach().to(device=device, dtype=weight.dtype).contiguous()
     else:
         theta_y, centre = scale, x_hat  # placeholders, never read
     # |w_j|, one pass over the weight: the kernels divide their products by it
     norms = centre_norm_vector(weight)
-    scalars = (float(params.m1), float(params.m3), float(params.sphere_lambda), float(params.inter_mu),
-               float(params.inter_alpha), math.exp(-params.inter_mu))
-    margin_flags = (int(params.target), int(params.fallback), bool(params.straight_through),
-                    int(params.nontarget), bool(params.inter_dynamic))
-    return x_hat, weight, norms, centre, (labels, scale, margin, theta_y), scalars, margin_flags
+    mu, alpha, dynamic = params.coeffs if interface else (0.0, 0.0, 0.0)
+    scalars = (float(mu), float(alpha), math.exp(-mu))
+    margin_flags = (int(params.kind), bool(dynamic))
+    return x_hat, weight, norms, centre, (labels, scale, target, target_grad, theta_y), scalars, margin_flags
 
 
-def forward(x_hat, weight, rows: RowInputs, params: MarginParams, chunk_size=None, *, splits=None):
+def forward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size=None, *, splits=None):
     """(lse, target_logit) per row, float32; ``splits`` overrides the class split count."""
     from .triton_forward import forward_statistics
 
@@ -181,7 +177,7 @@ def forward(x_hat, weight, rows: RowInputs, params: MarginParams, chunk_size=Non
     return lse, target.sum(dim=0)
 
 
-def backward(x_hat, weight, rows: RowInputs, params: MarginParams, chunk_size, lse, grad_lse, grad_target, *,
+def backward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size, lse, grad_lse, grad_target, *,
              feature_splits=None, weight_splits=None):
     """(grad_x_hat, grad_weight, grad_scale): float32, grad_weight in the weight's dtype.
 

@@ -1,9 +1,10 @@
-"""The margin formulas as Triton helpers, shared by the forward and backward kernels.
+"""The non-target margins as Triton helpers, shared by the forward and backward kernels.
 
 Operation for operation the twin of :mod:`margin_ext.margin_math` (clamps, SIN_EPS,
-InterFace's phi clamp, ArcFace's fallbacks, SphereFace's k and sign), so that the
-fused kernels agree with the chunked torch backend to float32 rounding. Also here:
-the one place that knows how a tile's operands are fed to ``tl.dot``.
+InterFace's phi clamp), so that the fused kernels agree with the chunked torch backend
+to float32 rounding. The target column takes the row's target logit and its derivative,
+evaluated once per row in Python. Also here: the one place that knows how a tile's
+operands are fed to ``tl.dot``.
 """
 
 import math
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..angles import SIN_EPS as _SIN_EPS
-from ..margins import Fallback, NonTargetKind, TargetKind
+from ..margins import NonTargetKind
 from ..rows import NORM_EPS as _NORM_EPS
 
 PI = tl.constexpr(math.pi)
@@ -20,11 +21,6 @@ HALF_PI = tl.constexpr(math.pi / 2)
 SIN_EPS = tl.constexpr(_SIN_EPS)
 NORM_EPS = tl.constexpr(_NORM_EPS)
 
-SUBTRACT = tl.constexpr(int(TargetKind.SUBTRACT))
-ANGULAR = tl.constexpr(int(TargetKind.ANGULAR))
-SPHERE = tl.constexpr(int(TargetKind.SPHERE))
-CLASSIC = tl.constexpr(int(Fallback.CLASSIC))
-EASY = tl.constexpr(int(Fallback.EASY))
 INTERFACE = tl.constexpr(int(NonTargetKind.INTERFACE))
 
 # How the operands of a tile product reach tl.dot (chosen per weight dtype in triton_head).
@@ -85,41 +81,6 @@ def safe_sin_from_cos(c):
 
 
 @triton.jit
-def target_transform(cos, r, m1, m3, lam,
-                     TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
-    """phi(c) / s of the target logit and d phi / d c (margin_math.target_transform)."""
-    c = tl.minimum(tl.maximum(cos, -1.0), 1.0)
-    if TARGET == SUBTRACT:
-        value = c - r
-        grad = tl.full(c.shape, 1.0, tl.float32)
-    else:
-        sin_t = safe_sin_from_cos(c)
-        theta = acos(c)
-        if TARGET == SPHERE:
-            k = tl.floor(r * theta / PI)
-            sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k * 0.5))
-            psi = sign * tl.cos(r * theta) - 2.0 * k
-            dpsi = sign * r * tl.sin(r * theta) / sin_t
-            value = (psi + lam * c) / (1.0 + lam)
-            grad = (dpsi + lam) / (1.0 + lam)
-        else:
-            angle = m1 * theta + r
-            value = tl.cos(angle) - m3
-            grad = m1 * tl.sin(angle) / sin_t
-            if FALLBACK == CLASSIC:
-                keep = c > tl.cos(-r + PI)
-                value = tl.where(keep, value, c - r * tl.sin(r))
-                grad = tl.where(keep, grad, 1.0)
-            elif FALLBACK == EASY:
-                keep = c > 0
-                value = tl.where(keep, value, c)
-                grad = tl.where(keep, grad, 1.0)
-            if STRAIGHT_THROUGH:
-                grad = tl.full(c.shape, 1.0, tl.float32)
-    return value, grad
-
-
-@triton.jit
 def interface_transform(cos, theta_y, class_cos, mu, alpha, first, DYNAMIC: tl.constexpr):
     """InterFace's cos(theta_j - mhat_yj) and its derivative (margin_math.nontarget_transform).
 
@@ -138,22 +99,17 @@ def interface_transform(cos, theta_y, class_cos, mu, alpha, first, DYNAMIC: tl.c
 
 
 @triton.jit
-def margin_logits(cos, class_cos, cols, label, r, theta_y, m1, m3, lam, mu, alpha, first,
-                  TARGET: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+def margin_logits(cos, class_cos, cols, label, scale, target, target_grad, theta_y, mu, alpha, first,
                   NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr):
-    """Logits / s of a (rows x classes) tile of cosines, their derivative, the target mask.
-
-    The target transform runs on one cosine per row (picked out of the tile), not on
-    the whole tile; rows whose target is not in the tile compute it and discard it.
-    """
+    """Logits of a (rows x classes) tile of cosines, dz / dc, the non-target logits / s
+    (0 on the target column, whose logit carries its own dependence on the scale) and
+    the target mask. The target column takes the row's target logit and derivative."""
     if NONTARGET == INTERFACE:
         value, deriv = interface_transform(cos, theta_y, class_cos, mu, alpha, first, DYNAMIC)
     else:
         value = cos
         deriv = tl.full(cos.shape, 1.0, tl.float32)
     is_target = cols[None, :] == label[:, None]
-    target_cos = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
-    t_value, t_deriv = target_transform(target_cos, r, m1, m3, lam, TARGET, FALLBACK, STRAIGHT_THROUGH)
-    value = tl.where(is_target, t_value[:, None], value)
-    deriv = tl.where(is_target, t_deriv[:, None], deriv)
-    return value, deriv, is_target
+    z = tl.where(is_target, target[:, None], value * scale[:, None])
+    dz = tl.where(is_target, target_grad[:, None], deriv * scale[:, None])
+    return z, dz, tl.where(is_target, 0.0, value), is_target

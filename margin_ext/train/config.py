@@ -20,7 +20,11 @@ from pathlib import Path
 from margin_ext.safe_files import read_regular, write_text_atomically
 
 from .extras import require
-from .options import OptionError
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; the message names the option and the value."""
+
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of options

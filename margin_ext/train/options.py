@@ -12,14 +12,11 @@ import margin_ext as mx
 from margin_ext.backends import BACKENDS
 
 from .cli import CommandParser
+from .config import PRESETS, OptionError, config_arguments, resolve_preset_paths
 from .schedule import SCHEDULES
 
 BACKBONES = ("small", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
 AMP_MODES = ("none", "bf16", "fp16")
-
-
-class OptionError(ValueError):
-    """An option value that cannot work; the message names the option and the value."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Options of the command line, on top of those of --config when one is given."""
-    from .config import config_arguments, resolve_preset_paths
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     finder = argparse.ArgumentParser(add_help=False)
@@ -224,8 +219,6 @@ def lr_milestones(options) -> list:
 
 
 def preset_names() -> list:
-    from .config import PRESETS
-
     return sorted(path.stem for path in PRESETS.glob("*.yaml"))
 
 

@@ -32,13 +32,14 @@ struct EmuHeadCall {
   const void* w;         // (C, D) centres as stored
   const int64_t* labels;
   const void* scale;     // (B,) in T (float32 on the fused path), as are the following
-  const void* margin;
+  const void* row_target;       // t_i, the target logit
+  const void* row_target_grad;  // d_i = d t_i / d cos_y
   const void* theta_y;        // InterFace only, else null
   const void* target_centre;  // (B, D), InterFace only, else null
   const void* grad_lse;
   const void* grad_target;
-  int32_t target, fallback, straight_through, nontarget, inter_dynamic;
-  double m1, m3, sphere_lambda, inter_mu, inter_alpha;
+  int32_t nontarget, inter_dynamic;
+  double inter_mu, inter_alpha;
   // outputs, host arrays: (B,), (B,), (B, D), (C, D) in the weight's dtype, (B,)
   void* lse;
   void* target_logit;
@@ -47,19 +48,8 @@ struct EmuHeadCall {
   void* grad_scale;
 };
 
-MarginParams params_of(const EmuHeadCall& c) {
-  MarginParams p;
-  p.target = c.target;
-  p.fallback = c.fallback;
-  p.straight_through = c.straight_through != 0;
-  p.m1 = c.m1;
-  p.m3 = c.m3;
-  p.sphere_lambda = c.sphere_lambda;
-  p.nontarget = c.nontarget;
-  p.inter_mu = c.inter_mu;
-  p.inter_alpha = c.inter_alpha;
-  p.inter_dynamic = c.inter_dynamic != 0;
-  return p;
+NonTargetParams params_of(const EmuHeadCall& c) {
+  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0};
 }
 
 size_t element_size(WeightType t) {
@@ -107,10 +97,12 @@ void fused_head(const EmuHeadCall& c) {
   const auto w_type = static_cast<WeightType>(c.w_type);
   const size_t elem = element_size(w_type);
   const DeviceBuffer x("x", c.x, b * d * elem), w("w", c.w, n_cols * d * elem);
-  const DeviceBuffer labels("labels", c.labels, b * 8), scale("scale", c.scale, b * 4), margin("margin", c.margin, b * 4);
+  const DeviceBuffer labels("labels", c.labels, b * 8), scale("scale", c.scale, b * 4);
+  const DeviceBuffer row_target("row_target", c.row_target, b * 4);
+  const DeviceBuffer row_target_grad("row_target_grad", c.row_target_grad, b * 4);
   const DeviceBuffer norms("norms", n_cols * 4);
   gpu::FusedHead head{b, n_cols, d, x.get(), w.get(), w_type, norms.get<float>(), labels.get<int64_t>(),
-                      scale.get<float>(), margin.get<float>(), params_of(c)};
+                      scale.get<float>(), row_target.get<float>(), row_target_grad.get<float>()};
   check(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.get<float>(), nullptr));
   emu::device_read_only(norms.get());
 
@@ -166,10 +158,11 @@ void chunk_loop(const EmuHeadCall& c) {
   const int64_t b = c.rows, n_cols = c.cols, d = c.dim;
   const auto w_type = static_cast<WeightType>(c.w_type);
   const size_t elem = element_size(w_type), t = sizeof(T);
-  const MarginParams params = params_of(c);
-  const bool inter = params.nontarget == kInterFace;
+  const NonTargetParams params = params_of(c);
+  const bool inter = params.kind == kInterFace;
   const DeviceBuffer x("x_hat", c.x, b * d * t), w("w", c.w, n_cols * d * elem), labels("labels", c.labels, b * 8);
-  const DeviceBuffer scale("scale", c.scale, b * t), margin("margin", c.margin, b * t);
+  const DeviceBuffer scale("scale", c.scale, b * t), row_target("row_target", c.row_target, b * t);
+  const DeviceBuffer row_target_grad("row_target_grad", c.row_target_grad, b * t);
   const DeviceBuffer theta_y("theta_y", inter ? c.theta_y : c.scale, b * t);
   const DeviceBuffer centre("target_centre", inter ? c.target_centre : c.x, b * d * t);
   const int64_t chunk = std::min(c.chunk, n_cols);
@@ -182,7 +175,8 @@ void chunk_loop(const EmuHeadCall& c) {
     r.start = start;
     r.labels = labels.get<int64_t>();
     r.scale = scale.get<T>();
-    r.margin = margin.get<T>();
+    r.target = row_target.get<T>();
+    r.target_grad = row_target_grad.get<T>();
     r.theta_y = inter ? theta_y.get<T>() : nullptr;
     r.class_cos = inter ? class_cos.get<T>() : nullptr;
     r.params = params;

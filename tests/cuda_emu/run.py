@@ -2,7 +2,7 @@
 a float64 reference.
 
 Each case builds the op inputs of one head call (x_hat, the centres as stored, labels
-with ignored rows (-1) and another shard's classes (>= C), per-row scale and margin,
+with ignored rows (-1) and another shard's classes (>= C), per-row scale, target logit and its derivative (from the spec's formula),
 InterFace's theta_y and target centre), runs the host sequence of csrc/ops_cuda.cpp
 (host_sequence.cpp) on the emulated kernels -- the fused kernels for bfloat16, float16
 and float32-on-TF32 centres, the chunk loop for float32 and float64 -- and compares
@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1])]
 from build_emulated import build  # noqa: E402
 from cases import SPEC_CASES, make_inputs, round_to_tf32  # noqa: E402
-from margin_ext.margins import NonTargetKind  # noqa: E402
-from margin_ext.rows import NORM_EPS, normalize  # noqa: E402
+from margin_ext.margins import NonTargetKind, TargetRow  # noqa: E402
+from margin_ext.rows import NORM_EPS, normalize, target_terms  # noqa: E402
 
 WEIGHT_TYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -51,11 +51,10 @@ class EmuHeadCall(ctypes.Structure):
 
     _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("dim", ctypes.c_int64),
                 ("w_type", ctypes.c_int32), ("splits", ctypes.c_int32), ("chunk", ctypes.c_int64)]
-    _fields_ += [(n, ctypes.c_void_p) for n in ("x", "w", "labels", "scale", "margin", "theta_y", "target_centre",
-                                                 "grad_lse", "grad_target")]
-    _fields_ += [(n, ctypes.c_int32) for n in ("target", "fallback", "straight_through", "nontarget",
-                                                "inter_dynamic")]
-    _fields_ += [(n, ctypes.c_double) for n in ("m1", "m3", "sphere_lambda", "inter_mu", "inter_alpha")]
+    _fields_ += [(n, ctypes.c_void_p) for n in ("x", "w", "labels", "scale", "row_target", "row_target_grad",
+                                                 "theta_y", "target_centre", "grad_lse", "grad_target")]
+    _fields_ += [(n, ctypes.c_int32) for n in ("nontarget", "inter_dynamic")]
+    _fields_ += [(n, ctypes.c_double) for n in ("inter_mu", "inter_alpha")]
     _fields_ += [(n, ctypes.c_void_p) for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
 
 
@@ -89,7 +88,7 @@ def one_tile_chunks(rows: int, dtype: torch.dtype) -> int:
     return 64 * (rows * dtype.itemsize + math.ceil(rows / 64) * 4) + rows * 4
 
 
-COSINE_SPECS = [n for n, s in SPEC_CASES.items() if s.kernel_params().nontarget == NonTargetKind.COSINE]
+COSINE_SPECS = [n for n, s in SPEC_CASES.items() if s.nontarget_params().kind == NonTargetKind.COSINE]
 FEW_SPECS = ["arcface", "cosface", "sphereface_norm_scale", "elastic_arcface_plus"]
 
 
@@ -161,12 +160,15 @@ def op_inputs(case: Case) -> dict:
     scale = spec.row_scale(x_hat * (0.5 + x.norm(dim=1, keepdim=True)))
     scale = torch.full((case.rows,), float(spec.s), dtype=torch.float64) if scale is None else scale
     margin = spec.row_margins(case.rows, target_cos, g).double()
+    # the target terms, once per row from the spec's formula (margin_ext.rows.target_terms)
+    t, d = target_terms(spec, target_cos, TargetRow(margin=margin, scale=scale, norm=x.norm(dim=1)))
     grad_lse = (0.2 + torch.rand(case.rows, generator=g, dtype=torch.float64)) / case.rows
     grad_target = -(0.2 + torch.rand(case.rows, generator=g, dtype=torch.float64)) / case.rows
-    inputs = dict(x_hat=x_hat, w=w_stored, labels=labels, scale=scale.to(compute).double(),
-                  margin=margin.to(compute).double(), grad_lse=grad_lse.to(compute).double(),
+    inputs = dict(x_hat=x_hat, w=w_stored, labels=labels, scale=scale.detach().to(compute).double(),
+                  row_target=t.detach().to(compute).double(), row_target_grad=d.to(compute).double(),
+                  grad_lse=grad_lse.to(compute).double(),
                   grad_target=grad_target.to(compute).double(), theta_y=None, target_centre=None)
-    if spec.kernel_params().nontarget == NonTargetKind.INTERFACE:
+    if spec.nontarget_params().kind == NonTargetKind.INTERFACE:
         inputs["theta_y"] = torch.acos(target_cos.clamp(-1, 1)).to(compute).double()
         inputs["target_centre"] = target_centre.to(compute).double()
     return inputs
@@ -199,9 +201,10 @@ def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float
         logits_over_s = spec_.nontarget(cos, torch.cos(inp["theta_y"].to(dtype)), class_cos)
     else:
         logits_over_s = spec_.nontarget(cos, None, None)
-    target_over_s = spec_.target(cos[hit, labels[hit]], inp["margin"].to(dtype)[hit])
-    logits_over_s = logits_over_s.index_put((hit, labels[hit]), target_over_s)
-    logits = logits_over_s * scale.unsqueeze(1)
+    # the target column: the row's t, with dL/dcos_y through d (the kernels' inputs)
+    cos_y = cos[hit, labels[hit]]
+    target_logit = inp["row_target"].to(dtype)[hit] + inp["row_target_grad"].to(dtype)[hit] * (cos_y - cos_y.detach())
+    logits = (logits_over_s * scale.unsqueeze(1)).index_put((hit, labels[hit]), target_logit)
     lse = torch.logsumexp(logits, dim=1)
     target = torch.zeros_like(lse).index_put((hit,), logits[hit, labels[hit]])
     loss = (inp["grad_lse"].to(dtype) * lse + inp["grad_target"].to(dtype) * target).sum()
@@ -245,17 +248,16 @@ def run_emulated(lib, case: Case, inp: dict):
     fused = case.path == "fused"
     x = inp["x_hat"].to(compute).to(case.dtype if fused else compute).contiguous()
     keep = dict(x=x, w=inp["w"].contiguous(), labels=inp["labels"].contiguous())
-    for name in ("scale", "margin", "theta_y", "target_centre", "grad_lse", "grad_target"):
+    for name in ("scale", "row_target", "row_target_grad", "theta_y", "target_centre", "grad_lse", "grad_target"):
         keep[name] = None if inp[name] is None else inp[name].to(compute).contiguous()
     b, c, d = case.rows, case.cols, case.dim
     out = dict(lse=torch.empty(b, dtype=compute), target_logit=torch.empty(b, dtype=compute),
                grad_x=torch.empty(b, d, dtype=compute), grad_w=torch.empty(c, d, dtype=case.dtype),
                grad_scale=torch.empty(b, dtype=compute))
-    p = SPEC_CASES[case.spec].kernel_params()
+    p = SPEC_CASES[case.spec].nontarget_params()
+    mu, alpha, dynamic = p.coeffs or (0.0, 0.0, 0.0)
     call = EmuHeadCall(rows=b, cols=c, dim=d, w_type=WEIGHT_TYPES[case.dtype], splits=case.splits, chunk=case.chunk,
-                       target=int(p.target), fallback=int(p.fallback), straight_through=int(p.straight_through),
-                       nontarget=int(p.nontarget), inter_dynamic=int(p.inter_dynamic), m1=p.m1, m3=p.m3,
-                       sphere_lambda=p.sphere_lambda, inter_mu=p.inter_mu, inter_alpha=p.inter_alpha)
+                       nontarget=int(p.kind), inter_dynamic=int(dynamic), inter_mu=mu, inter_alpha=alpha)
     for name, t in list(keep.items()) + list(out.items()):
         setattr(call, name, _pointer(t))
     error = ctypes.create_string_buffer(2048)
