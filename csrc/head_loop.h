@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <tuple>
 
@@ -23,9 +24,9 @@
 namespace margin_ext {
 
 // margins.NonTargetParams from the ops' (nontarget_kind, nontarget_coeffs), checked: the
-// one place that knows the packed layout (InterFace: mu, alpha, dynamic).
+// one place that knows the packed layout (InterFace: mu, alpha, dynamic; CurricularFace: t).
 inline NonTargetParams make_nontarget(int64_t kind, c10::ArrayRef<double> coeffs) {
-  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true};
+  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true, 0.0};
   if (kind == kCosine) {
     TORCH_CHECK(coeffs.empty(), "margin_ext: nontarget_coeffs=", coeffs, " is invalid: COSINE takes none");
   } else if (kind == kInterFace) {
@@ -34,8 +35,13 @@ inline NonTargetParams make_nontarget(int64_t kind, c10::ArrayRef<double> coeffs
     p.inter_mu = coeffs[0];
     p.inter_alpha = coeffs[1];
     p.inter_dynamic = coeffs[2] != 0.0;
+  } else if (kind == kCurricular) {
+    TORCH_CHECK(coeffs.size() == 1 && std::isfinite(coeffs[0]), "margin_ext: nontarget_coeffs=", coeffs,
+                " is invalid: CURRICULAR takes (t,), t finite");
+    p.curricular_t = coeffs[0];
   } else {
-    TORCH_CHECK(false, "margin_ext: nontarget_kind=", kind, " is invalid: expected 0 (COSINE) or 1 (INTERFACE)");
+    TORCH_CHECK(false, "margin_ext: nontarget_kind=", kind,
+                " is invalid: expected 0 (COSINE), 1 (INTERFACE) or 2 (CURRICULAR)");
   }
   return p;
 }
@@ -138,7 +144,7 @@ ChunkRows<T> chunk_rows(const HeadInputs& in, int64_t start, int64_t n_cols, con
   rows.scale = in.row<T>(kScale);
   rows.target = in.row<T>(kTarget);
   rows.target_grad = in.row<T>(kTargetGrad);
-  rows.theta_y = in.params.kind == kInterFace ? in.row<T>(kNonTargetRow) : nullptr;
+  rows.theta_y = in.params.kind != kCosine ? in.row<T>(kNonTargetRow) : nullptr;
   rows.class_cos = class_cos.defined() ? class_cos.data_ptr<T>() : nullptr;
   rows.params = in.params;
   return rows;

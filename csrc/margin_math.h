@@ -20,7 +20,7 @@
 namespace margin_ext {
 
 // The values of margins.NonTargetKind.
-enum NonTargetKind : int { kCosine = 0, kInterFace = 1 };
+enum NonTargetKind : int { kCosine = 0, kInterFace = 1, kCurricular = 2 };
 
 constexpr double kPi = 3.14159265358979323846;
 // angles.SIN_EPS: sqrt(1 - c^2) in derivatives never drops below it.
@@ -35,6 +35,7 @@ struct NonTargetParams {
   double inter_mu;      // kInterFace: mhat = alpha * (exp(-mu / phi) - exp(-theta_y / phi))
   double inter_alpha;
   bool inter_dynamic;   // false: phi = pi / 2 and the first term is exp(-mu)
+  double curricular_t;  // kCurricular: c (t + c) where c > the row's cos(theta_y + m)
 };
 
 template <typename T>
@@ -76,13 +77,20 @@ MX_HD T safe_sin_from_cos(T c) {
 }
 
 // margin_math.nontarget_transform for one (row, class): cos unchanged for kCosine
-// (not clamped, as the torch path), InterFace's cos(theta - mhat) otherwise.
-// theta_y and class_cos (cosine between the row's target centre and the class centre)
-// are detached inputs: no derivative flows through mhat.
+// (not clamped, as the torch path), CurricularFace's c (t + c) on the hard classes,
+// InterFace's cos(theta - mhat) otherwise. theta_y is the kind's detached row value
+// (InterFace: theta_y; CurricularFace: the threshold cos(theta_y + m)); class_cos
+// (cosine between the row's target centre and the class centre) is detached too: no
+// derivative flows through mhat.
 template <typename T>
 MX_HD ValueGrad<T> nontarget_transform(T cos, T theta_y, T class_cos, const NonTargetParams& p) {
   using namespace math;
   if (p.kind == kCosine) return {cos, T(1)};
+  if (p.kind == kCurricular) {
+    const T t = T(p.curricular_t);
+    if (cos > theta_y) return {cos * (t + cos), t + T(2) * cos};
+    return {cos, T(1)};
+  }
   const T c = clamp(cos, T(-1), T(1));
   T phi, first;
   if (p.inter_dynamic) {

@@ -130,7 +130,7 @@ struct TileRow {
   T scale;          // s_i, of the non-target logits
   T target;         // t_i, the target logit
   T target_grad;    // d_i = d t_i / d cos_y
-  T theta_y;        // InterFace only
+  T theta_y;        // the kind's row value (InterFace: theta_y; CurricularFace: its threshold)
 };
 
 // What the backward reads of one row besides TileRow: the saved statistics and the

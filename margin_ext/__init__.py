@@ -5,15 +5,19 @@ from .checkpoint import CheckpointError, load_head, save_head
 from .functional import margin_cross_entropy
 from .monitoring import best_class, iter_cosines, top1_accuracy
 from .partial_fc import PartialFC
+from .running_stats import RunningStatistics
 from .margins import (
     SPECS,
+    AdaFace,
     ArcFace,
     CombinedMargin,
     CosFace,
+    CurricularFace,
     ElasticArcFace,
     ElasticCosFace,
     InterFace,
     IntraLoss,
+    MagFace,
     MarginSpec,
     SphereFace,
     sphereface_lambda,
@@ -22,17 +26,21 @@ from .margins import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
     "BackendUnavailable",
     "CheckpointError",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "ElasticArcFace",
     "ElasticCosFace",
     "InterFace",
     "IntraLoss",
+    "MagFace",
     "MarginSpec",
     "PartialFC",
+    "RunningStatistics",
     "SPECS",
     "SphereFace",
     "best_class",

@@ -60,7 +60,8 @@ def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.O
         "head.weight": _by_rows(head, head.weight.detach()),
         _HEAD_META: _json_tensor({"format": FORMAT_VERSION, "num_classes": head.num_classes,
                                   "embedding_size": head.embedding_size, "world_size": head.world_size,
-                                  "sampling_step": head.sampling_step, "margin": repr(head.margin)}),
+                                  "sampling_step": head.sampling_step, "margin": repr(head.margin),
+                                  "margin_state": _margin_state(head)}),
     }
     if optimizer is not None:
         names = _parameter_names(head, optimizer)
@@ -152,6 +153,7 @@ def _load_checked(directory, head, optimizer, names, stored):
         if meta[name] != getattr(head, name):
             raise CheckpointError(f"the checkpoint in {directory!r} has {name}={meta[name]}, "
                                   f"the head has {name}={getattr(head, name)}")
+    margin_state = _checked_margin_state(directory, head, meta)
     optimizer_meta = None
     if optimizer is not None:
         if _OPTIMIZER_META not in small:
@@ -183,9 +185,29 @@ def _load_checked(directory, head, optimizer, names, stored):
     with torch.no_grad():
         head.weight.copy_(_local(loaded["head.weight"]))
     head.sampling_step = int(meta["sampling_step"])
+    if margin_state is not None:
+        head.margin_state.load_state_dict(margin_state)
     if optimizer_meta is not None:
         _restore_optimizer(optimizer, names, optimizer_meta, loaded)
     return extra
+
+
+def _margin_state(head: PartialFC):
+    """The spec's running statistics (equal on every rank), or None for a stateless spec."""
+    return None if head.margin_state is None else head.margin_state.state_dict()
+
+
+def _checked_margin_state(directory, head: PartialFC, meta):
+    """The saved running statistics if the head keeps some, checked against its own; None otherwise."""
+    saved = meta.get("margin_state")
+    if head.margin_state is None or saved is None:
+        return None
+    try:
+        head.margin_state.copy().load_state_dict(saved)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"the checkpoint in {directory!r} has running statistics that do not fit "
+                              f"the head's margin {head.margin!r}: {error}") from None
+    return saved
 
 
 def _check_optimizer(directory, optimizer, names, meta) -> None:

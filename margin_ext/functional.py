@@ -11,6 +11,7 @@ from .margins import ArcFace, MarginSpec
 from .pipeline import fuses_reduction, head_losses
 from .reference import reference_row_losses
 from .rows import normalize, target_cosine
+from .running_stats import RunningStatistics
 from .validation import check_head_inputs
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -28,6 +29,7 @@ def margin_cross_entropy(
     chunk_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     check_finite: bool = False,
+    state: Optional[RunningStatistics] = None,
 ) -> torch.Tensor:
     """Margin-softmax cross-entropy of ``embeddings`` against class centres ``weight``.
 
@@ -43,6 +45,10 @@ def margin_cross_entropy(
     shapes and the free memory.
     generator: draws the random margins of ElasticFace (on the CPU, in row order).
     check_finite: raise if the embeddings or the weight hold NaN or inf (costs a device sync).
+    state: the running statistics of a spec that keeps some (AdaFace; ``margin.initial_state()``
+    makes one): updated in place with this batch's counted rows before use, unless
+    ``state.frozen``. None: a fresh copy of the authors' initial values, updated with
+    this batch and dropped, so one call reproduces the authors' first step.
 
     Returns a float32 loss; differentiable w.r.t. ``embeddings`` and ``weight``.
     With backend "cpp" and reduction "mean" or "sum", a forward that autograd records
@@ -59,8 +65,13 @@ def margin_cross_entropy(
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected an integer >= 1 or None")
 
     valid = labels != ignore_index
+    if state is not None and not isinstance(state, RunningStatistics):
+        raise TypeError(f"state={state!r} is invalid: expected None or the RunningStatistics of "
+                        f"margin.initial_state()")
+    update_state = state is None or not state.frozen
     if torch.compiler.is_compiling() and backend != "reference":
-        return _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend, chunk_size, generator)
+        return _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend, chunk_size, generator,
+                              state, update_state)
     rows = valid.nonzero().squeeze(1)
     all_valid = rows.numel() == labels.numel()
     x = embeddings if all_valid else embeddings[rows]
@@ -73,14 +84,17 @@ def margin_cross_entropy(
     if backend == "reference":
         target_cos = target_cosine(normalize(x), weight[y])
         row_margin = margin.row_margins(y.numel(), target_cos, generator)
-        row_losses = reference_row_losses(x, weight, y, margin, row_margin.to(x.device))
+        row_losses = reference_row_losses(x, weight, y, margin, row_margin.to(x.device), state=state,
+                                          update_state=update_state)
     else:
         kernels = resolve(backend, embeddings.device)
         chunk = min(chunk_size or default_chunk_size(y.numel(), weight.shape[0], weight.device), weight.shape[0])
         if reduction != "none" and fuses_reduction(kernels, embeddings, weight):
             row_weight = 1.0 / rows.numel() if reduction == "mean" else 1.0
-            return head_losses(x, weight, y, margin, kernels, chunk, generator=generator, row_weight=row_weight)
-        row_losses = head_losses(x, weight, y, margin, kernels, chunk, generator=generator)
+            return head_losses(x, weight, y, margin, kernels, chunk, generator=generator, row_weight=row_weight,
+                               state=state, update_state=update_state)
+        row_losses = head_losses(x, weight, y, margin, kernels, chunk, generator=generator, state=state,
+                                 update_state=update_state)
 
     if reduction == "sum":
         return row_losses.sum()
@@ -91,7 +105,8 @@ def margin_cross_entropy(
     return row_losses.new_zeros(labels.shape[0]).index_put((rows,), row_losses)
 
 
-def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend, chunk_size, generator):
+def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend, chunk_size, generator,
+                   state, update_state):
     """The loss without data-dependent shapes, for torch.compile(fullgraph=True).
 
     Every row goes through the kernels: an ignored row gets the label -1 (no target
@@ -102,7 +117,8 @@ def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend
     kernels = resolve(backend, embeddings.device)
     chunk = chunk_size or default_chunk_size(labels.shape[0], weight.shape[0], weight.device)
     y = torch.where(valid, labels, -1)
-    row_losses = head_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator=generator)
+    row_losses = head_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator=generator,
+                             state=state, update_state=update_state, counted=valid)
     row_losses = torch.where(valid, row_losses, 0.0)
     if reduction == "sum":
         return row_losses.sum()

@@ -22,7 +22,8 @@ rows.target_grad, and every other column's by s_i times the non-target derivativ
 grad_scale is the gradient of the non-target logits' scale; the target logit's own
 dependence on the scale (and on anything else but c_y) is its autograd graph, which the
 Functions here feed with dL/dt = grad_lse * p_y + grad_target. grad_weight may be float32
-or the weight's dtype; grad_scale may be None when the scale needs no gradient.
+or the weight's dtype (converted by saturate.saturate: an element beyond the weight's dtype
+becomes its largest finite value); grad_scale may be None when the scale needs no gradient.
 
 A backend may also offer both at once, for a loss whose per-row weights are known before
 the forward (a mean or a sum of the row losses):
@@ -42,6 +43,7 @@ import torch
 from .backends.base import Kernels
 from .margins import NonTargetParams
 from .rows import RowInputs
+from .saturate import saturate
 
 
 def target_logit_grad(labels, target_logit, lse, grad_lse, grad_target):
@@ -67,7 +69,7 @@ class _HeadStatistics(torch.autograd.Function):
         grad_x, grad_w, grad_scale = ctx.kernels.backward(
             x_hat, weight, ctx.rows, ctx.params, ctx.chunk_size, lse, grad_lse, grad_target)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = saturate(grad_w, weight.dtype)
         if not ctx.needs_input_grad[2]:
             grad_scale = None
         grad_t = None
@@ -99,7 +101,7 @@ class _ReducedHead(torch.autograd.Function):
         grad_t = target_logit_grad(rows.labels, target_logit, lse, grad_lse, -grad_lse).to(target_logit.dtype)
         # a plain attribute, not save_for_backward: the backward hands these very tensors
         # to autograd, and a reference kept here would make it copy grad_w (C x D)
-        ctx.grads = (grad_x, grad_w.to(weight.dtype), grad_scale.to(scale.dtype), grad_t)
+        ctx.grads = (grad_x, saturate(grad_w, weight.dtype), grad_scale.to(scale.dtype), grad_t)
         ctx.save_for_backward(x_hat, weight, lse)
         ctx.rows, ctx.params, ctx.kernels, ctx.chunk_size, ctx.row_weight = rows, params, kernels, chunk_size, row_weight
         return (lse - target).sum() * row_weight
@@ -116,7 +118,7 @@ class _ReducedHead(torch.autograd.Function):
             grad_x, grad_w, grad_scale = ctx.kernels.backward(x_hat, weight, ctx.rows, ctx.params, ctx.chunk_size,
                                                               lse, grad_lse, -grad_lse)
             grad_t = target_logit_grad(ctx.rows.labels, ctx.rows.target_logit, lse, grad_lse, -grad_lse)
-            grads = (grad_x, grad_w.to(weight.dtype), grad_scale.to(ctx.rows.scale.dtype),
+            grads = (grad_x, saturate(grad_w, weight.dtype), grad_scale.to(ctx.rows.scale.dtype),
                      grad_t.to(ctx.rows.target_logit.dtype))
         elif not bool(grad_loss == 1):
             for g in grads:

@@ -18,11 +18,16 @@ from .margins import NonTargetKind, NonTargetParams
 def nontarget_transform(cos: torch.Tensor, theta_y: torch.Tensor, class_cos, p: NonTargetParams):
     """Non-target logit / s and its derivative for a (rows x classes) block.
 
-    ``theta_y`` is (rows, 1), detached; ``class_cos`` the (rows x classes) cosines
-    between each row's target centre and the classes (InterFace only).
+    ``theta_y`` is the (rows, 1) detached row value of the kind (InterFace: theta_y;
+    CurricularFace: the threshold cos(theta_y + m)); ``class_cos`` the (rows x classes)
+    cosines between each row's target centre and the classes (InterFace only).
     """
     if p.kind == NonTargetKind.COSINE:
         return cos, None  # None: derivative 1, nothing to multiply
+    if p.kind == NonTargetKind.CURRICULAR:
+        (t,) = p.coeffs
+        hard = cos > theta_y
+        return torch.where(hard, cos * (t + cos), cos), torch.where(hard, t + 2.0 * cos, 1.0)
     mu, alpha, dynamic = p.coeffs
     c = cos.clamp(-1.0, 1.0)
     if dynamic:

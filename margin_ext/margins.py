@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from .angles import clamped_acos
+from .running_stats import RunningStatistics, batch_mean_std
 
 
 class NonTargetKind(enum.IntEnum):
@@ -43,6 +44,7 @@ class NonTargetKind(enum.IntEnum):
 
     COSINE = 0  # c
     INTERFACE = 1  # cos(theta - mhat), mhat from the angle between target and class centres
+    CURRICULAR = 2  # c (t + c) where c > the row's cos(theta_y + m), else c
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class NonTargetParams:
     """The non-target margin as the kernels see it: a kind and its coefficients.
 
     ``coeffs`` is the packed list every backend reads by position; its layout per kind
-    is fixed by the spec that builds it (InterFace: mu, alpha, dynamic as 0 or 1).
+    is fixed by the spec that builds it (InterFace: mu, alpha, dynamic as 0 or 1;
+    CurricularFace: t).
     """
 
     kind: NonTargetKind = NonTargetKind.COSINE
@@ -67,6 +70,8 @@ class TargetRow:
     scale: torch.Tensor
     #: |x_i|: the feature norm before normalization (differentiable)
     norm: torch.Tensor
+    #: the spec's running statistics, already updated with this batch (None: stateless spec)
+    state: Optional[RunningStatistics] = None
 
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
@@ -95,8 +100,9 @@ class MarginSpec:
     #: whether ``row_margins`` draws random numbers
     is_random: bool = False
 
-    def nontarget_params(self) -> NonTargetParams:
-        """The non-target kind and coefficients the kernels apply to the other classes."""
+    def nontarget_params(self, state: Optional[RunningStatistics] = None) -> NonTargetParams:
+        """The non-target kind and coefficients the kernels apply to the other classes
+        (``state``: the running statistics after this batch; None: the initial ones)."""
         return NonTargetParams()
 
     def margin_value(self) -> float:
@@ -121,21 +127,39 @@ class MarginSpec:
         return row.scale * self.target(cos_y, row.margin)
 
     def nontarget_row(self, target_cos: torch.Tensor) -> Optional[torch.Tensor]:
-        """A detached per-row value the non-target kind reads (InterFace: theta_y), or None."""
+        """A detached per-row value the non-target kind reads (InterFace: theta_y;
+        CurricularFace: cos(theta_y + m)), or None."""
         return None
 
-    def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor,
-                  class_cos: Optional[torch.Tensor]) -> torch.Tensor:
+    def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor, class_cos: Optional[torch.Tensor],
+                  state: Optional[RunningStatistics] = None) -> torch.Tensor:
         """Non-target logits / s for a (rows x classes) block. Plain cosine by default.
 
         ``target_cos`` is cos(theta_y) per row; ``class_cos`` the cosine between each
-        row's target centre and each class centre (only InterFace reads them).
+        row's target centre and each class centre (only InterFace reads them); ``state``
+        the running statistics after this batch (CurricularFace's t).
         """
         return cos
 
-    def extra_loss(self, target_cos: torch.Tensor) -> Optional[torch.Tensor]:
+    def extra_loss(self, target_cos: torch.Tensor, row: Optional[TargetRow] = None) -> Optional[torch.Tensor]:
         """A per-row term added to the cross-entropy, or None."""
         return None
+
+    def initial_state(self) -> Optional[RunningStatistics]:
+        """A fresh copy of the authors' initial running statistics; None for a stateless spec."""
+        return None
+
+    def update_state(self, state: RunningStatistics, norm: torch.Tensor, target_cos: torch.Tensor,
+                     counted: Optional[torch.Tensor] = None) -> None:
+        """Fold this batch into ``state`` (before the target formula reads it): ``norm`` the
+        detached feature norms, ``target_cos`` the detached target cosines, ``counted`` a
+        bool mask of the rows that count (None: all)."""
+
+
+def arcface_target(cos_y, m):
+    """cos(theta_y + m) if c_y > cos(pi - m), else c_y - m * sin(m) (ArcFace's classic
+    fallback); differentiable in c_y and in ``m`` (a per-row tensor for MagFace)."""
+    return torch.where(cos_y > torch.cos(math.pi - m), torch.cos(clamped_acos(cos_y) + m), cos_y - m * torch.sin(m))
 
 
 def _angular(cos_y, m1, m2, m3):
@@ -172,11 +196,10 @@ class ArcFace(MarginSpec):
 
     def target(self, cos_y, row_margin):
         m = row_margin
-        arc = torch.cos(clamped_acos(cos_y) + m)
         if self.easy_margin:
-            value = torch.where(cos_y > 0, arc, cos_y)
+            value = torch.where(cos_y > 0, torch.cos(clamped_acos(cos_y) + m), cos_y)
         else:
-            value = torch.where(cos_y > torch.cos(math.pi - m), arc, cos_y - m * torch.sin(m))
+            value = arcface_target(cos_y, m)
         if self.straight_through:
             # forward value of the margin, gradient of the identity
             value = cos_y + (value - cos_y).detach()
@@ -398,14 +421,14 @@ class InterFace(MarginSpec):
     def target(self, cos_y, row_margin):
         return torch.cos(clamped_acos(cos_y) + row_margin)
 
-    def nontarget_params(self):
+    def nontarget_params(self, state=None):
         # the packed layout the kernels read: mu, alpha, dynamic
         return NonTargetParams(NonTargetKind.INTERFACE, (float(self.mu), float(self.alpha), float(self.dynamic)))
 
     def nontarget_row(self, target_cos):
         return torch.acos(target_cos.detach().clamp(-1, 1))  # theta_y, detached
 
-    def nontarget(self, cos, target_cos, class_cos):
+    def nontarget(self, cos, target_cos, class_cos, state=None):
         theta_y = self.nontarget_row(target_cos).unsqueeze(1)
         if self.dynamic:
             phi = torch.acos(class_cos.detach().clamp(-1, 1)).clamp(0.01, math.pi)
@@ -415,6 +438,177 @@ class InterFace(MarginSpec):
             first = math.exp(-self.mu)
         mhat = self.alpha * (first - torch.exp(-theta_y / phi))
         return torch.cos(clamped_acos(cos) - mhat)
+
+
+@dataclass(frozen=True)
+class AdaFace(MarginSpec):
+    """Margin adapted to the feature norm as an image-quality proxy (AdaFace, Kim et al.,
+    CVPR 2022, arXiv 2204.00964; read from mk-minchul/AdaFace ``head.py``).
+
+    n_i = clip(|x_i|, 0.001, 100), detached
+    g_i = clip(h * (n_i - mean) / (std + eps), -1, 1)
+    target / s = cos(clip(theta_y - m * g_i, eps, pi - eps)) - (m + m * g_i),
+        theta_y = acos(clamp(c_y, -1 + eps, 1 - eps))
+    non-target / s = c_j
+
+    ``mean`` and ``std`` are running statistics of the batch's n_i (initially 20 and 100,
+    the authors' buffers), updated with the batch before use:
+    stat = t_alpha * batch + (1 - t_alpha) * stat, the batch std unbiased (torch.std); a
+    batch of one row leaves the std as it is (its std is undefined; the authors' code
+    would turn it into NaN). The batch is the rows that count (ignored rows are not in
+    it) and, under PartialFC, the global batch. g_i carries no gradient (the norms are
+    detached); the clamp of c_y and the clip of the angle give zero gradient outside
+    their ranges, as autograd of the authors' code. Deviation: the authors clamp every
+    cosine to [-1 + eps, 1 - eps] "for stability" of the acos; here the non-target
+    cosines, which go through no acos, are not clamped, so a class within 2.6 degrees
+    of a feature keeps its gradient (the logits differ by at most s * eps there).
+    Defaults s = 64, m = 0.4, h = 0.333, t_alpha = 0.01, eps = 1e-3 (the authors' config).
+    """
+
+    s: float = 64.0
+    m: float = 0.4
+    h: float = 0.333
+    t_alpha: float = 0.01
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi / 2)
+        _check_finite("h", self.h, 0.0, 100.0)
+        _check("t_alpha", self.t_alpha, isinstance(self.t_alpha, (int, float)) and 0.0 < self.t_alpha <= 1.0,
+               "a number in (0, 1]")
+        _check("eps", self.eps, isinstance(self.eps, (int, float)) and 0.0 < self.eps <= 0.1, "a number in (0, 0.1]")
+
+    def margin_value(self):
+        return self.m
+
+    def initial_state(self):
+        return RunningStatistics(mean=20.0, std=100.0)
+
+    def update_state(self, state, norm, target_cos, counted=None):
+        n = norm.detach().clamp(0.001, 100.0)
+        mean, std = batch_mean_std(n, counted)
+        rows = n.new_tensor(n.numel()) if counted is None else counted.sum()
+        state.update("mean", mean, self.t_alpha)
+        state.update("std", torch.where(rows >= 2, std, state["std"].to(std)), self.t_alpha)
+
+    def margin_scaler(self, norm: torch.Tensor, state: RunningStatistics) -> torch.Tensor:
+        """g_i of every row, detached."""
+        n = norm.detach().clamp(0.001, 100.0)
+        mean, std = state["mean"].to(n), state["std"].to(n)
+        return (self.h * (n - mean) / (std + self.eps)).clamp(-1.0, 1.0)
+
+    def target_logit(self, cos_y, row):
+        # a row built by hand without statistics reads the authors' initial ones
+        g = self.margin_scaler(row.norm, row.state or self.initial_state())
+        theta = torch.acos(cos_y.clamp(-1.0 + self.eps, 1.0 - self.eps))
+        angle = (theta - self.m * g).clamp(self.eps, math.pi - self.eps)
+        return row.scale * (torch.cos(angle) - (self.m + self.m * g))
+
+
+@dataclass(frozen=True)
+class MagFace(MarginSpec):
+    """ArcFace whose margin grows with the feature magnitude (MagFace, Meng et al., CVPR
+    2021, arXiv 2103.06627; read from IrvingMeng/MagFace ``models/magface.py``).
+
+    a_i = clamp(|x_i|, l_a, u_a)            (differentiable inside [l_a, u_a])
+    m_i = l_m + (u_m - l_m) * (a_i - l_a) / (u_a - l_a)
+    target / s = ArcFace's with m_i: cos(theta_y + m_i) if c_y > cos(pi - m_i),
+                 else c_y - m_i * sin(m_i)
+    loss_i += lambda_g * (a_i / u_a^2 + 1 / a_i)   (the magnitude regularizer g; its mean
+              over the batch comes with the loss's mean)
+    The gradient reaches the feature norm through m_i and through the regularizer, as
+    autograd of the authors' code. Defaults s = 64, l_a = 10, u_a = 110, l_m = 0.45,
+    u_m = 0.8, lambda_g = 35 (the authors' iResNet100 recipe).
+    """
+
+    s: float = 64.0
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("l_a", self.l_a, 1e-6, math.inf)
+        _check("u_a", self.u_a, isinstance(self.u_a, (int, float)) and math.isfinite(self.u_a) and self.u_a > self.l_a,
+               f"a finite number > l_a={self.l_a!r}")
+        _check_finite("l_m", self.l_m, 0.0, math.pi - 1e-6)
+        _check_finite("u_m", self.u_m, self.l_m, math.pi - 1e-6)
+        _check_finite("lambda_g", self.lambda_g, 0.0, math.inf)
+
+    def margin_value(self):
+        return self.l_m  # not read: the margin comes from each row's feature norm
+
+    def magnitude(self, norm: torch.Tensor) -> torch.Tensor:
+        """a_i = clamp(|x_i|, l_a, u_a), differentiable."""
+        return norm.clamp(self.l_a, self.u_a)
+
+    def row_margin(self, norm: torch.Tensor) -> torch.Tensor:
+        """m_i of every row, differentiable in the norm."""
+        a = self.magnitude(norm)
+        return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+
+    def target_logit(self, cos_y, row):
+        return row.scale * arcface_target(cos_y, self.row_margin(row.norm).to(cos_y.dtype))
+
+    def extra_loss(self, target_cos, row=None):
+        a = self.magnitude(row.norm)
+        return self.lambda_g * (a / self.u_a ** 2 + 1.0 / a)
+
+
+@dataclass(frozen=True)
+class CurricularFace(MarginSpec):
+    """Adaptive curriculum learning on the hard non-target classes (CurricularFace, Huang
+    et al., CVPR 2020, arXiv 2004.00288; read from HuangYG123/CurricularFace ``head/metrics.py``).
+
+    target / s     = cos(theta_y + m) if c_y > cos(pi - m), else c_y - m * sin(m)
+                     (ArcFace's classic fallback, as the authors' ``threshold``/``mm``)
+    non-target / s = c_j * (t + c_j)   where c_j > cos(theta_y + m)   (a "hard" class)
+                   = c_j               elsewhere
+    The threshold cos(theta_y + m) is the row's angle-sum value without the fallback, as
+    the authors' mask; it and t carry no gradient, so d/dc_j = t + 2 c_j on the hard
+    classes. t is a running mean of the batch's target cosines (clamped to [-1, 1]),
+    initially 0, updated with the batch before use: t = 0.01 * mean + 0.99 * t (the rows
+    that count; under PartialFC the global batch). Deviation: the authors clamp every
+    cosine to [-1, 1]; the non-target cosines here are not clamped (they pass 1 only by
+    rounding). Defaults s = 64, m = 0.5 (the paper).
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+
+    def margin_value(self):
+        return self.m
+
+    def target(self, cos_y, row_margin):
+        return arcface_target(cos_y, row_margin)
+
+    def initial_state(self):
+        return RunningStatistics(t=0.0)
+
+    def update_state(self, state, norm, target_cos, counted=None):
+        cos = target_cos.detach().clamp(-1.0, 1.0)
+        weight = torch.ones_like(cos) if counted is None else counted.to(cos.dtype)
+        state.update("t", (cos * weight).sum() / weight.sum(), 0.01)
+
+    def nontarget_params(self, state=None):
+        # the packed layout the kernels read: t
+        t = 0.0 if state is None else float(state["t"].item())
+        return NonTargetParams(NonTargetKind.CURRICULAR, (t,))
+
+    def nontarget_row(self, target_cos):
+        return torch.cos(torch.acos(target_cos.detach().clamp(-1, 1)) + self.m)  # cos(theta_y + m), detached
+
+    def nontarget(self, cos, target_cos, class_cos, state=None):
+        t = (state or self.initial_state())["t"].to(cos)
+        hard = cos > self.nontarget_row(target_cos).to(cos).unsqueeze(1)
+        return torch.where(hard, cos * (t + cos), cos)
 
 
 @dataclass(frozen=True)
@@ -455,8 +649,8 @@ class IntraLoss(MarginSpec):
     def row_scale(self, embeddings):
         return self.base.row_scale(embeddings)
 
-    def nontarget_params(self):
-        return self.base.nontarget_params()
+    def nontarget_params(self, state=None):
+        return self.base.nontarget_params(state)
 
     def target(self, cos_y, row_margin):
         return self.base.target(cos_y, row_margin)
@@ -464,14 +658,22 @@ class IntraLoss(MarginSpec):
     def target_logit(self, cos_y, row):
         return self.base.target_logit(cos_y, row)
 
-    def nontarget(self, cos, target_cos, class_cos):
-        return self.base.nontarget(cos, target_cos, class_cos)
+    def nontarget(self, cos, target_cos, class_cos, state=None):
+        return self.base.nontarget(cos, target_cos, class_cos, state)
 
     def nontarget_row(self, target_cos):
         return self.base.nontarget_row(target_cos)
 
-    def extra_loss(self, target_cos):
-        return self.weight * clamped_acos(target_cos)
+    def extra_loss(self, target_cos, row=None):
+        own = self.weight * clamped_acos(target_cos)
+        base = self.base.extra_loss(target_cos, row)
+        return own if base is None else own + base
+
+    def initial_state(self):
+        return self.base.initial_state()
+
+    def update_state(self, state, norm, target_cos, counted=None):
+        self.base.update_state(state, norm, target_cos, counted)
 
 
 #: The specs by the name a command line uses for them.
@@ -484,4 +686,7 @@ SPECS = {
     "elastic_cosface": ElasticCosFace,
     "interface": InterFace,
     "intraloss": IntraLoss,
+    "adaface": AdaFace,
+    "magface": MagFace,
+    "curricularface": CurricularFace,
 }

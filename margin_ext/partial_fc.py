@@ -162,6 +162,9 @@ class PartialFC(nn.Module):
         self.start, self.stop = distributed.shard_range(num_classes, self.world_size, self.rank)
         self.num_local = self.stop - self.start
         self.sampling_step = 0  # advances once per sampled step; part of the saved state
+        #: the spec's running statistics (AdaFace's norm mean and std; None for a stateless
+        #: spec): updated from the global batch in training, frozen in eval, saved with the head
+        self.margin_state = margin.initial_state()
         #: global ids of this shard's classes used by the last call (None: all of them)
         self.sampled_classes: Optional[torch.Tensor] = None
         self.weight = nn.Parameter(initial_class_centres(self.start, self.stop, embedding_size, seed, dtype))
@@ -201,7 +204,8 @@ class PartialFC(nn.Module):
         kernels = self._kernels_for(weight.device)
         chunk = self.chunk_size or default_chunk_size(n_rows, weight.shape[0], weight.device)
         losses = head_losses(x, weight, local_labels, self.margin, kernels, min(chunk, weight.shape[0]),
-                             group=self.process_group, generator=generator)
+                             group=self.process_group, generator=generator, state=self.margin_state,
+                             update_state=self.training)
         return losses.sum() / n_rows
 
     def _kernels_for(self, device):
@@ -286,15 +290,21 @@ class PartialFC(nn.Module):
     # ------------------------------------------------------------------ state and misuse
 
     def get_extra_state(self):
-        return {"sampling_step": self.sampling_step}
+        state = {"sampling_step": self.sampling_step}
+        if self.margin_state is not None:
+            state["margin_state"] = self.margin_state.state_dict()
+        return state
 
     def set_extra_state(self, state):
         self.sampling_step = int(state["sampling_step"])
+        if self.margin_state is not None and "margin_state" in state:
+            self.margin_state.load_state_dict(state["margin_state"])
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.start}, {self.stop}) of rank {self.rank}/{self.world_size}, "
-                f"margin={self.margin!r}, sample_rate={self.sample_rate}")
+                f"margin={self.margin!r}, sample_rate={self.sample_rate}"
+                + ("" if self.margin_state is None else f", margin_state={self.margin_state!r}"))
 
     @property
     def _ddp_params_and_buffers_to_ignore(self):

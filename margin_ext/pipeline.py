@@ -19,6 +19,7 @@ from . import distributed
 from .backends.base import Kernels
 from .head_function import head_statistics, reduced_head_loss
 from .margins import MarginSpec, NonTargetKind, TargetRow
+from .running_stats import RunningStatistics, batch_state
 from .rows import RowInputs, normalize, target_terms
 
 
@@ -40,10 +41,12 @@ def owner_target_cosine(x_hat: torch.Tensor, weight: torch.Tensor, labels: torch
     return target_cos, distributed.sum_across_ranks(centre, group)
 
 
-def row_inputs(spec: MarginSpec, x: torch.Tensor, labels: torch.Tensor, target_cos: torch.Tensor,
-               target_centre: Optional[torch.Tensor], group, generator: Optional[torch.Generator]) -> RowInputs:
-    """Everything per row the kernels read: scale, margin draw (rank 0's for the whole
-    group), the target logit and its derivative, the non-target kind's row value."""
+def target_row(spec: MarginSpec, x: torch.Tensor, target_cos: torch.Tensor, group,
+               generator: Optional[torch.Generator], state: Optional[RunningStatistics] = None,
+               update_state: bool = True, counted: Optional[torch.Tensor] = None) -> TargetRow:
+    """What the spec's target formula reads of each row: scale, margin draw (rank 0's for
+    the whole group), feature norm, and the running statistics after this batch (a fresh
+    copy of the authors' initial values when ``state`` is None)."""
     n = x.shape[0]
     norm = (x if x.dtype == torch.float64 else x.float()).norm(dim=1)
     scale = spec.row_scale(x)
@@ -52,27 +55,46 @@ def row_inputs(spec: MarginSpec, x: torch.Tensor, labels: torch.Tensor, target_c
     margin = spec.row_margins(n, target_cos, generator).to(x.device)
     if spec.is_random:
         margin = distributed.broadcast_from_first(margin, group)  # one draw for the whole batch
-    t, d = target_terms(spec, target_cos, TargetRow(margin=margin, scale=scale, norm=norm))
-    return RowInputs(labels=labels, scale=scale, target_logit=t, target_grad=d,
+    return TargetRow(margin=margin, scale=scale, norm=norm,
+                     state=batch_state(spec, state, norm, target_cos, update_state, counted))
+
+
+def row_inputs(spec: MarginSpec, x: torch.Tensor, labels: torch.Tensor, target_cos: torch.Tensor,
+               target_centre: Optional[torch.Tensor], group, generator: Optional[torch.Generator],
+               row: Optional[TargetRow] = None) -> RowInputs:
+    """Everything per row the kernels read: scale, the target logit and its derivative,
+    the non-target kind's row value (``row``: the target formula's inputs, from
+    :func:`target_row` when None)."""
+    row = row or target_row(spec, x, target_cos, group, generator)
+    t, d = target_terms(spec, target_cos, row)
+    return RowInputs(labels=labels, scale=row.scale, target_logit=t, target_grad=d,
                      nontarget_row=spec.nontarget_row(target_cos), target_centre=target_centre)
 
 
 def head_losses(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spec: MarginSpec,
                 kernels: Kernels, chunk_size: int, *, group=distributed.LOCAL,
                 generator: Optional[torch.Generator] = None,
-                row_weight: Optional[float] = None) -> torch.Tensor:
+                row_weight: Optional[float] = None, state: Optional[RunningStatistics] = None,
+                update_state: bool = True, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss of every row (row_weight None), or sum_i row_weight * loss_i.
 
     x: (B, D) features of the (global) batch, not normalized; labels: (B,) columns of
     ``weight`` or -1. A reduced loss (:func:`fuses_reduction` must hold) runs the kernels'
     forward_backward: the gradients computed with the forward, one sweep instead of two.
+    ``state``, ``update_state``, ``counted``: the spec's running statistics (see
+    :func:`~margin_ext.running_stats.batch_state`; ``counted`` masks the rows they are taken over, None: all).
     """
     x_hat = normalize(x)
-    params = spec.nontarget_params()
-    target_cos, target_centre = owner_target_cosine(x_hat, weight, labels, group,
-                                                    with_centre=params.kind == NonTargetKind.INTERFACE)
-    rows = row_inputs(spec, x, labels, target_cos, target_centre, group, generator)
-    extra = spec.extra_loss(target_cos)
+    target_cos, target_centre = owner_target_cosine(
+        x_hat, weight, labels, group, with_centre=spec.nontarget_params().kind == NonTargetKind.INTERFACE)
+    row = target_row(spec, x, target_cos, group, generator, state, update_state, counted)
+    params = spec.nontarget_params(row.state)
+    rows = row_inputs(spec, x, labels, target_cos, target_centre, group, generator, row)
+    extra = spec.extra_loss(target_cos, row)
+    if extra is not None:
+        # every rank computes the term from the shared batch; only the owner of the row's
+        # class passes its gradient on (the gather's backward adds the ranks' shares up)
+        extra = torch.where(labels >= 0, extra, extra.detach())
     if row_weight is not None:
         loss = reduced_head_loss(x_hat, weight, rows, params, kernels, chunk_size, row_weight)
         return loss if extra is None else loss + extra.sum() * row_weight

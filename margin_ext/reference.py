@@ -14,21 +14,26 @@ import torch.nn.functional as F
 
 from .margins import MarginSpec, NonTargetKind, TargetRow
 from .rows import normalize_rows
+from .running_stats import RunningStatistics, batch_state
+from .saturate import cast_saturating_grad
 
 
 def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          margin: MarginSpec, row_margin: torch.Tensor,
-                         compute_dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+                         compute_dtype: Optional[torch.dtype] = torch.float32,
+                         state: Optional[RunningStatistics] = None, update_state: bool = True) -> torch.Tensor:
     """Loss of each row (all rows must have a valid label), as float32.
 
     ``compute_dtype=None`` computes in the inputs' own dtype: the naive low-precision
-    head whose error the tests use to set their tolerances.
+    head whose error the tests use to set their tolerances. ``state``: the spec's running
+    statistics, updated with these rows when ``update_state`` (None: a fresh copy).
     """
     dtype = compute_dtype or embeddings.dtype
     if embeddings.dtype == torch.float64:
         dtype = torch.float64
     x = normalize_rows(embeddings.to(dtype))
-    w = normalize_rows(weight.to(dtype))
+    # a weight gradient beyond the weight's dtype saturates (saturate.py), as in every backend
+    w = normalize_rows(cast_saturating_grad(weight, dtype))
     cos = x @ w.T
     target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
 
@@ -38,12 +43,14 @@ def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels:
     features = embeddings.to(dtype)
     scale = margin.row_scale(features)
     scale = torch.full_like(target_cos, margin.s) if scale is None else scale.to(dtype)
-    row = TargetRow(margin=row_margin.to(dtype), scale=scale, norm=features.norm(dim=1))
+    norm = features.norm(dim=1)
+    state = batch_state(margin, state, norm, target_cos, update_state)
+    row = TargetRow(margin=row_margin.to(dtype), scale=scale, norm=norm, state=state)
     target = margin.target_logit(target_cos, row)
-    logits = margin.nontarget(cos, target_cos, class_cos) * scale.unsqueeze(1)
+    logits = margin.nontarget(cos, target_cos, class_cos, state) * scale.unsqueeze(1)
     logits = logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
     loss = F.cross_entropy(logits, labels, reduction="none")
-    extra = margin.extra_loss(target_cos)
+    extra = margin.extra_loss(target_cos, row)
     if extra is not None:
         loss = loss + extra
     return loss.to(torch.promote_types(loss.dtype, torch.float32))

@@ -6,6 +6,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import margin_ext as mx
+from margin_ext.rows import NORM_EPS
 
 # Every formula branch of every spec: plain, fallback options, random margins, scales.
 SPEC_CASES = {
@@ -25,7 +26,24 @@ SPEC_CASES = {
     "interface_static": mx.InterFace(dynamic=False),
     "intraloss": mx.IntraLoss(),
     "intraloss_cosface": mx.IntraLoss(base=mx.CosFace(), weight=0.5),
+    "adaface": mx.AdaFace(),
+    # the batch's own statistics (the authors' head.py default t_alpha=1): g_i spans [-1, 1], clipped at both ends
+    "adaface_batch_stats": mx.AdaFace(h=1.0, t_alpha=1.0),
+    "magface": mx.MagFace(),
+    # feature norms on both sides of [l_a, u_a] and inside: the margin's gradient to the norm
+    "magface_norm_range": mx.MagFace(l_a=3.0, u_a=9.0, lambda_g=2.0),
+    "curricularface": mx.CurricularFace(),
+    # a small margin: few hard classes per row, most rows with some
+    "curricularface_small_m": mx.CurricularFace(s=30.0, m=0.1),
 }
+
+# Specs whose gradient is documented as not the derivative of the loss, left out of
+# gradcheck (their gradients are checked against the reference): InterFace (its margin
+# depends on the detached theta_y and centre angles), the straight-through ArcFace,
+# AdaFace (its margin depends on the detached feature norms and batch statistics) and
+# CurricularFace (its detached threshold and batch mean t).
+NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through", "adaface", "adaface_batch_stats",
+                      "curricularface", "curricularface_small_m")
 
 
 def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None):
@@ -191,13 +209,14 @@ def kernel_inputs(spec, x, w, y, generator=None):
     pipeline builds them (rows labelled -1 have no target among the classes)."""
     from margin_ext.distributed import LOCAL
     from margin_ext.margins import NonTargetKind
-    from margin_ext.pipeline import owner_target_cosine, row_inputs
+    from margin_ext.pipeline import owner_target_cosine, row_inputs, target_row
     from margin_ext.rows import normalize
 
     x_hat = normalize(x)
-    params = spec.nontarget_params()
-    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=params.kind == NonTargetKind.INTERFACE)
-    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator), params
+    interface = spec.nontarget_params().kind == NonTargetKind.INTERFACE
+    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=interface)
+    row = target_row(spec, x, cos, LOCAL, generator)
+    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params(row.state)
 
 
 def rows_to(rows, device=None, dtype=None):
@@ -210,3 +229,83 @@ def rows_to(rows, device=None, dtype=None):
         return t.to(device=device) if name == "labels" else t.detach().to(device=device, dtype=dtype or t.dtype)
 
     return RowInputs(**{k: move(k, v) for k, v in vars(rows).items()})
+
+
+# Centre rows at the edges of a dtype's range: zero (normalized as w / eps: a weight
+# gradient of g / 1e-12, beyond float16's range, which saturates, see margin_ext/saturate.py),
+# tiny (1e-30: zero once stored in float16), subnormal, and huge (squared norm past
+# float32's range; float16 cannot hold that, its huge row is 2**14 per entry).
+DEGENERATE_CENTRES = {"zero": 3, "tiny": 10, "subnormal": 17, "huge": 30}
+# the target kinds and InterFace's class cosines, over degenerate centres
+DEGENERATE_SPECS = ["arcface", "cosface", "sphereface_norm_scale", "interface"]
+
+
+def with_degenerate_centres(w, dtype):
+    """A copy of w (float64) with the rows of DEGENERATE_CENTRES replaced, stored in dtype."""
+    w = w.double().clone()
+    info = torch.finfo(dtype)
+    huge = 2.0 ** 14 if dtype == torch.float16 else 2.0 ** 70
+    rows = DEGENERATE_CENTRES
+    w[rows["zero"]] = 0
+    w[rows["tiny"]] *= 1e-30
+    w[rows["subnormal"]] *= info.tiny / 4 / w[rows["subnormal"]].abs().max()
+    w[rows["huge"]] *= huge / w[rows["huge"]].abs().max()
+    return w.to(dtype)
+
+
+def degenerate_centre_inputs(n_rows, n_classes, dim, dtype, seed=2, ignore_rows=()):
+    """(x, w, labels, w_ordinary): w with DEGENERATE_CENTRES, whose classes are the
+    targets of the first rows; w_ordinary the same weight without them."""
+    labels = [(7 * i) % n_classes for i in range(n_rows)]
+    labels[:len(DEGENERATE_CENTRES)] = DEGENERATE_CENTRES.values()
+    x, w, y = make_inputs(n_rows, n_classes, dim, torch.float64, seed=seed, labels=labels, ignore_rows=ignore_rows)
+    return x.to(dtype), with_degenerate_centres(w, dtype), y, w.to(dtype)
+
+
+def assert_degenerate_centres_result(got, x, w, labels, spec, w_ordinary, what):
+    """A head's (loss, grad_x, grad_w) with degenerate centre rows: finite, and against the
+    float64 reference (its weight gradient saturated into w's dtype) within twice the
+    reference's own error in w's dtype.
+
+    The loss and grad_x: absolute errors, the own error (``own_errors``) measured with
+    ordinary centres (the float16 reference itself divides 0 by its eps, which float16
+    rounds to 0).
+    grad_w: each row's error relative to its largest element (rows differ in size by
+    1e30 and more), bounded by that row's own relative error (plus the float32 floor
+    carried through the row's normalization backward): the low-precision
+    reference's where it is finite, and at least the float32 reference's times the
+    dtype's epsilon over float32's (a zero centre's gradient g / eps is a sum that cancels
+    more than an ordinary row's: its own error is that row's, not the others')."""
+    for name, g in zip(("loss", "grad_x", "grad_w"), got):
+        assert torch.isfinite(g).all(), f"{what} {name}: not finite"
+    dtype = w.dtype
+    assert got[2].dtype == dtype
+    lowp = lambda *args: reference_loss_and_grads(*args, None)  # noqa: E731
+    ref = reference_loss_and_grads(x, w, labels, spec, torch.float64)
+    ref_ordinary = reference_loss_and_grads(x, w_ordinary, labels, spec, torch.float64)
+    own_ordinary = lowp(x, w_ordinary, labels, spec)
+    scale = logit_scale(spec, x)
+    floor = 4 * torch.finfo(torch.float32).eps * scale
+    for name, a, r, own in zip(("loss", "grad_x"), got, ref, own_errors(ref_ordinary, own_ordinary)):
+        magnitude = max(r.double().abs().max().item(), 1.0)
+        bound = 2 * own + floor * magnitude
+        assert max_err(a, r) <= bound, f"{what} {name}: error {max_err(a, r):.3g} above {bound:.3g}"
+
+    def row_relative(a, r):
+        size = r.double().abs().amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        return (a.double() - r.double()).abs().amax(dim=1) / size
+
+    own = row_relative(lowp(x, w, labels, spec)[2], ref[2]).nan_to_num(0.0)
+    ref32 = reference_loss_and_grads(x.float(), w.float(), labels, spec, torch.float32)
+    relative_eps = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    own = torch.maximum(own, row_relative(ref32[2], ref[2].float()) * relative_eps)
+    # the float32 floor through a class's gradient: a few ulps of s in its probabilities,
+    # times s, over max(|w_j|, eps)
+    size = ref[2].double().abs().amax(dim=1)
+    floor_rows = floor * scale / w.double().norm(dim=1).clamp_min(NORM_EPS)
+    errors = (got[2].double() - ref[2].double()).abs().amax(dim=1)
+    for row, (err, bound) in enumerate(zip(errors.tolist(), (2 * own * size + floor_rows).tolist())):
+        assert err <= bound, f"{what} grad_w row {row}: error {err:.3g} above {bound:.3g}"
+    if dtype == torch.float16:  # the zero centre's exact gradient, 1e12 g, saturates
+        zero = got[2][DEGENERATE_CENTRES["zero"]]
+        assert zero.abs().max().item() == torch.finfo(dtype).max, f"{what}: the zero centre's grad_w"

@@ -93,3 +93,16 @@ def test_tf32_runs_are_labelled_and_leave_precision_as_it_was(tmp_path):
     data["float32_matmul_precision"] = "highest"
     assert report._dtype_label(data, "float32") == "float32"
     assert report._dtype_label(dict(data, float32_matmul_precision="high"), "bfloat16") == "bfloat16"
+
+
+def test_families_bench_has_a_row_per_family(tmp_path):
+    from bench import families
+
+    out = families.main(["--backends", "torch", "--batch", "8", "--dim", "16", "--classes", "300", "--repeats", "2",
+                         "--warmup", "0", "--out", str(tmp_path)])
+    data = json.loads((out / "results.json").read_text())
+    rows = data["results"]["torch"]
+    assert set(rows) == set(families.FAMILIES) and rows[families.BASELINE]["ratio"] == 1.0
+    assert all(len(row["samples"]) == 2 and row["median"] > 0 for row in rows.values())
+    table = (out / "results.md").read_text()
+    assert all(f"| torch | {name} |" in table for name in families.FAMILIES)

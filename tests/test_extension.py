@@ -14,7 +14,7 @@ from margin_ext.backends import BackendUnavailable
 from margin_ext.backends import extension as ext
 from margin_ext.margins import TargetRow
 from margin_ext.rows import RowInputs, normalize, target_terms
-from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -29,9 +29,6 @@ BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 # chunk boundary (7|8, 15|16, 31|32) and at both ends.
 BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
 
-# Their gradient is documented as not the derivative of the loss (detached InterFace
-# margin, straight-through ArcFace): checked against the reference instead.
-NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through")
 
 
 def on(device, *tensors):

@@ -16,7 +16,7 @@ from margin_ext.backends import extension as ext
 from margin_ext.memory import PeakMemory
 from margin_ext.margins import TargetRow
 from margin_ext.rows import RowInputs, normalize, target_terms
-from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
 # C = 37 classes in chunks of 8 (the last one partial), B = 9 rows, labels on both sides
@@ -24,7 +24,6 @@ from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_resu
 ROWS, CLASSES, DIM, CHUNK = 9, 37, 16, 8
 BOUNDARY_LABELS = [0, 7, 8, 15, 16, 31, 32, 36, 5]
 INTERFACE = ("interface", "interface_static")
-NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through")
 
 
 def budget_for(block_rows, dtype=torch.float64, classes=CLASSES):

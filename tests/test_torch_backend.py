@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import margin_ext as mx
-from cases import (SPEC_CASES, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from cases import (DEGENERATE_SPECS, NOT_THE_DERIVATIVE, SPEC_CASES, assert_degenerate_centres_result,
+                   assert_low_precision_result, assert_within_reference_error, degenerate_centre_inputs, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 
 # C = 37 with chunks of 8: the last chunk is partial; labels sit on both sides of the
@@ -42,12 +43,8 @@ def test_low_precision_within_reference_error(name, dtype):
     assert_low_precision_result(got, x, w, y, spec, dtype, f"{name} {dtype}")
 
 
-# Excluded by definition, their gradient being documented as not the derivative of the
-# loss: InterFace (its margin depends on the detached theta_y and centre angles) and
-# the straight-through ArcFace. Their gradients are checked against the reference.
-NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through")
-
-
+# NOT_THE_DERIVATIVE (cases.py) are excluded by definition; their gradients are checked
+# against the reference.
 @pytest.mark.parametrize("name", [n for n in SPEC_CASES if n not in NOT_THE_DERIVATIVE])
 def test_gradcheck_float64(name):
     spec = SPEC_CASES[name]
@@ -130,3 +127,13 @@ def test_fp16_at_scale_64_does_not_overflow():
     loss = mx.margin_cross_entropy(x, w, y, mx.ArcFace(s=64.0), backend="torch")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", DEGENERATE_SPECS)
+def test_zero_tiny_and_huge_centres(name, dtype):
+    """Finite gradients near the reference's; a float16 zero centre's saturates."""
+    spec = SPEC_CASES[name]
+    x, w, y, w_ordinary = degenerate_centre_inputs(9, 37, 24, dtype)
+    got = loss_and_grads(x, w, y, spec, backend="torch", chunk_size=8)
+    assert_degenerate_centres_result(got, x, w, y, spec, w_ordinary, f"{name} {dtype}")

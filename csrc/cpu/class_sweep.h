@@ -146,7 +146,9 @@ struct ClassSweep {
     rc.target = t;
     rc.scale = in.template row<T>(kScale) + r.first;
     rc.interface_margin = in.params.kind == kInterFace;
-    rc.theta_y = rc.interface_margin ? in.template row<T>(kNonTargetRow) + r.first : nullptr;
+    rc.curricular_margin = in.params.kind == kCurricular;
+    rc.theta_y = in.params.kind != kCosine ? in.template row<T>(kNonTargetRow) + r.first : nullptr;
+    rc.curricular_t = T(in.params.curricular_t);
     rc.inter_dynamic = in.params.inter_dynamic;
     rc.inter_mu = T(in.params.inter_mu);
     rc.inter_alpha = T(in.params.inter_alpha);

@@ -22,8 +22,10 @@ struct RowChunk {
   const T* inv_norm;     // (n_cols,)
   const int64_t* target; // (rows,) the target's column in this chunk, or -1
   const T* scale;        // s_i
-  const T* theta_y;      // InterFace only
+  const T* theta_y;      // InterFace: theta_y; CurricularFace: the threshold cos(theta_y + m)
   bool interface_margin; // non-target logit cos(theta - mhat) instead of cos
+  bool curricular_margin;  // non-target logit c (t + c) where c > threshold, else c
+  T curricular_t;
   bool inter_dynamic;
   T inter_mu;
   T inter_alpha;

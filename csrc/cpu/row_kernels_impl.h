@@ -86,6 +86,17 @@ Vectorized<T> interface_value(Vectorized<T> c, const Vectorized<T>& mhat, Vector
   return shifted.cos();
 }
 
+// CurricularFace's non-target value c (t + c) where c > threshold (a hard class), else c,
+// and its derivative t + 2c there (1 elsewhere) when grad is set.
+template <typename T>
+Vectorized<T> curricular_value(const Vectorized<T>& c, const Vectorized<T>& threshold, const Vectorized<T>& t,
+                               Vectorized<T>* grad) {
+  using V = Vectorized<T>;
+  const V hard = c > threshold;  // all bits set in the hard lanes
+  if (grad != nullptr) *grad = V::blendv(V(T(1)), at::vec::fmadd(V(T(2)), c, t), hard);
+  return V::blendv(c, c * (t + c), hard);
+}
+
 // Row constants of the InterFace transform: the static mhat (phi = pi / 2) is one number per row.
 template <typename T>
 struct InterRow {
@@ -112,7 +123,17 @@ void forward_rows(const RowChunk<T>& c, int64_t begin, int64_t end, T* chunk_max
     const V s(c.scale[i]);
     const int64_t t = c.target[i];
     V vmax(neg_inf);
-    if (!c.interface_margin) {
+    // CurricularFace's logit is cheap to form twice: like the cosine's it is not stored
+    const V threshold(c.curricular_margin ? c.theta_y[i] : T(0)), ct(c.curricular_t);
+    auto curricular = [&](int64_t j, int64_t count) {
+      const V cos = V::loadu(a + j, count) * V::loadu(c.inv_norm + j, count);
+      return s * curricular_value(cos, threshold, ct, static_cast<V*>(nullptr));
+    };
+    if (c.curricular_margin) {
+      over_nontarget<T>(n, t, [&](int64_t j, int64_t count) {
+        vmax = at::vec::maximum(vmax, keep(count, curricular(j, count), neg_inf));
+      });
+    } else if (!c.interface_margin) {
       // cosine non-target: z = s * c, read twice (the second time from L1)
       over_nontarget<T>(n, t, [&](int64_t j, int64_t count) {
         const V z = s * (V::loadu(a + j, count) * V::loadu(c.inv_norm + j, count));
@@ -139,8 +160,9 @@ void forward_rows(const RowChunk<T>& c, int64_t begin, int64_t end, T* chunk_max
     const V vm(m);
     V vsum(T(0));
     over_nontarget<T>(n, t, [&](int64_t j, int64_t count) {
-      const V z = c.interface_margin ? V::loadu(a + j, count)
-                                     : s * (V::loadu(a + j, count) * V::loadu(c.inv_norm + j, count));
+      const V z = c.interface_margin    ? V::loadu(a + j, count)
+                  : c.curricular_margin ? curricular(j, count)
+                                        : s * (V::loadu(a + j, count) * V::loadu(c.inv_norm + j, count));
       vsum += keep(count, (z - vm).exp(), T(0));
     });
     chunk_max[i] = m;
@@ -159,7 +181,17 @@ void backward_rows(const RowChunk<T>& c, int64_t begin, int64_t end, const T* ls
     const V s(s_value), row_lse(lse[i]), g_lse(grad_lse[i]);
     const int64_t t = c.target[i];
     V g_scale(T(0));
-    if (!c.interface_margin) {
+    if (c.curricular_margin) {
+      const V threshold(c.theta_y[i]), ct(c.curricular_t);
+      over_nontarget<T>(n, t, [&](int64_t j, int64_t count) {
+        const V inv = V::loadu(c.inv_norm + j, count);
+        V grad;
+        const V value = curricular_value(V::loadu(a + j, count) * inv, threshold, ct, &grad);
+        const V g = (value * s - row_lse).exp() * g_lse;
+        g_scale += keep(count, g * value, T(0));
+        (g * grad * s * inv).store(a + j, count);
+      });
+    } else if (!c.interface_margin) {
       // d value / d cos = 1: dL/dcos = g * s
       over_nontarget<T>(n, t, [&](int64_t j, int64_t count) {
         const V inv = V::loadu(c.inv_norm + j, count);

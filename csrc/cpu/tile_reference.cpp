@@ -89,7 +89,7 @@ TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, cons
   p.scale = in.row<T>(kScale);
   p.target = in.row<T>(kTarget);
   p.target_grad = in.row<T>(kTargetGrad);
-  p.theta_y = in.params.kind == kInterFace ? in.row<T>(kNonTargetRow) : nullptr;
+  p.theta_y = in.params.kind != kCosine ? in.row<T>(kNonTargetRow) : nullptr;
   p.params = in.params;
   p.tf32 = tf32;
   return p;

@@ -16,11 +16,21 @@ from ..rows import NORM_EPS, RowInputs
 from .base import Kernels
 
 
+def _row_norms(w: torch.Tensor) -> torch.Tensor:
+    """|w_j| without overflow: rows whose squares pass the dtype's range are measured again
+    divided by a power of two near their largest entry (exact, as rows.normalize_rows)."""
+    norms = torch.linalg.vector_norm(w, dim=1)
+    peak = w.abs().amax(dim=1)
+    unit = torch.where(torch.isinf(norms) & torch.isfinite(peak), torch.exp2(torch.floor(torch.log2(peak))),
+                       torch.ones_like(peak))
+    return torch.linalg.vector_norm(w / unit.unsqueeze(1), dim=1) * unit
+
+
 def _class_norms(weight: torch.Tensor, acc: torch.dtype, chunk_size: int) -> torch.Tensor:
     """|w_j| of every class in ``acc``, once per call (never a converted copy of the whole weight)."""
     if weight.dtype == acc:
-        return torch.linalg.vector_norm(weight, dim=1)
-    return torch.cat([torch.linalg.vector_norm(weight[start:start + chunk_size].to(acc), dim=1)
+        return _row_norms(weight)
+    return torch.cat([_row_norms(weight[start:start + chunk_size].to(acc))
                       for start in range(0, weight.shape[0], chunk_size)])
 
 

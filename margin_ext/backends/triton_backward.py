@@ -34,7 +34,7 @@ from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_ro
                              tuning)
 from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
-from .triton_margin import INTERFACE, margin_logits, mma
+from .triton_margin import COSINE, INTERFACE, margin_logits, mma
 
 # a partial buffer of a split GEMM stays under this many bytes
 _PARTIAL_BYTES = 64 << 20
@@ -82,7 +82,7 @@ def _logit_grads_kernel(
     row_ok = rows < B
     col_ok = cols < C
     label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
-                                            NONTARGET == INTERFACE)
+                                            NONTARGET != COSINE)
     # a target outside the chunk is no target here (it may fall in this tile's masked columns)
     label = tl.where((label >= first_class) & (label < first_class + C), label - first_class, -1)
     lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)

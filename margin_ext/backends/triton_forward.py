@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, centre_norm_blocks, max_splits,
                              num_sms, split_count, tuning)
-from .triton_margin import INTERFACE, NORM_EPS, margin_logits, mma
+from .triton_margin import COSINE, INTERFACE, NORM_EPS, margin_logits, mma
 
 
 def _forward_autotuned(table_name, width):
@@ -134,7 +134,7 @@ def _forward_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
-                                            NONTARGET == INTERFACE)
+                                            NONTARGET != COSINE)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -21,7 +21,9 @@ HALF_PI = tl.constexpr(math.pi / 2)
 SIN_EPS = tl.constexpr(_SIN_EPS)
 NORM_EPS = tl.constexpr(_NORM_EPS)
 
+COSINE = tl.constexpr(int(NonTargetKind.COSINE))
 INTERFACE = tl.constexpr(int(NonTargetKind.INTERFACE))
+CURRICULAR = tl.constexpr(int(NonTargetKind.CURRICULAR))
 
 # How the operands of a tile product reach tl.dot (chosen per weight dtype in triton_head).
 DOT_IEEE = tl.constexpr(0)  # float32 operands, exact float32 products
@@ -103,9 +105,14 @@ def margin_logits(cos, class_cos, cols, label, scale, target, target_grad, theta
                   NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr):
     """Logits of a (rows x classes) tile of cosines, dz / dc, the non-target logits / s
     (0 on the target column, whose logit carries its own dependence on the scale) and
-    the target mask. The target column takes the row's target logit and derivative."""
+    the target mask. The target column takes the row's target logit and derivative.
+    CURRICULAR reads theta_y as the row's threshold cos(theta_y + m) and mu as t."""
     if NONTARGET == INTERFACE:
         value, deriv = interface_transform(cos, theta_y, class_cos, mu, alpha, first, DYNAMIC)
+    elif NONTARGET == CURRICULAR:
+        hard = cos > theta_y[:, None]
+        value = tl.where(hard, cos * (mu + cos), cos)
+        deriv = tl.where(hard, mu + 2.0 * cos, 1.0)
     else:
         value = cos
         deriv = tl.full(cos.shape, 1.0, tl.float32)

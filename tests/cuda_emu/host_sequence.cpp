@@ -34,12 +34,12 @@ struct EmuHeadCall {
   const void* scale;     // (B,) in T (float32 on the fused path), as are the following
   const void* row_target;       // t_i, the target logit
   const void* row_target_grad;  // d_i = d t_i / d cos_y
-  const void* theta_y;        // InterFace only, else null
+  const void* theta_y;        // the kind's row value (InterFace: theta_y; CurricularFace: threshold), else null
   const void* target_centre;  // (B, D), InterFace only, else null
   const void* grad_lse;
   const void* grad_target;
   int32_t nontarget, inter_dynamic;
-  double inter_mu, inter_alpha;
+  double inter_mu, inter_alpha, curricular_t;
   // outputs, host arrays: (B,), (B,), (B, D), (C, D) in the weight's dtype, (B,)
   void* lse;
   void* target_logit;
@@ -49,7 +49,7 @@ struct EmuHeadCall {
 };
 
 NonTargetParams params_of(const EmuHeadCall& c) {
-  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0};
+  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0, c.curricular_t};
 }
 
 size_t element_size(WeightType t) {
@@ -159,11 +159,11 @@ void chunk_loop(const EmuHeadCall& c) {
   const auto w_type = static_cast<WeightType>(c.w_type);
   const size_t elem = element_size(w_type), t = sizeof(T);
   const NonTargetParams params = params_of(c);
-  const bool inter = params.kind == kInterFace;
+  const bool inter = params.kind == kInterFace, row_value = params.kind != kCosine;
   const DeviceBuffer x("x_hat", c.x, b * d * t), w("w", c.w, n_cols * d * elem), labels("labels", c.labels, b * 8);
   const DeviceBuffer scale("scale", c.scale, b * t), row_target("row_target", c.row_target, b * t);
   const DeviceBuffer row_target_grad("row_target_grad", c.row_target_grad, b * t);
-  const DeviceBuffer theta_y("theta_y", inter ? c.theta_y : c.scale, b * t);
+  const DeviceBuffer theta_y("theta_y", row_value ? c.theta_y : c.scale, b * t);
   const DeviceBuffer centre("target_centre", inter ? c.target_centre : c.x, b * d * t);
   const int64_t chunk = std::min(c.chunk, n_cols);
   const DeviceBuffer w_hat("w_hat", chunk * d * t), norms("norms", chunk * t), cos("cos", b * chunk * t);
@@ -177,7 +177,7 @@ void chunk_loop(const EmuHeadCall& c) {
     r.scale = scale.get<T>();
     r.target = row_target.get<T>();
     r.target_grad = row_target_grad.get<T>();
-    r.theta_y = inter ? theta_y.get<T>() : nullptr;
+    r.theta_y = row_value ? theta_y.get<T>() : nullptr;
     r.class_cos = inter ? class_cos.get<T>() : nullptr;
     r.params = params;
     return r;

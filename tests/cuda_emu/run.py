@@ -54,7 +54,7 @@ class EmuHeadCall(ctypes.Structure):
     _fields_ += [(n, ctypes.c_void_p) for n in ("x", "w", "labels", "scale", "row_target", "row_target_grad",
                                                  "theta_y", "target_centre", "grad_lse", "grad_target")]
     _fields_ += [(n, ctypes.c_int32) for n in ("nontarget", "inter_dynamic")]
-    _fields_ += [(n, ctypes.c_double) for n in ("inter_mu", "inter_alpha")]
+    _fields_ += [(n, ctypes.c_double) for n in ("inter_mu", "inter_alpha", "curricular_t")]
     _fields_ += [(n, ctypes.c_void_p) for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
 
 
@@ -171,7 +171,21 @@ def op_inputs(case: Case) -> dict:
     if spec.nontarget_params().kind == NonTargetKind.INTERFACE:
         inputs["theta_y"] = torch.acos(target_cos.clamp(-1, 1)).to(compute).double()
         inputs["target_centre"] = target_centre.to(compute).double()
+    if spec.nontarget_params().kind == NonTargetKind.CURRICULAR:
+        inputs["theta_y"] = spec.nontarget_row(target_cos).to(compute).double()  # the threshold
     return inputs
+
+
+# CurricularFace's running t as after some training (0 would hide the t in c (t + c))
+CURRICULAR_T = 0.25
+
+
+def nontarget_params(spec):
+    """The spec's packed non-target coefficients, with CURRICULAR_T for a running t."""
+    state = spec.initial_state()
+    if state is not None and "t" in state.state_dict():
+        state.load_state_dict({"t": CURRICULAR_T})
+    return spec.nontarget_params(state), state
 
 
 # ---- the reference ----
@@ -195,10 +209,15 @@ def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float
     n_cols = w.shape[0]
     hit = ((labels >= 0) & (labels < n_cols)).nonzero().squeeze(1)
     spec_ = SPEC_CASES[spec]
-    if inp["theta_y"] is not None:
+    params, state = nontarget_params(spec_)
+    if params.kind == NonTargetKind.INTERFACE:
         w_hat = (w / norm.clamp_min(NORM_EPS).unsqueeze(1)).detach()
         class_cos = inp["target_centre"].to(dtype) @ w_hat.T
         logits_over_s = spec_.nontarget(cos, torch.cos(inp["theta_y"].to(dtype)), class_cos)
+    elif params.kind == NonTargetKind.CURRICULAR:  # the kernels' threshold, as they receive it
+        hard = cos > inp["theta_y"].to(dtype).unsqueeze(1)
+        t = state["t"].to(dtype)
+        logits_over_s = torch.where(hard, cos * (t + cos), cos)
     else:
         logits_over_s = spec_.nontarget(cos, None, None)
     # the target column: the row's t, with dL/dcos_y through d (the kernels' inputs)
@@ -254,10 +273,12 @@ def run_emulated(lib, case: Case, inp: dict):
     out = dict(lse=torch.empty(b, dtype=compute), target_logit=torch.empty(b, dtype=compute),
                grad_x=torch.empty(b, d, dtype=compute), grad_w=torch.empty(c, d, dtype=case.dtype),
                grad_scale=torch.empty(b, dtype=compute))
-    p = SPEC_CASES[case.spec].nontarget_params()
-    mu, alpha, dynamic = p.coeffs or (0.0, 0.0, 0.0)
+    p, _ = nontarget_params(SPEC_CASES[case.spec])
+    mu, alpha, dynamic = p.coeffs if p.kind == NonTargetKind.INTERFACE else (0.0, 0.0, 0.0)
+    t = p.coeffs[0] if p.kind == NonTargetKind.CURRICULAR else 0.0
     call = EmuHeadCall(rows=b, cols=c, dim=d, w_type=WEIGHT_TYPES[case.dtype], splits=case.splits, chunk=case.chunk,
-                       nontarget=int(p.kind), inter_dynamic=int(dynamic), inter_mu=mu, inter_alpha=alpha)
+                       nontarget=int(p.kind), inter_dynamic=int(dynamic), inter_mu=mu, inter_alpha=alpha,
+                       curricular_t=t)
     for name, t in list(keep.items()) + list(out.items()):
         setattr(call, name, _pointer(t))
     error = ctypes.create_string_buffer(2048)

@@ -53,8 +53,14 @@ SPECS = OrderedDict([
     ("interface_static", mx.InterFace(dynamic=False)),
     ("intraloss", mx.IntraLoss()),
     ("intraloss_elastic_plus", mx.IntraLoss(base=mx.ElasticCosFace(plus=True), weight=0.5)),
+    ("adaface", mx.AdaFace()),
+    ("adaface_batch_stats", mx.AdaFace(h=1.0, t_alpha=1.0)),
+    ("magface", mx.MagFace()),
+    ("magface_norm_range", mx.MagFace(l_a=2.0, u_a=6.0, lambda_g=2.0)),
+    ("curricularface", mx.CurricularFace()),
 ])
-SAMPLED_SPECS = ("arcface", "sphereface_norm_scale", "elastic_arcface_plus", "interface", "intraloss")
+SAMPLED_SPECS = ("arcface", "sphereface_norm_scale", "elastic_arcface_plus", "interface", "intraloss",
+                 "adaface_batch_stats", "magface_norm_range", "curricularface")
 FP32_SPECS = ("arcface", "sphereface_norm_scale", "interface")
 
 CHECKS = OrderedDict()
@@ -362,6 +368,34 @@ def _init(ctx):
         raise AssertionError(f"init std {full.std().item()}, expected about 0.01")
 
 
+def _running_statistics(ctx, spec):
+    sizes = BATCH_SIZES[ctx.world_size]
+    head = PartialFC(DIM, NUM_CLASSES, spec, dtype=torch.float64, backend="torch", chunk_size=CHUNK)
+    single = spec.initial_state()
+    losses = []
+    for step in range(3):
+        x, y = global_batch(seed=20 + step, sizes=sizes)
+        loss, grad_x, _, _ = run_head(ctx, head, local_rows(ctx, x, sizes), local_rows(ctx, y, sizes))
+        ref = mx.margin_cross_entropy(x, head.full_weight(), y, spec, backend="torch", state=single)
+        losses.append((loss, ref))
+    head.eval()
+    x, y = global_batch(seed=23, sizes=sizes)
+    head(local_rows(ctx, x, sizes), local_rows(ctx, y, sizes))
+    every = distributed.all_gather_objects(head.margin_state.state_dict())
+    if any(other != every[0] for other in every):
+        raise AssertionError(f"the ranks' running statistics differ: {every}")
+    if every[0] != single.state_dict():
+        raise AssertionError(f"running statistics {every[0]}, single process {single.state_dict()} (eval must not "
+                             f"update them)")
+    for step, (loss, ref) in enumerate(losses):
+        assert_close(loss, ref, f"loss of step {step}", **FLOAT64_TOLERANCE)
+
+
+for _name, _spec in (("adaface", mx.AdaFace(h=1.0, t_alpha=0.5)), ("curricularface", mx.CurricularFace())):
+    check(f"running_statistics_are_the_global_batch_s_on_every_rank[{_name}]")(
+        lambda ctx, _spec=_spec: _running_statistics(ctx, _spec))
+
+
 @check("extra_state_carries_the_sampling_step")
 def _extra_state(ctx):
     head = PartialFC(DIM, NUM_CLASSES, sample_rate=0.5)
@@ -515,7 +549,8 @@ def _ddp_nested(ctx):
 def full_state(ctx, head, optimizer):
     """Everything a checkpoint must carry, put together on every rank."""
     sizes = [distributed.shard_size(head.num_classes, ctx.world_size, r) for r in range(ctx.world_size)]
-    state = {"weight": head.full_weight(), "sampling_step": head.sampling_step, "optimizer": {}}
+    state = {"weight": head.full_weight(), "sampling_step": head.sampling_step, "optimizer": {},
+             "margin_state": None if head.margin_state is None else head.margin_state.state_dict()}
     for key, value in sorted(optimizer.state[head.weight].items()):
         if isinstance(value, torch.Tensor) and value.shape == head.weight.shape:
             value = distributed.all_gather_rows(value, sizes)
@@ -528,9 +563,13 @@ def full_state(ctx, head, optimizer):
 def _heads():
     sgd_head = PartialFC(DIM, NUM_CLASSES, mx.CosFace(), sample_rate=0.5, seed=21)
     adamw_head = PartialFC(DIM, NUM_CLASSES, mx.ArcFace(), sample_rate=0.5, seed=22)
+    adaface_head = PartialFC(DIM, NUM_CLASSES, mx.AdaFace(), sample_rate=0.5, seed=23)
+    curricular_head = PartialFC(DIM, NUM_CLASSES, mx.CurricularFace(), sample_rate=0.5, seed=24)
     return {
         "sgd": (sgd_head, torch.optim.SGD(sgd_head.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)),
         "adamw": (adamw_head, torch.optim.AdamW(adamw_head.parameters(), lr=0.01, betas=(0.8, 0.95))),
+        "adaface": (adaface_head, torch.optim.SGD(adaface_head.parameters(), lr=0.5, momentum=0.9)),
+        "curricularface": (curricular_head, torch.optim.SGD(curricular_head.parameters(), lr=0.5, momentum=0.9)),
     }
 
 

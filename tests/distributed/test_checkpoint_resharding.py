@@ -6,7 +6,7 @@ import torch
 import margin_ext as mx
 from dist_checks import DIM, NUM_CLASSES, _heads
 
-KINDS = ("sgd", "adamw")
+KINDS = ("sgd", "adamw", "adaface", "curricularface")
 
 
 def assert_same_state(loaded, saved):
@@ -18,6 +18,8 @@ def assert_same_state(loaded, saved):
         assert loaded["optimizer"][key].dtype == value.dtype, key
     assert loaded["param_groups"] == saved["param_groups"]
     assert loaded["sampling_step"] == saved["sampling_step"] > 0
+    assert loaded["margin_state"] == saved["margin_state"]
+    assert saved["margin_state"] not in ({"mean": 20.0, "std": 100.0}, {"t": 0.0})  # moved while training
     assert loaded["extra"] == saved["extra"]
     assert loaded["scaler_scale"] == saved["scaler_scale"]
 
@@ -34,6 +36,7 @@ def test_saved_on_3_loads_on_1(group_of_3, group_of_1, kind):
 
 def _single_process_state(head, optimizer, extra, scaler):
     state = {"weight": head.weight.detach().clone(), "sampling_step": head.sampling_step,
+             "margin_state": None if head.margin_state is None else head.margin_state.state_dict(),
              "optimizer": {k: v.clone() for k, v in sorted(optimizer.state[head.weight].items())},
              "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
     return dict(state, extra=extra, scaler_scale=scaler.get_scale())

@@ -72,6 +72,16 @@ def test_presets(name, expected):
     assert options.batch_size == 128 and options.embedding_size == 512 and options.data == "/data/elsewhere"
 
 
+def test_adaface_webface4m_preset():
+    options = parse_args(["--config", "webface4m_adaface_r100", "--data", "/data/elsewhere"])
+    assert margin_spec(options) == mx.AdaFace(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
+    assert (options.num_classes, options.num_images, options.backbone) == (205990, 4235242, "iresnet100")
+    assert (options.lr, options.epochs, options.lr_schedule, options.lr_gamma) == (0.1, 26, "step", 0.1)
+    # the authors' milestones, epochs 12, 20 and 24 of 26
+    assert [round(float(f) * 26, 2) for f in options.lr_milestones.split(",")] == [12.0, 20.0, 24.0]
+    assert options.weight_decay == 5e-4 and options.batch_size == 512 and options.warmup_epochs == 0
+
+
 def test_bad_configs_are_named(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("learning_rate: 0.1\n")

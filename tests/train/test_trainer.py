@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+import math
 import os
 import pickle
 import socket
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import margin_ext as mx
+from margin_ext.checkpoint import load_head
 from margin_ext.train.__main__ import main
 from margin_ext.train.data import SyntheticIdentities, encode_npy, write_recordio, write_verification_bin
 from margin_ext.train.distributed_launch import setup_distributed
@@ -115,9 +117,24 @@ def test_two_nodes_of_one_process_with_gloo(tmp_path):
     (["--margin", "arcface", "--margin-arg", "easy_margin=true"], mx.ArcFace(easy_margin=True)),
     (["--margin", "intraloss", "--margin-arg", "base=cosface", "--margin-m", "0.3", "--margin-arg", "weight=0.5"],
      mx.IntraLoss(base=mx.CosFace(m=0.3), weight=0.5)),
+    (["--margin", "adaface", "--margin-m", "0.5", "--margin-arg", "h=0.25"], mx.AdaFace(m=0.5, h=0.25)),
+    (["--margin", "magface", "--margin-arg", "l_a=5", "--margin-arg", "u_m=0.9"], mx.MagFace(l_a=5.0, u_m=0.9)),
 ])
 def test_margin_options_build_the_spec(argv, expected):
     assert margin_spec(build_parser().parse_args(argv)) == expected
+
+
+@pytest.mark.parametrize("margin, spec", [("adaface", mx.AdaFace()), ("magface", mx.MagFace(l_a=1.0)),
+                                          ("curricularface", mx.CurricularFace())])
+def test_adaptive_margins_train_and_save_their_state(tmp_path, margin, spec):
+    extra = ["--margin-arg", "l_a=1"] if margin == "magface" else []
+    assert run(tmp_path, "--margin", margin, *extra, "--steps", "4", "--checkpoint-every", "4", "--no-plot") == 0
+    rows = read_csv(tmp_path / "run" / "train.csv")
+    assert rows and all(math.isfinite(float(row["loss"])) for row in rows)
+    head = mx.PartialFC(32, 20, spec)
+    load_head(str(tmp_path / "run/checkpoints/step-00000004/head"), head)
+    if head.margin_state is not None:  # the running statistics moved and came back with the checkpoint
+        assert head.margin_state.state_dict() != spec.initial_state().state_dict()
 
 
 @pytest.mark.parametrize("argv, words", [
