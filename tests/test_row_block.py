@@ -302,7 +302,8 @@ def test_learnable_scale_gets_its_gradient():
     from margin_ext.head_function import head_statistics, reduced_head_loss
     kernels = ext.load("cpp", torch.device("cpu"))
     loss = reduced_head_loss(x_hat, w, row_inputs, params, kernels, CHUNK, 1.0 / n)
-    (got,) = torch.autograd.grad(loss * 2.5, scale)
+    # t's graph from the scale is shared by both losses below
+    (got,) = torch.autograd.grad(loss * 2.5, scale, retain_graph=True)
     lse, target = head_statistics(x_hat, w, row_inputs, params, kernels, CHUNK)
     torch.testing.assert_close(loss, (lse - target).mean(), rtol=1e-12, atol=1e-12)
     (want,) = torch.autograd.grad((lse - target).mean() * 2.5, scale)
