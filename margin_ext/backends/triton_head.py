@@ -216,8 +216,8 @@ def backward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size
                                                 grad_args, scalars, (*margin_flags, dot), skip_eps, start, g)
         grad_scale += chunk_scale
         grad_features_chunk(g, weight[start:stop], grad_x, grad_dot, start > 0, feature_splits)
-        grad_weight_chunk(g, x, weight[start:stop], radial_coefficients(radial, norms[start:stop]),
-                          grad_w[start:stop], grad_dot, weight_splits)
+        grad_weight_chunk(g, x, weight[start:stop], norms[start:stop],
+                          radial_coefficients(radial, norms[start:stop]), grad_w[start:stop], grad_dot, weight_splits)
     return grad_x, grad_w, grad_scale
 
 
