@@ -50,7 +50,8 @@ TABLES = {
     "forward": {
         "16": {"hopper": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
                "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]},
-        "32": {"hopper": [(32, 64, 32, 4, 3)],
+        # sm_90 over 8 warps: over 4, ptxas held the tf32 tile to 128 registers and spilled
+        "32": {"hopper": [(32, 64, 32, 8, 3)],
                "ampere": [(32, 64, 32, 4, 3)]},
     },
     # InterFace's second product (the rows' target centres) holds a second accumulator
@@ -79,11 +80,13 @@ TABLES = {
         "32": {"hopper": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3)],
                "ampere": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3)]},
     },
+    # the epilogue holds a tile of w besides the accumulator: on sm_80 the 8-warp tiles
+    # are taller than wide (128x256 and, in float32, 128x64 spilled 8-16 B at 255 registers)
     "grad_weight": {
         "16": {"hopper": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
-               "ampere": [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4)]},
-        "32": {"hopper": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3)],
-               "ampere": [(128, 64, 32, 8, 3), (32, 64, 32, 4, 3)]},
+               "ampere": [(128, 128, 32, 4, 4), (256, 128, 32, 8, 3), (64, 128, 32, 4, 4)]},
+        "32": {"hopper": [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (32, 64, 32, 4, 3)],
+               "ampere": [(64, 128, 32, 8, 3), (32, 64, 32, 4, 3)]},
     },
 }
 
@@ -91,16 +94,19 @@ TABLES = {
 # address, so 8 warps share the tile's addresses and K chunks are 32 wide (D = 100 takes
 # 4 of them). The InterFace tiles, with their second product, and float32 tiles hold half
 # the rows; sm_80's float32 cosine tiles spilled with every pipelined config tried, so
-# they take 16-wide K chunks over 4 warps, unpipelined. One row per table: each is a
-# compile per specialization.
+# they take 16-wide K chunks over 8 warps, unpipelined (over 4, ptxas held some to 128
+# registers and spilled). InterFace's float32 cosine tiles, two accumulators and the
+# margin's acos / exp / cos / sin, hold half the classes as well. One row per table:
+# each is a compile per specialization.
 _RAGGED_16 = {"hopper": [(64, 64, 32, 8, 3)], "ampere": [(64, 64, 32, 8, 3)]}
 _RAGGED_HALF = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 32, 8, 3)]}
-_RAGGED_32_COSINES = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 16, 4, 1)]}
+_RAGGED_32_COSINES = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 16, 8, 1)]}
+_RAGGED_32_INTERFACE = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(32, 32, 16, 4, 1)]}
 RAGGED_TABLES = {
     "forward": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
-    "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_COSINES},
+    "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
     "logit_grads": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
-    "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_COSINES},
+    "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
     "grad_features": {"16": _RAGGED_16, "32": _RAGGED_HALF},
     "grad_weight": {"16": _RAGGED_16, "32": _RAGGED_HALF},
 }
@@ -137,8 +143,9 @@ def table(kernel: str, width: str, arch: str | None = None, dim: int | None = No
 UNSPECIALIZED = ("B", "B_BIN", "C_BIN", "first_class")
 
 # _centre_norms_kernel's (BLOCK_N, BLOCK_K) for D a multiple of 16 and for any other D
-# (a memory-bound pass: the narrower K chunk keeps the scalar loads' addresses in registers)
-CENTRE_NORMS = {True: (64, 128), False: (64, 32)}
+# (a memory-bound pass: the narrower K chunk keeps the scalar loads' addresses in
+# registers; 64 x 128 spilled 8 B on sm_90 once the sum was scaled)
+CENTRE_NORMS = {True: (64, 64), False: (64, 32)}
 
 
 def centre_norm_blocks(dim: int):
