@@ -27,6 +27,9 @@ constexpr double kPi = 3.14159265358979323846;
 constexpr double kSinEps = 1e-4;
 // rows.NORM_EPS, F.normalize's eps.
 constexpr double kNormEps = 1e-12;
+// The largest finite float16 and bfloat16: where a gradient converted to them saturates.
+constexpr float kFloat16Max = 65504.0f;
+constexpr float kBFloat16Max = 3.38953139e38f;
 
 // margins.NonTargetParams unpacked (make_nontarget in head_loop.h is the one
 // constructor). Doubles so that a float64 run sees the Python values unrounded.

@@ -5,16 +5,20 @@
 // walks its class tiles, folds each tile's margin logits into per-row (max, sum-exp,
 // target) statistics and writes them per split; the splits are merged afterwards in
 // split order. Backward: the classes are cut into chunks of whole tiles; each tile of a
-// chunk is recomputed once and turned into G = dL/dcos / |w_j| from the saved
-// log-sum-exp, stored for the chunk in the centres' dtype, and the two gradient products
-// read it. Only the products (x . w) differ between the devices: tensor cores on CUDA,
-// plain dot products on CPU. __host__ __device__, no torch headers.
+// chunk is recomputed once and turned into G = dL/dcos from the saved log-sum-exp, stored
+// for the chunk in the centres' dtype, and the two gradient products read it: grad_x =
+// G @ W_hat over the centres normalized as they are staged, and G^T @ x, divided by
+// max(|w_j|, eps) in float32 in grad_w's epilogue. G is bounded by the scale whatever
+// the centre's norm, so no 16-bit operand is divided by a norm (a zero centre's 1e12
+// would overflow float16). Only the products (x . w) differ between the devices: tensor
+// cores on CUDA, plain dot products on CPU. __host__ __device__, no torch headers.
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
 
 #include "margin_math.h"
+#include "norm_scale.h"
 
 namespace margin_ext {
 namespace tile {
@@ -89,6 +93,21 @@ MX_HD float round_to_tf32(float v) {
   memcpy(&v, &bits, sizeof v);
   return v;
 #endif
+}
+
+// |w| of a row of dim entries, summed in T divided by norm_scale (../norm_scale.h) as the
+// CUDA centre-norm kernels sum it: the squares of a huge row cannot overflow.
+template <typename T, typename W>
+MX_HD T row_norm(const W* w, int64_t dim) {
+  T peak = T(0);
+  for (int64_t d = 0; d < dim; ++d) peak = math::max_(peak, math::abs_(static_cast<T>(w[d])));
+  const T scale = norm_scale(peak);
+  T sum_sq = T(0);
+  for (int64_t d = 0; d < dim; ++d) {
+    const T v = static_cast<T>(w[d]) / scale;
+    sum_sq += v * v;
+  }
+  return scale * math::sqrt_(sum_sq);
 }
 
 // Column of the row's target inside the tile starting at class col0 with n_cols valid
@@ -176,16 +195,25 @@ MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& 
   return {is_target ? g.target_grad_cos : grad_z * vg.grad * row.scale, is_target ? T(0) : grad_z * vg.value};
 }
 
-// Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient, from
-// h = sum_i G_ij x_i with G_ij = dL/dcos_ij / |w_j| (so h = g_hat / |w_j|, g_hat the
-// gradient w.r.t. w_hat_j) and radial = <w_hat_j, g_hat> = sum_i dL/dcos_ij cos_ij:
-// grad_w_j = (g_hat - w_hat_j radial) / |w_j| = h - w_j radial / |w_j|^2, and h itself
-// where |w_j| <= eps (w_hat = w / eps there: no radial part).
+// The operand of w_hat_j = w_j / max(|w_j|, eps) that grad_x's product reads.
 template <typename T>
-MX_HD T weight_grad(T h, T w, T norm, T radial) {
+MX_HD T normalized(T w, T inv_norm_j) { return w * inv_norm_j; }
+
+// Backward of w_hat = w / max(|w|, eps) for one element of a class's gradient, from
+// g = sum_i dL/dcos_ij x_i (the gradient w.r.t. w_hat_j) and radial = <w_hat_j, g> =
+// sum_i dL/dcos_ij cos_ij: grad_w_j = (g - w_hat_j radial) / |w_j|, and g / eps where
+// |w_j| <= eps (w_hat = w / eps there: no radial part). w_hat is formed before the radial
+// term so that a huge centre's 1 / |w|^2 never underflows.
+template <typename T>
+MX_HD T weight_grad(T g, T w, T norm, T radial) {
   const T inv = inv_norm(norm);
-  return norm > T(kNormEps) ? h - w * (inv * inv * radial) : h;
+  return norm > T(kNormEps) ? (g - (w * inv) * radial) * inv : g * inv;
 }
+
+// v clamped to [-top, top], NaN kept: the conversion of a gradient to a storage type
+// whose largest finite value is top (margin_ext/saturate.py).
+template <typename T>
+MX_HD T saturate(T v, T top) { return math::clamp(v, -top, top); }
 
 }  // namespace tile
 }  // namespace margin_ext

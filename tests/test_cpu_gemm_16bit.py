@@ -2,8 +2,8 @@
 
 Where oneDNN packs bfloat16 / float16 for AMX the sweep runs its three products in the
 centres' dtype with float32 accumulation: x_hat
-cast once to that dtype, dL/dcos rounded to it before the gradient products, as the GPU
-kernels do. MARGIN_EXT_CPU_16BIT_GEMM=1 takes that path on any CPU (through ATen's
+cast once to that dtype, dL/dcos and the normalized centres rounded to it before the
+gradient products, as the GPU kernels do. MARGIN_EXT_CPU_16BIT_GEMM=1 takes that path on any CPU (through ATen's
 portable 16-bit GEMM where oneDNN has no kernel), which is how these tests run it here.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from margin_ext.backends import extension as ext
 from cases import SPEC_CASES, assert_low_precision_result, kernel_inputs, loss_and_grads, make_inputs, rows_to
+from cases import DEGENERATE_SPECS, assert_degenerate_centres_result, degenerate_centre_inputs
 
 pytestmark = pytest.mark.skipif(not ext.is_built(), reason="the compiled extension is not built")
 
@@ -107,3 +108,15 @@ def test_bad_setting_is_named(monkeypatch):
     monkeypatch.setenv(ENV, "yes")
     with pytest.raises(RuntimeError, match="MARGIN_EXT_CPU_16BIT_GEMM=yes"):
         ext.CPP_KERNELS.forward(x_hat, w, rows, params, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", DEGENERATE_SPECS)
+def test_zero_tiny_and_huge_centres(name, dtype, monkeypatch):
+    """Finite gradients near the reference's; a float16 zero centre's saturates: the 16-bit
+    products take dL/dcos and the normalized centres, never dL/dcos / |w_j|."""
+    monkeypatch.setenv(ENV, "1")
+    spec = SPEC_CASES[name]
+    x, w, y, w_ordinary = degenerate_centre_inputs(9, 37, 24, dtype)
+    got = loss_and_grads(x, w, y, spec, backend="cpp", chunk_size=8)
+    assert_degenerate_centres_result(got, x, w, y, spec, w_ordinary, f"{name} {dtype}")

@@ -16,6 +16,7 @@ from margin_ext.margins import TargetRow
 from margin_ext.rows import RowInputs, normalize, target_terms
 from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
+from cases import DEGENERATE_SPECS, assert_degenerate_centres_result, degenerate_centre_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -289,3 +290,15 @@ def test_cuda_at_larger_shapes(name, chunk_size):
     ref64 = reference_loss_and_grads(x, w, y, spec, torch.float64)
     ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
     assert_within_reference_error(got, ref64, ref32, f"{name} chunk {chunk_size}", logit_scale(spec, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", DEGENERATE_SPECS)
+def test_zero_tiny_and_huge_centres(name, dtype, device):
+    """Finite gradients near the reference's; a float16 zero centre's saturates. On CUDA
+    the 16-bit centres take the fused kernels, float32 the chunk loop."""
+    spec = SPEC_CASES[name]
+    x, w, y, w_ordinary = degenerate_centre_inputs(9, 37, 24, dtype)
+    got = cpu(loss_and_grads(*on(device, x, w, y), spec, backend=BACKEND[device], chunk_size=8))
+    assert_degenerate_centres_result(got, x, w, y, spec, w_ordinary, f"{name} {dtype}")

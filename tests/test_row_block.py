@@ -18,6 +18,7 @@ from margin_ext.margins import TargetRow
 from margin_ext.rows import RowInputs, normalize, target_terms
 from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
+from cases import DEGENERATE_SPECS, assert_degenerate_centres_result, degenerate_centre_inputs
 
 # C = 37 classes in chunks of 8 (the last one partial), B = 9 rows, labels on both sides
 # of every chunk boundary; row 8 ignored (label -1 at the op level).
@@ -376,3 +377,18 @@ def test_the_bench_cpp_head_takes_the_one_op():
     with OpLog() as log:
         step()
     assert log.calls == [("head_forward_backward", ROWS)]
+
+
+@pytest.mark.parametrize("plan", ["one_block", "blocks_4_4_1"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", DEGENERATE_SPECS)
+def test_zero_tiny_and_huge_centres(name, dtype, plan, monkeypatch):
+    """Finite gradients near the reference's; a float16 zero centre's saturates (16-bit
+    products off: the op converts the centres, one block or the op pair)."""
+    monkeypatch.setenv("MARGIN_EXT_CPU_16BIT_GEMM", "0")
+    spec = SPEC_CASES[name]
+    plan.use(torch.float32)
+    x, w, y, w_ordinary = degenerate_centre_inputs(ROWS, CLASSES, DIM, dtype)
+    got, calls = cpp_loss_and_grads(x, w, y, spec)
+    assert calls == [("head_forward_backward", plan.rows(ROWS, spec, converts=dtype != torch.float32))], calls
+    assert_degenerate_centres_result(got, x, w, y, spec, w_ordinary, f"{name} {dtype}")

@@ -19,6 +19,7 @@ from margin_ext.rows import RowInputs
 from cases import (SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads, round_to_tf32,
                    tf32_matmuls, tf32_reference_loss_and_grads)
+from cases import DEGENERATE_SPECS, assert_degenerate_centres_result, degenerate_centre_inputs
 
 # C = 37 in tiles of 8: 5 class tiles, the last one 5 classes wide; 3 splits own tiles
 # {0, 1}, {2, 3}, {4}; backward chunks of 16 classes: [0, 16), [16, 32), [32, 37), the
@@ -73,7 +74,8 @@ def test_grids_match_reference(name, grid, monkeypatch):
 @pytest.mark.parametrize("name", SPEC_CASES)
 def test_low_precision_within_reference_error(name, dtype, monkeypatch):
     """float32 accumulation over 16-bit operands (the features cast once to the
-    weight's dtype, dL/dcos / |w_j| stored in it for the gradient products), over three
+    weight's dtype, dL/dcos stored in it and the centres normalized in it for the
+    gradient products), over three
     backward chunks: within the 16-bit reference's own error. The inputs of the Triton backend's test, which rounds
     the same operands: with one loss value per case, the reference's own loss error can
     be far below its typical size by cancellation (D = 16, seed 2: bfloat16 loss error
@@ -144,7 +146,7 @@ def test_tf32_forward_rounds_the_features_like_cvt_rna(name):
 @pytest.mark.parametrize("name", SPEC_CASES)
 def test_tf32_within_the_tf32_reference_error(name, monkeypatch):
     """float32 weights with every product operand rounded to TF32 (the features, the
-    centres and dL/dcos / |w_j|), float32 accumulation, over four backward chunks (the
+    centres, the normalized centres and dL/dcos), float32 accumulation, over four backward chunks (the
     last one partial, ending mid-tile): within the error of the float32 reference whose
     own three products run in TF32. 40 x 200 so that the largest errors are typical ones
     (at 9 x 37 a few amplified elements decide them, and the two roundings' draws differ
@@ -264,3 +266,17 @@ def test_cuda_tf32_kernels_match_the_cpu_tile_run(name, shape):
             magnitude = max(b.double().abs().max().item(), 1.0)
             tolerance = 16 * eps * magnitude * (1 if tf32 else dim)  # exact float32: summation order over D
             assert (a.cpu().double() - b.double()).abs().max().item() <= tolerance, (what, tf32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", DEGENERATE_SPECS)
+def test_zero_tiny_and_huge_centres(name, dtype, monkeypatch):
+    """Finite gradients near the reference's; a float16 zero centre's saturates: dL/dcos
+    is what G stores, the norms divide in float32. (The TF32 kernels' degenerate centres
+    run under the CUDA emulator, tests/cuda_emu/run.py: per row, TF32's rounding draws
+    differ by more than 2x between two roundings of the same products.)"""
+    spec = SPEC_CASES[name]
+    x, w, y, w_ordinary = degenerate_centre_inputs(9, 37, 24, dtype)
+    with_tiles(monkeypatch, 4, 8, 3, 16)
+    got = loss_and_grads(x, w, y, spec, backend="cpp")
+    assert_degenerate_centres_result(got, x, w, y, spec, w_ordinary, f"{name} {dtype}")

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "../head_loop.h"
+#include "../tile_loop.h"
 #include "gemm_16bit.h"
 #include "head_sweep.h"
 #include "row_kernels.h"
@@ -116,14 +117,19 @@ struct ClassSweep {
 
   void class_norms() {
     norm = at::empty({classes}, in.x_hat.options());
-    T* sq = norm.template data_ptr<T>();
+    T* np = norm.template data_ptr<T>();
     for (int64_t start = 0; start < classes; start += chunk) {
       const int64_t n = std::min(chunk, classes - start);
       const at::Tensor w = centres(start, n);
       const T* wp = w.template data_ptr<T>();
-      at::parallel_for(0, n, grain_for(dim), [&](int64_t b, int64_t e) { kernels.sum_squares(wp, b, e, dim, sq + start); });
+      at::parallel_for(0, n, grain_for(dim), [&](int64_t b, int64_t e) {
+        kernels.sum_squares(wp, b, e, dim, np + start);
+        for (int64_t k = b; k < e; ++k) {
+          // squares past T's range: the scalar norm that sums them scaled
+          np[start + k] = isinf(np[start + k]) ? tile::row_norm<T>(wp + k * dim, dim) : math::sqrt_(np[start + k]);
+        }
+      });
     }
-    norm.sqrt_();
     // a reciprocal times the GEMM output stands for the division of w / max(|w|, eps)
     inv_norm = norm.clamp_min(kNormEps).reciprocal_();
   }
@@ -211,14 +217,27 @@ struct ClassSweep {
     const T* inv = inv_norm.template data_ptr<T>() + start;
     const T* norms = norm.template data_ptr<T>() + start;
     at::parallel_for(0, n, grain_for(dim), [&](int64_t b, int64_t e) { kernels.weight_grad(hp, wp, inv, norms, b, e, dim, op); });
-    if (converts) out.copy_(h);  // rounded once, into the weight's dtype
+    if (converts) out.copy_(saturated(h, out.scalar_type()));  // rounded once, into the weight's dtype
+  }
+
+  // t clamped to the range of dtype (16 bits), in place: a gradient beyond it converts to
+  // the largest finite value, not inf (margin_ext/saturate.py).
+  static const at::Tensor& saturated(const at::Tensor& t, at::ScalarType dtype) {
+    double top = 0;
+    if (dtype == at::kHalf) top = kFloat16Max;
+    if (dtype == at::kBFloat16) top = kBFloat16Max;
+    if (top > 0) t.clamp_(-top, top);
+    return t;
   }
 
   // A chunk's gradient products when G covers every row of the batch: grad_x += G @ W,
   // then H = G^T @ x_hat, complete, into grad_weight's rows through the normalization
   // backward. h_buffer: (chunk x D) scratch in T.
-  // With 16-bit products, G is rounded once to the centres' dtype (as the GPU kernels
-  // do) and H is formed transposed, H^T = x_hat^T G, so that both operands stay row-major.
+  // With 16-bit products, as the GPU kernels do: G * |w_j| = dL/dcos is rounded once to
+  // the centres' dtype (G itself, up to 1e12 dL/dcos for a zero centre, would overflow
+  // float16) and multiplies the normalized centres, rounded to it; H is formed transposed,
+  // H^T = x_hat^T (G |w_j|), so that both operands stay row-major, and scaled by inv_norm
+  // in T. w is g's chunk [start, start + n) of the centres, in T.
   void chunk_gradients(const at::Tensor& g, const at::Tensor& w, int64_t start, int64_t n, at::Tensor& grad_x,
                        const at::Tensor& h_buffer, at::Tensor& grad_w) {
     at::Tensor h = view(h_buffer, n, dim);
@@ -228,12 +247,15 @@ struct ClassSweep {
         ht = at::empty({dim * chunk}, in.x_hat.options());
         x16t = x16.t().contiguous();
       }
+      const at::Tensor inv = inv_norm.narrow(0, start, n);
       at::Tensor g_product = view(g16, g.size(0), n);
-      g_product.copy_(g);
-      gemm_16bit(g_product, in.weight.narrow(0, start, n), grad_x, /*accumulate=*/true);
+      g_product.copy_(saturated(g.div_(inv), g_product.scalar_type()));  // G is not read again
+      at::Tensor w_hat = view(wt16, n, dim);  // the cosines' buffer, free until the next chunk
+      w_hat.copy_(w.mul(inv.unsqueeze(1)));
+      gemm_16bit(g_product, w_hat, grad_x, /*accumulate=*/true);
       at::Tensor h_transposed = view(ht, dim, n);
       gemm_16bit(x16t, g_product, h_transposed, /*accumulate=*/false);
-      h.copy_(h_transposed.t());
+      h.copy_(h_transposed.t()).mul_(inv.unsqueeze(1));
     } else {
       grad_x.addmm_(g, w);
       at::mm_out(h, g.t(), in.x_hat);

@@ -247,9 +247,10 @@ void weight_grad(const T* h, const T* w, const T* inv_norm, const T* norm, int64
     over_columns<T>(0, dim, [&](int64_t d, int64_t count) {
       dot = at::vec::fmadd(V::loadu(wk + d, count), V::loadu(hk + d, count), dot);
     });
-    const V coef(inv_norm[k] * inv_norm[k] * reduce_sum(dot));
+    // h - w |w|^-2 <w, h> as h - w_hat (<w, h> / |w|): a huge centre's |w|^-2 would underflow
+    const V inv(inv_norm[k]), coef(inv_norm[k] * reduce_sum(dot));
     over_columns<T>(0, dim, [&](int64_t d, int64_t count) {
-      (V::loadu(hk + d, count) - V::loadu(wk + d, count) * coef).store(ok + d, count);
+      (V::loadu(hk + d, count) - V::loadu(wk + d, count) * inv * coef).store(ok + d, count);
     });
   }
 }

@@ -3,14 +3,15 @@
 // The same blocks in the same order as cuda/fused_head.cu and the same tile logic
 // (../tile_loop.h). Forward: (row tile, class split) blocks, the splits merged in order.
 // Backward, per chunk of classes: each tile recomputed once into the chunk's G buffer
-// (dL/dcos / |w_j| rounded to the weight's dtype) and the partials (grad_scale per (class
-// tile, row), the radial terms per (row tile, class)); grad_x += G @ W_chunk; grad_w from
-// G^T @ x with the radial terms summed in row-tile order; grad_scale from its partials in
-// class-tile order. Only the products differ: the tensor-core MMA is a plain dot product
-// here, over the same operands (the features cast once to the weight's dtype, G as
-// stored; with tf32, every product operand rounded by tile::round_to_tf32 as the TF32
-// kernels stage it), accumulated in the compute type. Serial: it exists to test the tile
-// loop, not to be fast.
+// (dL/dcos rounded to the weight's dtype) and the partials (grad_scale per (class tile,
+// row), the radial terms per (row tile, class)); grad_x += G @ W_hat_chunk (the centres
+// normalized and rounded to their dtype as the kernel stages them); grad_w from G^T @ x
+// with the radial terms summed in row-tile order, saturated into the weight's dtype;
+// grad_scale from its partials in class-tile order. Only the products differ: the
+// tensor-core MMA is a plain dot product here, over the same operands (the features cast
+// once to the weight's dtype, G as stored; with tf32, every product operand rounded by
+// tile::round_to_tf32 as the TF32 kernels stage it), accumulated in the compute type.
+// Serial: it exists to test the tile loop, not to be fast.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../head_loop.h"
@@ -27,11 +29,10 @@
 namespace margin_ext {
 namespace {
 
-template <typename T, typename W>
-T dot(const W* a, const W* b, int64_t dim) {
-  T acc = T(0);
-  for (int64_t d = 0; d < dim; ++d) acc += static_cast<T>(a[d]) * static_cast<T>(b[d]);
-  return acc;
+// v converted to W, saturated: beyond W's range, its largest finite value.
+template <typename W, typename T>
+W saturate_to(T v) {
+  return static_cast<W>(tile::saturate(v, static_cast<T>(std::numeric_limits<W>::max())));
 }
 
 // The operands and per-row inputs of one call, as raw pointers.
@@ -57,6 +58,10 @@ struct TileProblem {
   // A product operand: as stored, or rounded to TF32 (float32 centres on TF32 tensor cores).
   T operand(W v) const {
     return tf32 ? static_cast<T>(tile::round_to_tf32(static_cast<float>(v))) : static_cast<T>(v);
+  }
+  // The operand of w_hat = w * inv_norm in grad_x's product: scaled in T, rounded to W.
+  T normalized_operand(W w, T inv_norm) const {
+    return operand(static_cast<W>(tile::normalized(static_cast<T>(w), inv_norm)));
   }
   T dot_operands(const W* a, const W* b) const {
     T acc = T(0);
@@ -84,7 +89,7 @@ TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, cons
   p.w = static_cast<const W*>(in.weight.data_ptr());
   p.centre = centre_w.defined() ? static_cast<const W*>(centre_w.data_ptr()) : nullptr;
   p.norms.resize(p.grid.cols);
-  for (int64_t j = 0; j < p.grid.cols; ++j) p.norms[j] = math::sqrt_(dot<T>(p.w + j * p.dim, p.w + j * p.dim, p.dim));
+  for (int64_t j = 0; j < p.grid.cols; ++j) p.norms[j] = tile::row_norm<T>(p.w + j * p.dim, p.dim);
   p.labels = in.labels.data_ptr<int64_t>();
   p.scale = in.row<T>(kScale);
   p.target = in.row<T>(kTarget);
@@ -169,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
           const tile::RowGrads<T> rg = tile::row_grads(p.row(i), lse[i], grad_lse[i], grad_target[i]);
           T scale_part = T(0);
           for (int c = 0; c < tn; ++c) {
-            T scaled = T(0);  // zero past C: the products read whole tiles
+            T grad = T(0);  // zero past C: the products read whole tiles
             if (c < n_cols) {
               const int64_t j = col0 + c;
               const T inv = tile::inv_norm(p.norms[j]);
@@ -178,24 +183,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
                                                             p.params);
               scale_part += cg.grad_scale;
               radial[c] += cg.grad_cos * cos;
-              scaled = cg.grad_cos * inv;
+              grad = cg.grad_cos;
             }
-            grad_cos[i * capacity + ct * tn + c] = static_cast<W>(scaled);
+            grad_cos[i * capacity + ct * tn + c] = saturate_to<W>(grad);
           }
           scale_parts[ct * rows + i] = scale_part;
         }
       }
     }
-    // fused_grad_features_kernel: per row tile, grad_x (+)= G @ W over the chunk's class tiles
+    // fused_grad_features_kernel: per row tile, grad_x (+)= G @ W_hat over the chunk's class tiles
     for (int64_t rt = 0; rt < g.row_tiles(); ++rt) {
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t ct = 0; ct < tiles; ++ct) {
         for (int r = 0; r < g.rows_in(rt); ++r) {
           const int64_t i = rt * g.tile_m + r;
           for (int c = 0; c < g.cols_in((start + ct * tn) / tn); ++c) {
+            const int64_t j = start + ct * tn + c;
             const T a = p.operand(grad_cos[i * capacity + ct * tn + c]);
-            const W* w_j = p.w + (start + ct * tn + c) * dim;
-            for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] += a * p.operand(w_j[d]);
+            const T inv = tile::inv_norm(p.norms[j]);
+            const W* w_j = p.w + j * dim;
+            for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] += a * p.normalized_operand(w_j[d], inv);
           }
         }
       }
@@ -223,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
         T radial = T(0);
         for (int64_t rt = 0; rt < g.row_tiles(); ++rt) radial += radial_parts[rt * capacity + ct * tn + c];
         for (int64_t d = 0; d < dim; ++d) {
-          gw[j * dim + d] = static_cast<W>(
+          gw[j * dim + d] = saturate_to<W>(
               tile::weight_grad(acc[c * dim + d], static_cast<T>(p.w[j * dim + d]), p.norms[j], radial));
         }
       }

@@ -98,9 +98,13 @@ struct Operand16 {
   }
 };
 
+// float32 -> 16 bits saturates (tile::saturate): a gradient beyond the range becomes the
+// largest finite value, never inf.
 template <>
 struct Operand<__nv_bfloat16> : Operand16 {
-  __device__ static uint16_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16(v)); }
+  __device__ static uint16_t bits(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16(tile::saturate(v, kBFloat16Max)));
+  }
   __device__ static float value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     MX_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32", c, a, b);
@@ -109,7 +113,7 @@ struct Operand<__nv_bfloat16> : Operand16 {
 
 template <>
 struct Operand<__half> : Operand16 {
-  __device__ static uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ static uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(tile::saturate(v, kFloat16Max))); }
   __device__ static float value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     MX_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32", c, a, b);
@@ -173,12 +177,31 @@ constexpr int kPad = 16 / static_cast<int>(sizeof(Storage<W>));
 template <typename W>
 constexpr int kPartTiles = Operand<W>::kDPart / 2 / 8;
 
+// The staged operand of w_hat = w * inv_norm (tile::normalized): scaled in float32,
+// rounded once to W's operand.
+template <typename W>
+__device__ __forceinline__ Storage<W> normalized(Storage<W> v, float inv_norm) {
+  return Operand<W>::staged(Operand<W>::bits(tile::normalized(Operand<W>::value(v), inv_norm)));
+}
+template <typename W>
+__device__ __forceinline__ uint4 normalized(uint4 v, float inv_norm) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(Storage<W>));
+  Storage<W> e[kVec];
+  memcpy(e, &v, sizeof v);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) e[i] = normalized<W>(e[i], inv_norm);
+  memcpy(&v, e, sizeof v);
+  return v;
+}
+
 // dst[r][c] = staged src[(row0 + r) * dim + k0 + c] for r < kRows, c < cols (a multiple
 // of 8); zero past n_rows or dim: the B and C edges and the padded D. vec: dim % 8 == 0
-// and src 16-byte aligned, so 16 bytes move per load.
+// and src 16-byte aligned, so 16 bytes move per load. With norms (rows of centres),
+// row r is normalized by 1 / max(norms[row0 + r], eps) as it is staged.
 template <typename W, int kRows, int kThreads>
 __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storage<W>* __restrict__ src, int64_t row0,
-                                           int64_t n_rows, int64_t dim, int64_t k0, int cols, bool vec) {
+                                           int64_t n_rows, int64_t dim, int64_t k0, int cols, bool vec,
+                                           const float* __restrict__ norms = nullptr) {
   if (vec) {
     constexpr int kVec = 16 / static_cast<int>(sizeof(Storage<W>));
     const int per_row = cols / kVec;
@@ -186,14 +209,21 @@ __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storag
       const int r = idx / per_row, c = (idx % per_row) * kVec;
       const int64_t row = row0 + r, k = k0 + c;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (row < n_rows && k < dim) v = Operand<W>::staged(__ldg(reinterpret_cast<const uint4*>(src + row * dim + k)));
+      if (row < n_rows && k < dim) {
+        v = __ldg(reinterpret_cast<const uint4*>(src + row * dim + k));
+        v = norms ? normalized<W>(v, tile::inv_norm(norms[row])) : Operand<W>::staged(v);
+      }
       *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
     }
   } else {
     for (int idx = threadIdx.x; idx < kRows * cols; idx += kThreads) {
       const int r = idx / cols, c = idx % cols;
       const int64_t row = row0 + r, k = k0 + c;
-      dst[r * ld + c] = (row < n_rows && k < dim) ? Operand<W>::staged(src[row * dim + k]) : Storage<W>(0);
+      Storage<W> v(0);
+      if (row < n_rows && k < dim) {
+        v = norms ? normalized<W>(src[row * dim + k], tile::inv_norm(norms[row])) : Operand<W>::staged(src[row * dim + k]);
+      }
+      dst[r * ld + c] = v;
     }
   }
 }
@@ -375,7 +405,7 @@ __device__ __forceinline__ int part_tiles(int64_t dim, int64_t d0) {
   return n < 0 ? 0 : (n > kPartTiles<W> ? kPartTiles<W> : static_cast<int>(n));
 }
 
-// One tile of the chunk, recomputed once: G = dL/dcos / |w_j| in W into the chunk's
+// One tile of the chunk, recomputed once: G = dL/dcos in W into the chunk's
 // buffer, grad_scale's share per (class tile, row) and sum_i dL/dcos_ij cos_ij per
 // (row tile, class). Blocks: (class tile of the chunk, row tile).
 template <typename W>
@@ -423,15 +453,15 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
       const float inv = column_inv_norm(h, col0, c, n_cols);
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi) {
-        float scaled = 0.f;  // zero past C and B: the products read whole tiles
+        float grad = 0.f;  // zero past C and B: the products read whole tiles
         if (c < n_cols && row0 + wm * 16 + lane / 4 + 8 * hi < h.rows) {
           const float cos = acc[nt][2 * hi + e] * inv;
           const tile::CosGrad<float> cg = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], kCosineOnly);
           grad_scale[hi] += cg.grad_scale;
           radial[e] += cg.grad_cos * cos;
-          scaled = cg.grad_cos * inv;
+          grad = cg.grad_cos;
         }
-        bits[hi][e] = Operand<W>::bits(scaled);
+        bits[hi][e] = Operand<W>::bits(grad);
       }
     }
     const int c0 = wn * 32 + nt * 8 + 2 * t;
@@ -467,8 +497,9 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
   }
 }
 
-// grad_x (+)= G @ W over the chunk's classes: one block per (row tile, D part) walking
-// the chunk's class tiles; each grad_x element has this block as its only writer.
+// grad_x (+)= G @ W_hat over the chunk's classes, the centres normalized as they are
+// staged: one block per (row tile, D part) walking the chunk's class tiles; each grad_x
+// element has this block as its only writer.
 template <typename W>
 __global__ void __launch_bounds__(kBackwardThreads)
 fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_g, bool accumulate,
@@ -477,7 +508,7 @@ fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_
   constexpr int kDPart = Operand<W>::kDPart;
   constexpr int ld_g = kBN + kPad<W>, ld_w = kDPart + kPad<W>;
   __shared__ __align__(16) S gs[kBM * ld_g];  // G tile, rows x classes: A
-  __shared__ __align__(16) S ws[kBN * ld_w];  // centres, classes x D part: B
+  __shared__ __align__(16) S ws[kBN * ld_w];  // normalized centres, classes x D part: B
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
   const int wm = warp % 4, wn = warp / 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -490,7 +521,7 @@ fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_
     __syncthreads();  // the previous tile's reads of gs and ws are done
     stage_rows<W, kBM, kBackwardThreads>(gs, ld_g, grad_cos, row0, h.rows, chunk.capacity, ct * kBN, kBN, vec_g);
     stage_rows<W, kBN, kBackwardThreads>(ws, ld_w, w, chunk.start + ct * kBN, h.cols, h.dim,
-                                      static_cast<int64_t>(blockIdx.y) * kDPart, kDPart, vec);
+                                      static_cast<int64_t>(blockIdx.y) * kDPart, kDPart, vec, h.norms);
     __syncthreads();
     gradient_step<W, false>(out, gs, ld_g, wm * 16, ws, ld_w, wn * (kDPart / 2), n_tiles, lane);
   }
@@ -512,8 +543,8 @@ fused_grad_features_kernel(FusedHead h, BackwardChunk chunk, bool vec, bool vec_
 }
 
 // grad_w of one class tile and D part: H = G^T @ x walking every row tile, the
-// normalization backward with the radial terms summed in row-tile order, written once
-// in W. Launch bounds of two blocks per SM: at most 128 registers, which the 16-bit
+// normalization backward (its 1 / |w_j| in float32) with the radial terms summed in
+// row-tile order, written once in W, saturated. Launch bounds of two blocks per SM: at most 128 registers, which the 16-bit
 // instantiations fill; without them ptxas caps the float32 one at 64, which spills on sm_80.
 template <typename W>
 __global__ void __launch_bounds__(kBackwardThreads, 2)

@@ -80,7 +80,7 @@ struct BackwardChunk {
   int64_t start;
   int64_t cols;
   int64_t capacity;
-  void* grad_cos;      // (B, capacity) G = dL/dcos / |w_j| in the weight's dtype
+  void* grad_cos;      // (B, capacity) G = dL/dcos in the weight's dtype
   float* scale_parts;  // (capacity / kFusedCols, B) grad_scale per (class tile, row)
   float* radial_parts;  // (row tiles, capacity) sum_i dL/dcos_ij cos_ij per (row tile, class)
 };

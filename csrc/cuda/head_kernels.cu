@@ -31,13 +31,17 @@ template <> struct StoreAs<float> {
 template <> struct StoreAs<double> {
   template <typename T> __device__ static double cast(T v) { return static_cast<double>(v); }
 };
+// 16 bits saturate: a gradient beyond the range becomes the largest finite value
+// (margin_ext/saturate.py), never inf.
 template <> struct StoreAs<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 cast(float v) { return __float2bfloat16(v); }
-  __device__ static __nv_bfloat16 cast(double v) { return __double2bfloat16(v); }
+  __device__ static __nv_bfloat16 cast(float v) { return __float2bfloat16(math::clamp(v, -kBFloat16Max, kBFloat16Max)); }
+  __device__ static __nv_bfloat16 cast(double v) {
+    return __double2bfloat16(math::clamp(v, -double(kBFloat16Max), double(kBFloat16Max)));
+  }
 };
 template <> struct StoreAs<__half> {
-  __device__ static __half cast(float v) { return __float2half(v); }
-  __device__ static __half cast(double v) { return __double2half(v); }
+  __device__ static __half cast(float v) { return __float2half(math::clamp(v, -kFloat16Max, kFloat16Max)); }
+  __device__ static __half cast(double v) { return __double2half(math::clamp(v, -double(kFloat16Max), double(kFloat16Max))); }
 };
 
 template <typename T>

@@ -11,10 +11,14 @@ differentiates the readable margin formulas of margins.py by autograd.
 
 Bound of each output: 2 x the reference's own error in that dtype -- the float64
 reference against the same reference with its operands rounded as the kernels round
-them (x_hat cast to the centres' 16-bit dtype, or x and w to TF32; dL/dcos / |w_j|
-stored in the centres' dtype, or rounded to TF32, before the gradient products; grad_w
-stored in the centres' dtype; the chunk loop: the reference in float32) -- plus a
-float32 floor of 4 ulps of the logit scale (tests/cases.py's rule).
+them (x_hat cast to the centres' 16-bit dtype, or x and w to TF32; dL/dcos stored in the
+centres' dtype, or rounded to TF32, and the centres normalized and rounded so for grad_x's
+product; grad_w stored in the centres' dtype, saturated; the chunk loop: the reference
+in float32) -- plus a float32 floor of 4 ulps of the logit scale (tests/cases.py's rule).
+The degenerate cases put zero, tiny, subnormal and huge rows among the centres
+(tests/cases.py's DEGENERATE_CENTRES); the float64 reference's weight gradient is
+saturated into the centres' dtype there (a zero centre's g / 1e-12 is past float16's
+range: margin_ext/saturate.py).
 
 With --permuted, every case runs again with the blocks and the threads of each block in
 another order (reversed, or shuffled, case by case) and the buffers against the guard
@@ -42,6 +46,8 @@ from build_emulated import build  # noqa: E402
 from cases import SPEC_CASES, make_inputs, round_to_tf32  # noqa: E402
 from margin_ext.margins import NonTargetKind, TargetRow  # noqa: E402
 from margin_ext.rows import NORM_EPS, normalize, target_terms  # noqa: E402
+from cases import DEGENERATE_CENTRES, with_degenerate_centres  # noqa: E402
+from margin_ext.saturate import saturate  # noqa: E402
 
 WEIGHT_TYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -70,7 +76,7 @@ class Case:
     chunk: int = 0     # fused: backward workspace bytes (0: the kernels' budget); chunk loop: classes per chunk
     compute: torch.dtype = torch.float32  # the chunk loop's compute dtype
     seed: int = 0
-    odd_centres: bool = False  # centres 2, 3, 4: zero, tiny (1e-30), huge; rows 2, 3, 4 their targets
+    degenerate: bool = False  # zero, tiny, subnormal and huge centres, each some row's target
 
     @property
     def name(self) -> str:
@@ -80,7 +86,7 @@ class Case:
             kind += "/f64"
         return (f"{self.path} {kind} {self.spec} B={self.rows} C={self.cols} D={self.dim}"
                 f"{f' splits={self.splits}' if self.splits else ''}{f' chunk={self.chunk}' if self.chunk else ''}"
-                f"{' zero/tiny/huge centres' if self.odd_centres else ''}")
+                f"{' degenerate centres' if self.degenerate else ''}")
 
 
 # Workspace bytes that hold one class tile of G for B rows: chunks of 64 classes.
@@ -112,11 +118,6 @@ def cases(quick: bool = False) -> list[Case]:
         for spec in (COSINE_SPECS if not quick else COSINE_SPECS[:3]):
             if spec not in FEW_SPECS:
                 out.append(Case("fused", dtype, spec, 70, 130, 72, seed=1))
-    # centres of zero, tiny and huge norm, targets of some rows
-    for dtype in (torch.bfloat16, torch.float32):
-        out.append(Case("fused", dtype, "arcface", 70, 130, 72, seed=6, odd_centres=True))
-    for dtype in (torch.float32, torch.bfloat16):
-        out.append(Case("chunk", dtype, "arcface", 9, 37, 24, chunk=16, seed=6, odd_centres=True))
     # the chunk loop: every spec, InterFace included, over chunks ending mid-way
     for spec in (SPEC_CASES if not quick else ["arcface", "interface"]):
         out.append(Case("chunk", torch.float32, spec, 9, 37, 24, chunk=16, seed=2))
@@ -125,6 +126,14 @@ def cases(quick: bool = False) -> list[Case]:
     for spec in ("interface", "arcface", "sphereface_norm_scale"):
         out.append(Case("chunk", torch.float64, spec, 9, 37, 24, chunk=16, compute=torch.float64, seed=4))
         out.append(Case("chunk", torch.bfloat16, spec, 9, 37, 24, chunk=16, seed=5))
+    # zero, tiny, subnormal and huge centres (zero-initialised or padded classes, the dtype's
+    # extremes), targets of some rows: every fused dtype, the chunk loop's 16 bits and float32
+    for dtype in fused_dtypes:
+        out.append(Case("fused", dtype, "arcface", 70, 130, 72, seed=6, degenerate=True))
+    for spec in (("arcface", "cosface") if not quick else ("arcface",)):
+        for dtype in fused_dtypes:
+            out.append(Case("fused", dtype, spec, 9, 37, 24, seed=6, degenerate=True))
+            out.append(Case("chunk", dtype, spec, 9, 37, 24, chunk=16, seed=6, degenerate=True))
     return out
 
 
@@ -139,19 +148,16 @@ def op_inputs(case: Case) -> dict:
     for i, label in enumerate([case.cols - 1, 0, 63, 64, case.cols - 2]):
         if i < case.rows and label < case.cols:
             labels[i] = label
+    if case.degenerate:
+        labels[2:2 + len(DEGENERATE_CENTRES)] = torch.tensor(list(DEGENERATE_CENTRES.values()))
     x, w, labels = make_inputs(case.rows, case.cols, case.dim, torch.float64, seed=case.seed, labels=labels)
-    if case.odd_centres:  # zero-initialised or padded classes, and the dtype's extremes
-        huge = 3e4 if case.dtype == torch.float16 else 1e20
-        for j, value in ((2, 0.0), (3, 1e-30), (4, huge)):
-            w[j] = value * w[j] / w[j].abs().max()
-            labels[j] = j
     # ignored rows (-1) and rows whose target is another shard's class (>= C)
     if case.rows > 2:
         labels[1] = -1
         labels[case.rows // 2] = case.cols + 3
     compute = case.compute
     x_hat = normalize(x).to(compute).double()  # the op receives float32 x_hat (float64 in f64 runs)
-    w_stored = w.to(case.dtype)
+    w_stored = with_degenerate_centres(w, case.dtype) if case.degenerate else w.to(case.dtype)
     w_values = w_stored.double()
     has_target = (labels >= 0) & (labels < case.cols)
     target_centre = torch.zeros_like(x_hat)
@@ -237,22 +243,23 @@ def rounded_reference(case: Case, inp: dict):
         if case.compute == torch.float64:
             return None
         ref32 = reference(case.spec, inp, dtype=torch.float32)[0]
-        ref32[3] = ref32[3].to(case.dtype)  # grad_w stored in the centres' dtype
+        ref32[3] = saturate(ref32[3], case.dtype)  # grad_w stored in the centres' dtype
         return ref32
     w = inp["w"].double()
     if case.dtype == torch.float32:  # TF32 products
         x_p, w_p = round_to_tf32(inp["x_hat"]).double(), round_to_tf32(w).double()
-        round_g = lambda t: round_to_tf32(t).double()  # noqa: E731
+        round_op = lambda t: round_to_tf32(t.float()).double()  # noqa: E731
     else:
         x_p, w_p = inp["x_hat"].to(case.dtype).double(), w
-        round_g = lambda t: t.float().to(case.dtype).double()  # noqa: E731
+        round_op = lambda t: saturate(t.float(), case.dtype).double()  # noqa: E731
     (lse, target, _, _, grad_scale), gcos, cos, norm = reference(case.spec, inp, x_p, w_p)
-    g = round_g(gcos / norm.clamp_min(NORM_EPS))
-    grad_x = g @ w_p
+    inv = 1 / norm.float().clamp_min(NORM_EPS).unsqueeze(1)  # the kernels' float32 norms
+    g = round_op(gcos)
+    grad_x = g @ round_op(inp["w"].float() * inv)  # the centres normalized as staged
     h = g.T @ x_p
-    radial = (gcos * cos).sum(dim=0)
-    grad_w = torch.where((norm > NORM_EPS).unsqueeze(1), h - w * (radial / norm.square()).unsqueeze(1), h)
-    return [lse, target, grad_x, grad_w.to(case.dtype).double(), grad_scale]
+    radial = torch.where(norm > NORM_EPS, (gcos * cos).sum(dim=0), 0).unsqueeze(1)
+    grad_w = (h - w * inv.double() * radial) * inv.double()
+    return [lse, target, grad_x, saturate(grad_w, case.dtype).double(), grad_scale]
 
 
 # ---- running a case ----
@@ -355,6 +362,7 @@ def main() -> int:
             failures = [f"emulator: {got}"]
         else:
             ref64 = reference(case.spec, inp)[0]
+            ref64[3] = saturate(ref64[3], case.dtype).double()  # grad_w as the centres' dtype holds it
             failures, report = compare(case, got, ref64, rounded_reference(case, inp), scale)
             kind = " ".join(case.name.split(" ")[:2])
             for name, (err, bound) in report.items():
