@@ -39,6 +39,7 @@ struct NonTargetParams {
   double inter_alpha;
   bool inter_dynamic;   // false: phi = pi / 2 and the first term is exp(-mu)
   double curricular_t;  // kCurricular: c (t + c) where c > the row's cos(theta_y + m)
+  int subcenters;       // k: the weight's rows per class; a class's cosine is the max over its k rows
 };
 
 template <typename T>

@@ -7,6 +7,7 @@ from .monitoring import best_class, iter_cosines, top1_accuracy
 from .partial_fc import PartialFC
 from .row_sparse import RowSparseAdamW, RowSparseSGD
 from .running_stats import RunningStatistics
+from .subcenters import SubCenterDrop, subcenter_drop
 from .margins import (
     SPECS,
     AdaFace,
@@ -21,6 +22,7 @@ from .margins import (
     MagFace,
     MarginSpec,
     SphereFace,
+    SubCenterArcFace,
     sphereface_lambda,
 )
 
@@ -46,11 +48,14 @@ __all__ = [
     "RunningStatistics",
     "SPECS",
     "SphereFace",
+    "SubCenterArcFace",
+    "SubCenterDrop",
     "best_class",
     "iter_cosines",
     "load_head",
     "margin_cross_entropy",
     "save_head",
     "sphereface_lambda",
+    "subcenter_drop",
     "top1_accuracy",
 ]

@@ -230,7 +230,7 @@ __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storag
 
 // The fused kernels take the cosine non-target only (InterFace runs the chunk loop): a
 // constant, so that no other kind's code is generated into them.
-__device__ constexpr NonTargetParams kCosineOnly{kCosine, 0.0, 0.0, true, 0.0};
+__device__ constexpr NonTargetParams kCosineOnly{kCosine, 0.0, 0.0, true, 0.0, 1};
 
 __device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int64_t i) {
   if (i >= h.rows) return {-1, 0.f, 0.f, 0.f, 0.f};
