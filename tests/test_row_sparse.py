@@ -155,21 +155,25 @@ def test_a_gradient_sparse_in_both_dimensions_is_refused():
         opt.step()
 
 
-def _heads(sparse_grad, sample_rate=0.3):
-    return mx.PartialFC(DIM, ROWS, sample_rate=sample_rate, dtype=torch.float64, sparse_grad=sparse_grad, seed=4)
+def _heads(sparse_grad, sample_rate=0.3, margin=mx.ArcFace()):
+    return mx.PartialFC(DIM, ROWS, margin, sample_rate=sample_rate, dtype=torch.float64, sparse_grad=sparse_grad,
+                        seed=4)
 
 
-def test_the_heads_sparse_gradient_is_its_dense_gradient_of_the_sampled_rows():
+@pytest.mark.parametrize("margin", [mx.ArcFace(), mx.SubCenterArcFace(k=3)], ids=["arcface", "3-subcentres"])
+def test_the_heads_sparse_gradient_is_its_dense_gradient_of_the_sampled_rows(margin):
     x = torch.randn(8, DIM, dtype=torch.float64)
     y = torch.randint(0, ROWS, (8,), generator=torch.Generator().manual_seed(1))
-    sparse, dense = _heads(True), _heads(False)
+    sparse, dense = _heads(True, margin=margin), _heads(False, margin=margin)
     xs, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     loss_s, loss_d = sparse(xs, y), dense(xd, y)
     loss_s.backward()
     loss_d.backward()
     assert torch.equal(loss_s, loss_d) and torch.equal(xs.grad, xd.grad)
+    k = margin.subcenters  # the rows of the sampled classes: k per class, adjacent
+    rows = (sparse.sampled_classes.unsqueeze(1) * k + torch.arange(k)).reshape(-1)
     assert sparse.weight.grad.is_sparse
-    assert torch.equal(sparse.weight.grad._indices()[0], sparse.sampled_classes)
+    assert torch.equal(sparse.weight.grad._indices()[0], rows)
     assert torch.equal(sparse.weight.grad.to_dense(), dense.weight.grad)
 
 
