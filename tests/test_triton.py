@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import margin_ext as mx  # noqa: E402
-from cases import (DEGENERATE_SPECS, SPEC_CASES, kernel_inputs as pipeline_inputs,  # noqa: E402
+from cases import (DEGENERATE_SPECS, SPEC_CASES, SUBCENTER_CASES, kernel_inputs as pipeline_inputs,  # noqa: E402
                    assert_degenerate_centres_result, assert_low_precision_result, assert_within_reference_error,
                    degenerate_centre_inputs, logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads,
                    rows_to, tf32_matmuls)
@@ -102,6 +102,38 @@ def test_low_precision_within_reference_error(name, dtype, device):
     assert_low_precision_result(cpu(got), x, w, y, spec, dtype, f"{name} {dtype}")
 
 
+# sub-centres: the k rows of each class loaded with stride k, max and arg-max per tile
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", SUBCENTER_CASES)
+def test_subcenters_match_reference(name, dtype, device):
+    triton_kernels(device)
+    spec = SUBCENTER_CASES[name]
+    x, w, y = make_inputs(9, 37, 24, dtype, seed=7, labels=BOUNDARY_LABELS, ignore_rows=(8,), subcenters=spec.subcenters)
+    got = cpu(loss_and_grads(*on(device, x, w, y), spec, backend="triton", chunk_size=16))
+    if dtype != torch.float32:
+        assert_low_precision_result(got, x, w, y, spec, dtype, f"{name} {dtype}")
+        return
+    ref64 = reference_loss_and_grads(x, w, y, spec, torch.float64)
+    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
+    assert_within_reference_error(got, ref64, ref32, f"{name} float32", logit_scale(spec, x))
+    # the same sub-centres get gradient as in the chunked torch backend (the arg-max ones)
+    want = loss_and_grads(x, w, y, spec, backend="torch", chunk_size=8)
+    assert torch.equal(got[2] == 0, want[2] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 37, 16), (5, 3, 8), (6, 1, 5)])
+def test_subcenters_odd_shapes(shape, device):
+    triton_kernels(device)
+    spec = SUBCENTER_CASES["subcenter"]
+    x, w, y = make_inputs(*shape, torch.float32, seed=8, subcenters=3)
+    got = cpu(loss_and_grads(*on(device, x, w, y), spec, backend="triton"))
+    ref64 = reference_loss_and_grads(x, w, y, spec, torch.float64)
+    ref32 = reference_loss_and_grads(x, w, y, spec, torch.float32)
+    assert_within_reference_error(got, ref64, ref32, f"subcenter {shape}", logit_scale(spec, x))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", DEGENERATE_SPECS)
@@ -133,15 +165,6 @@ def test_degenerate_centres_through_split_weight_gradient(dtype, device):
     assert torch.isfinite(split).all() and torch.isfinite(whole).all()
     size = whole.double().abs().amax(dim=1, keepdim=True)
     assert ((split.double() - whole.double()).abs() <= 4 * torch.finfo(dtype).eps * size).all()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sub_centres_are_refused_with_the_reason(device):
-    triton_kernels(device)
-    spec = mx.SubCenterArcFace(k=3)
-    x, w, y = make_inputs(4, 5, 8, torch.float32, seed=1, subcenters=3)
-    with pytest.raises(BackendUnavailable, match=r"backend='triton' does not run sub-centres \(k=3\)"):
-        mx.margin_cross_entropy(*on(device, x, w, y), spec, backend="triton")
 
 
 @pytest.mark.parametrize("device", DEVICES)

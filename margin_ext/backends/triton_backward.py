@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, max_splits, num_sms, split_count,
                              tuning)
-from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
+from .triton_forward import centre_norms, class_cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
 from ..saturate import saturate as saturate_to
 from .triton_margin import COSINE, INTERFACE, margin_logits, mma
@@ -76,7 +76,7 @@ def _logit_grads_kernel(
     GradCos, GradScalePart, RadialPart,
     B, C, D, B_BIN, C_BIN, first_class, stride_x, stride_w, stride_centre, stride_g,
     mu, alpha, first, skip_eps,
-    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, SKIP: tl.constexpr,
+    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, SKIP: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # classes fastest: the programs that share a block of x run together
@@ -92,21 +92,28 @@ def _logit_grads_kernel(
     label = tl.where((label >= first_class) & (label < first_class + C), label - first_class, -1)
     lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)
 
-    _, inv_norm = centre_norms(Norms, cols, C)
-    cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
-                                 stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
+    cos, class_cos, pick = class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride_w,
+                                             stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                             NONTARGET == INTERFACE, DOT, SUBCENTERS)
     z, dz, value, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
                                             NONTARGET, DYNAMIC)
     p, grad_z, grad_cos = logit_grads(z, dz, is_target, cols, C, lse, grad_lse, grad_target)
     tl.store(GradScalePart + pid_n.to(tl.int64) * B + rows, tl.sum(grad_z * value, axis=1), mask=row_ok)
     if SKIP:
         grad_cos = tl.where(tile_matters(p, is_target, skip_eps), grad_cos, 0.0)
-    # w_hat . g for the normalization backward, from the tile's cosines
-    tl.store(RadialPart + pid_m.to(tl.int64) * C + cols, tl.sum(grad_cos * cos, axis=0), mask=col_ok)
-    # 1 / |w_j| goes onto the columns: both products then take the raw centres
-    grad_scaled = (grad_cos * inv_norm[None, :]).to(GradCos.dtype.element_ty)
-    tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], grad_scaled,
-             mask=row_ok[:, None] & col_ok[None, :])
+    # per sub-centre q (weight row j k + q; k = 1: the class's row), the gradient of the rows
+    # that picked it: w_hat . g for the normalization backward, from the tile's cosines,
+    # and G with 1 / |w| on the columns (both products then take the raw centres); the
+    # other sub-centres of a class get 0
+    for q in tl.static_range(SUBCENTERS):
+        centre_rows = cols * SUBCENTERS + q
+        _, inv_norm = centre_norms(Norms, centre_rows, C * SUBCENTERS)
+        grad_q = grad_cos if SUBCENTERS == 1 else tl.where(pick == q, grad_cos, 0.0)
+        tl.store(RadialPart + pid_m.to(tl.int64) * C * SUBCENTERS + centre_rows, tl.sum(grad_q * cos, axis=0),
+                 mask=col_ok)
+        grad_scaled = (grad_q * inv_norm[None, :]).to(GradCos.dtype.element_ty)
+        tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + centre_rows[None, :], grad_scaled,
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
@@ -201,9 +208,9 @@ def _autotuned(kernel, name, width, key, heuristics=None, restore=None):
     return triton.autotune(**tuning(name, width), key=key, restore_value=restore)(fn)
 
 
-LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET"],
+LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET", "SUBCENTERS"],
                                      {"EVEN_K": even_k})
-               for name in ("logit_grads", "logit_grads_interface") for w in ("16", "32")}
+               for name in ("logit_grads", "logit_grads_interface", "logit_grads_subcenters") for w in ("16", "32")}
 GRAD_FEATURES = {w: _autotuned(_grad_features_kernel, "grad_features", w, ["D", "B_BIN", "C_BIN"],
                                restore=["GradX"]) for w in ("16", "32")}
 GRAD_WEIGHT = {w: _autotuned(_grad_weight_kernel, "grad_weight", w, ["D", "B_BIN", "C_BIN"]) for w in ("16", "32")}
@@ -215,13 +222,14 @@ def gradient_dtype(weight_dtype: torch.dtype, grad_dot_native: bool) -> torch.dt
 
 
 def logit_grads_chunk(x, weight, norms, centre, row_args, grad_args, scalars, flags, skip_eps, first_class,
-                      grad_cos):
-    """G of one chunk of classes (weight, norms: the chunk's) into ``grad_cos`` (B x chunk);
-    returns the chunk's grad_scale (B,) and w_hat . g (chunk,) sums."""
+                      grad_cos, subcenters=1):
+    """G of one chunk of classes (weight, norms: the chunk's, k = ``subcenters`` rows per
+    class) into ``grad_cos`` (B x chunk k); returns the chunk's grad_scale (B,) and
+    w_hat . g (chunk k,) sums."""
     n_rows, dim = x.shape
-    n_classes = weight.shape[0]
+    n_classes = weight.shape[0] // subcenters
     width = operand_width(weight.dtype)
-    name = table_name("logit_grads", flags[0])
+    name = table_name("logit_grads", flags[0], subcenters)
 
     def shape_of(meta):
         return (triton.cdiv(n_classes, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"])), 1
@@ -230,12 +238,12 @@ def logit_grads_chunk(x, weight, norms, centre, row_args, grad_args, scalars, fl
     most_tiles = max_splits(name, width, lambda meta: shape_of(meta)[0][0])
     most_blocks = max_splits(name, width, lambda meta: shape_of(meta)[0][1])
     scale_part = torch.empty((most_tiles, n_rows), dtype=torch.float32, device=x.device)
-    radial_part = torch.empty((most_blocks, n_classes), dtype=torch.float32, device=x.device)
+    radial_part = torch.empty((most_blocks, weight.shape[0]), dtype=torch.float32, device=x.device)
     LOGIT_GRADS[name, width][grid](
         x, weight, norms, centre, *row_args, *grad_args, grad_cos, scale_part, radial_part,
         n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), first_class,
         x.stride(0), weight.stride(0), centre.stride(0), grad_cos.stride(0),
-        *scalars, skip_eps, *flags, skip_eps > 0,
+        *scalars, skip_eps, *flags, skip_eps > 0, SUBCENTERS=subcenters,
     )
     (tiles, blocks), _ = shape_of(grid.meta)
     return scale_part[:tiles].sum(dim=0), radial_part[:blocks].sum(dim=0)

@@ -44,6 +44,9 @@ INTERPRETED = _interpreting()
 # Interpreter: BLOCK_M = 8 so that a 9-row test batch spans two row blocks.
 INTERPRETER_CONFIG = (8, 16, 16, 1, 1)
 
+_SUBCENTER_TILES = {"16": {"hopper": [(32, 64, 32, 4, 3)], "ampere": [(32, 64, 32, 4, 3)]},
+                    "32": {"hopper": [(32, 32, 32, 4, 3)], "ampere": [(32, 32, 32, 4, 3)]}}
+
 # forward / logit_grads: M = rows, N = classes, K = features.
 # grad_features: M = rows, N = features, K = classes. grad_weight: M = classes, N = features, K = rows.
 TABLES = {
@@ -73,6 +76,11 @@ TABLES = {
         "32": {"hopper": [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
                "ampere": [(32, 32, 32, 4, 3)]},
     },
+    # sub-centres: k products per tile, each beside the running max cosine and its arg-max
+    # (the 128 x 128 forward and the 64 x 64 logit_grads tiles spilled on sm_80): small
+    # tiles, one row each (every k is a specialization of its own)
+    "forward_subcenters": _SUBCENTER_TILES,
+    "logit_grads_subcenters": _SUBCENTER_TILES,
     # grad_features reads its float32 output back once per chunk: one tile less in flight
     "grad_features": {
         "16": {"hopper": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)],
@@ -107,6 +115,8 @@ RAGGED_TABLES = {
     "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
     "logit_grads": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
     "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
+    "forward_subcenters": {"16": _RAGGED_32_INTERFACE, "32": _RAGGED_32_INTERFACE},
+    "logit_grads_subcenters": {"16": _RAGGED_32_INTERFACE, "32": _RAGGED_32_INTERFACE},
     "grad_features": {"16": _RAGGED_16, "32": _RAGGED_HALF},
     "grad_weight": {"16": _RAGGED_16, "32": _RAGGED_HALF},
 }

@@ -7,6 +7,11 @@ vector computed once per call: normalizing on load needs nothing more, and the
 weight is never copied normalized) -- applies the margin, and folds the tile into
 per-row running max / sum-exp / target logit. The outputs are (splits, B) partial
 statistics that ``triton_head`` merges into the log-sum-exp.
+
+Sub-centres (SUBCENTERS = k > 1): a tile spans BLOCK_N classes; class j's k sub-centres
+are weight rows j k + q, each loaded with stride k (one product per q, a static loop),
+and the tile keeps the max cosine of each (row, class) and, for the backward, the
+arg-max q (``class_cosine_tile``). The backward recomputes the same arg-max.
 """
 
 import torch
@@ -19,7 +24,7 @@ from .triton_margin import COSINE, INTERFACE, NORM_EPS, NORM_SCALE_LIMIT, margin
 
 
 def _forward_autotuned(table_name, width):
-    return triton.autotune(**tuning(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
+    return triton.autotune(**tuning(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET", "SUBCENTERS"])(
         triton.heuristics({"EVEN_K": even_k})(_forward_kernel))
 
 
@@ -66,6 +71,28 @@ def cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
                              mask=k_mask(row_ok, k0, ks, D, EVEN_K), other=0.0)
             class_acc = mma(centre, w_t, class_acc, DOT, W.dtype.element_ty)
     return acc * inv_norm[None, :], class_acc * inv_norm[None, :]
+
+
+@triton.jit
+def class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride_w, stride_centre,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      NEED_CLASS_COS: tl.constexpr, DOT: tl.constexpr, SUBCENTERS: tl.constexpr):
+    """The cosines of a (rows x classes) tile (cols: classes < C), InterFace's class
+    products, and the arg-max sub-centre q of each (row, class): with SUBCENTERS = k, the
+    max over the class's k sub-centres (weight rows j k + q), the first q among ties.
+    k = 1: cosine_tile's cosines and q = 0."""
+    _, inv_norm = centre_norms(Norms, cols * SUBCENTERS, C * SUBCENTERS)
+    cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols * SUBCENTERS, B, C * SUBCENTERS, D, stride_x,
+                                 stride_w, stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NEED_CLASS_COS, DOT)
+    pick = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for q in tl.static_range(1, SUBCENTERS):
+        _, inv_q = centre_norms(Norms, cols * SUBCENTERS + q, C * SUBCENTERS)
+        cos_q, _ = cosine_tile(X, W, Centre, inv_q, rows, cols * SUBCENTERS + q, B, C * SUBCENTERS, D, stride_x,
+                               stride_w, stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, DOT)
+        better = cos_q > cos
+        cos = tl.where(better, cos_q, cos)
+        pick = tl.where(better, q, pick)
+    return cos, class_cos, pick
 
 
 @triton.jit
@@ -149,7 +176,7 @@ def _forward_kernel(
     MaxOut, SumOut, TargetOut,
     B, C, D, B_BIN, C_BIN, stride_x, stride_w, stride_centre,
     mu, alpha, first,
-    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr,
+    NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr, DOT: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -165,9 +192,9 @@ def _forward_kernel(
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for tile in range(tile_start, tile_stop):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        _, inv_norm = centre_norms(Norms, cols, C)
-        cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
-                                     stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
+        cos, class_cos, _ = class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride_w,
+                                              stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                              NONTARGET == INTERFACE, DOT, SUBCENTERS)
         z, _, _, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
                                            NONTARGET, DYNAMIC)
         z = tl.where(cols[None, :] < C, z, float("-inf"))
@@ -184,11 +211,14 @@ def _forward_kernel(
 
 
 FORWARD = {(name, width): _forward_autotuned(name, width)
-           for name in ("forward", "forward_interface") for width in ("16", "32")}
+           for name in ("forward", "forward_interface", "forward_subcenters") for width in ("16", "32")}
 
 
-def table_name(kernel: str, nontarget: int) -> str:
-    """The config table of a tile kernel: InterFace's two products take their own."""
+def table_name(kernel: str, nontarget: int, subcenters: int = 1) -> str:
+    """The config table of a tile kernel: InterFace's two products and sub-centres' k
+    products (with their max and arg-max tiles) take their own."""
+    if subcenters > 1:
+        return f"{kernel}_subcenters"
     return f"{kernel}_interface" if nontarget == INTERFACE.value else kernel
 
 
@@ -204,18 +234,18 @@ def class_split_count(n_rows, n_classes, device, meta):
     return split_count(row_blocks, triton.cdiv(n_classes, meta["BLOCK_N"]), num_sms(device), cap=1 << 16)
 
 
-def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, splits=None):
+def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, splits=None, subcenters=1):
     """Per-split (max, sum-exp, target logit) of every row, each (splits, B) float32.
 
-    x: the normalized features in the products' operand dtype; norms: (C,) float32
-    |w_j|; row_args: (labels, scale, target logit, its derivative, theta_y); scalars: (mu,
-    alpha, first); flags: the constexpr (NONTARGET, DYNAMIC, DOT).
-    ``splits`` overrides the class split count.
+    x: the normalized features in the products' operand dtype; weight: (C k, D), k =
+    ``subcenters`` rows per class; norms: (C k,) float32 |w_j|; row_args: (labels, scale,
+    target logit, its derivative, theta_y); scalars: (mu, alpha, first); flags: the
+    constexpr (NONTARGET, DYNAMIC, DOT). ``splits`` overrides the class split count.
     """
     n_rows, dim = x.shape
-    n_classes = weight.shape[0]
+    n_classes = weight.shape[0] // subcenters
     width = operand_width(weight.dtype)
-    name = table_name("forward", flags[0])
+    name = table_name("forward", flags[0], subcenters)
 
     def shape_of(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]),), class_split_count(n_rows, n_classes, x.device, meta)
@@ -226,7 +256,7 @@ def forward_statistics(x, weight, norms, centre, row_args, scalars, flags, split
     FORWARD[name, width][grid](
         x, weight, norms, centre, *row_args, out[0], out[1], out[2],
         n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), x.stride(0), weight.stride(0),
-        centre.stride(0), *scalars, *flags,
+        centre.stride(0), *scalars, *flags, SUBCENTERS=subcenters,
     )
     used = out[:, :grid.splits]
     return used[0], used[1], used[2]

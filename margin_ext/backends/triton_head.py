@@ -117,10 +117,11 @@ def _skip_eps() -> float:
     return value
 
 
-def backward_chunk(n_rows: int, n_classes: int, chunk_size, device: torch.device) -> int:
-    """Classes per backward chunk: ``chunk_size`` (the backends' default when None), on
-    CUDA rounded up to a multiple of 256 so that no tile straddles two chunks."""
-    chunk = chunk_size or default_chunk_size(n_rows, n_classes, device)
+def backward_chunk(n_rows: int, n_classes: int, chunk_size, device: torch.device, subcenters: int = 1) -> int:
+    """Classes per backward chunk: ``chunk_size`` (the backends' default when None: its
+    chunk of weight rows over the k = ``subcenters`` rows per class), on CUDA rounded up
+    to a multiple of 256 so that no tile straddles two chunks."""
+    chunk = chunk_size or max(default_chunk_size(n_rows, n_classes * subcenters, device) // subcenters, 1)
     if device.type == "cuda":
         chunk = -(-chunk // 256) * 256
     return int(max(1, min(chunk, n_classes)))
@@ -130,9 +131,6 @@ def _kernel_args(x_hat, weight, rows: RowInputs, params: NonTargetParams):
     from .triton_forward import centre_norm_vector
 
     _check_dtypes(x_hat, weight)
-    if params.subcenters != 1:
-        raise BackendUnavailable(f"backend='triton' does not run sub-centres (k={params.subcenters}) yet: "
-                                 f"use backend='torch' (any device) or 'cpp' (CPU)")
     x_hat = x_hat.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     device = x_hat.device
@@ -173,7 +171,7 @@ def forward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size=
     x, weight, norms, centre, row_args, scalars, margin_flags = _kernel_args(x_hat, weight, rows, params)
     dot, _ = _dot_modes(weight)
     run_max, run_sum, target = forward_statistics(x, weight, norms, centre, row_args, scalars,
-                                                  (*margin_flags, dot), splits)
+                                                  (*margin_flags, dot), splits, params.subcenters)
     if run_max.shape[0] == 1:
         return run_max[0] + torch.log(run_sum[0]), target[0]
     top = run_max.max(dim=0).values
@@ -201,26 +199,28 @@ def backward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size
     dot, grad_dot = _dot_modes(weight)
     grad_args = (lse.float().contiguous(), grad_lse.float().contiguous(), grad_target.float().contiguous())
     skip_eps = _skip_eps()
-    n_rows, n_classes = x.shape[0], weight.shape[0]
+    k = params.subcenters  # weight rows per class: a chunk of classes is k times as many rows
+    n_rows, n_classes = x.shape[0], weight.shape[0] // k
     device = x.device
 
     g_dtype = gradient_dtype(weight.dtype, grad_dot == DOT_NATIVE.value)
-    chunk = backward_chunk(n_rows, n_classes, chunk_size, device)
+    chunk = backward_chunk(n_rows, n_classes, chunk_size, device, k)
     # G's rows start on 16 elements whatever the chunk: triton then specializes its stride
     # as aligned, and the three kernels that touch G take their vector loads and stores
-    grad_cos = torch.empty((n_rows, -(-chunk // 16) * 16), dtype=g_dtype, device=device)
+    grad_cos = torch.empty((n_rows, -(-chunk * k // 16) * 16), dtype=g_dtype, device=device)
     grad_x = torch.empty((n_rows, x.shape[1]), dtype=torch.float32, device=device)
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device)
     grad_scale = torch.zeros(n_rows, dtype=torch.float32, device=device)
     for start in range(0, n_classes, chunk):
         stop = min(start + chunk, n_classes)
-        g = grad_cos[:, :stop - start]
-        chunk_scale, radial = logit_grads_chunk(x, weight[start:stop], norms[start:stop], centre, row_args,
-                                                grad_args, scalars, (*margin_flags, dot), skip_eps, start, g)
+        span = slice(start * k, stop * k)  # the chunk's weight rows
+        g = grad_cos[:, :(stop - start) * k]
+        chunk_scale, radial = logit_grads_chunk(x, weight[span], norms[span], centre, row_args, grad_args,
+                                                scalars, (*margin_flags, dot), skip_eps, start, g, k)
         grad_scale += chunk_scale
-        grad_features_chunk(g, weight[start:stop], grad_x, grad_dot, start > 0, feature_splits)
-        grad_weight_chunk(g, x, weight[start:stop], norms[start:stop],
-                          radial_coefficients(radial, norms[start:stop]), grad_w[start:stop], grad_dot, weight_splits)
+        grad_features_chunk(g, weight[span], grad_x, grad_dot, start > 0, feature_splits)
+        grad_weight_chunk(g, x, weight[span], norms[span], radial_coefficients(radial, norms[span]), grad_w[span],
+                          grad_dot, weight_splits)
     return grad_x, grad_w, grad_scale
 
 
