@@ -45,7 +45,7 @@ INTERPRETED = _interpreting()
 INTERPRETER_CONFIG = (8, 16, 16, 1, 1)
 
 _SUBCENTER_TILES = {"16": {"hopper": [(32, 64, 32, 4, 3)], "ampere": [(32, 64, 32, 4, 3)]},
-                    "32": {"hopper": [(32, 32, 32, 4, 3)], "ampere": [(32, 32, 32, 4, 3)]}}
+                    "32": {"hopper": [(32, 32, 32, 4, 3)], "ampere": [(32, 32, 16, 8, 1)]}}
 
 # forward / logit_grads: M = rows, N = classes, K = features.
 # grad_features: M = rows, N = features, K = classes. grad_weight: M = classes, N = features, K = rows.
@@ -110,13 +110,14 @@ _RAGGED_16 = {"hopper": [(64, 64, 32, 8, 3)], "ampere": [(64, 64, 32, 8, 3)]}
 _RAGGED_HALF = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 32, 8, 3)]}
 _RAGGED_32_COSINES = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 16, 8, 1)]}
 _RAGGED_32_INTERFACE = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(32, 32, 16, 4, 1)]}
+_RAGGED_SUBCENTERS = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(32, 32, 16, 8, 1)]}
 RAGGED_TABLES = {
     "forward": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
     "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
     "logit_grads": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
     "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
-    "forward_subcenters": {"16": _RAGGED_32_INTERFACE, "32": _RAGGED_32_INTERFACE},
-    "logit_grads_subcenters": {"16": _RAGGED_32_INTERFACE, "32": _RAGGED_32_INTERFACE},
+    "forward_subcenters": {"16": _RAGGED_SUBCENTERS, "32": _RAGGED_SUBCENTERS},
+    "logit_grads_subcenters": {"16": _RAGGED_SUBCENTERS, "32": _RAGGED_SUBCENTERS},
     "grad_features": {"16": _RAGGED_16, "32": _RAGGED_HALF},
     "grad_weight": {"16": _RAGGED_16, "32": _RAGGED_HALF},
 }
