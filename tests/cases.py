@@ -216,7 +216,7 @@ def kernel_inputs(spec, x, w, y, generator=None):
     interface = spec.nontarget_params().kind == NonTargetKind.INTERFACE
     cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=interface)
     row = target_row(spec, x, cos, LOCAL, generator)
-    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params(row.state)
+    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params()
 
 
 def rows_to(rows, device=None, dtype=None):

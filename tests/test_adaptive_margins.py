@@ -1,7 +1,9 @@
 """AdaFace, MagFace and CurricularFace against their authors' heads written out as
 published, their running statistics, and their argument checks."""
 
+import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -181,6 +183,38 @@ def test_curricularface_starts_from_zero_and_freezes():
     state.frozen = True
     mx.margin_cross_entropy(x, w, y, spec, backend="torch", state=state)
     assert state["t"].item() == pytest.approx(0.01 * cos_y.mean().item(), rel=1e-6)
+
+
+
+def host_reads_refused() -> contextlib.ExitStack:
+    """A context in which reading a tensor's value on the host (Tensor.item, float(),
+    tolist: on a GPU, a device sync) raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+
+    stack = contextlib.ExitStack()
+    for name in ("item", "__float__", "tolist"):
+        stack.enter_context(mock.patch.object(torch.Tensor, name, refuse))
+    return stack
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_curricularface_never_reads_t_on_the_host(backend, reduction):
+    """t reaches the kernels as a tensor (the ops' row_terms, the torch backend's
+    broadcast): a training step, forward and backward, with a running t reads no value
+    back to the host."""
+    spec = mx.CurricularFace(m=1.0)
+    x, w, y = make_inputs(6, 37, 16, torch.float32, seed=14, ignore_rows=(2,))
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    state = spec.initial_state()
+    state.update("t", torch.tensor(0.3), 1.0)
+    with host_reads_refused():
+        loss = mx.margin_cross_entropy(x, w, y, spec, backend=backend, state=state, reduction=reduction)
+        loss.sum().backward()
+    assert state["t"].item() != pytest.approx(0.3)  # updated with the batch, on the device side
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
 def test_intraloss_keeps_the_base_extra_term():

@@ -33,7 +33,7 @@ import triton.language as tl
 from .triton_configs import SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms, split_count
 from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
-from .triton_margin import COSINE, INTERFACE, margin_logits, mma
+from .triton_margin import COSINE, CURRICULAR, INTERFACE, margin_logits, mma
 
 # a partial buffer of a split GEMM stays under this many bytes
 _PARTIAL_BYTES = 64 << 20
@@ -80,8 +80,8 @@ def _logit_grads_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # within the chunk [first_class, first_class + C)
     row_ok = rows < B
     col_ok = cols < C
-    label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
-                                            NONTARGET != COSINE)
+    label, scale, t, d, theta_y, coeff = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
+                                                   NONTARGET != COSINE, NONTARGET == CURRICULAR)
     # a target outside the chunk is no target here (it may fall in this tile's masked columns)
     label = tl.where((label >= first_class) & (label < first_class + C), label - first_class, -1)
     lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)
@@ -89,7 +89,7 @@ def _logit_grads_kernel(
     _, inv_norm = centre_norms(Norms, cols, C)
     cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
                                  stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
-    z, dz, value, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
+    z, dz, value, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, coeff, mu, alpha, first,
                                             NONTARGET, DYNAMIC)
     p, grad_z, grad_cos = logit_grads(z, dz, is_target, cols, C, lse, grad_lse, grad_target)
     tl.store(GradScalePart + pid_n.to(tl.int64) * B + rows, tl.sum(grad_z * value, axis=1), mask=row_ok)

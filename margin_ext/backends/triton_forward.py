@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .triton_configs import (INTERPRETED, SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms,
                              split_count)
-from .triton_margin import COSINE, INTERFACE, NORM_EPS, margin_logits, mma
+from .triton_margin import COSINE, CURRICULAR, INTERFACE, NORM_EPS, margin_logits, mma
 
 
 def _forward_autotuned(table_name, width):
@@ -69,8 +69,11 @@ def cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
 
 
 @triton.jit
-def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl.constexpr):
-    """Per-row inputs; rows past B get label -1 and scale 0 (their logits are all 0)."""
+def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl.constexpr,
+              NEED_COEFF: tl.constexpr):
+    """Per-row inputs; rows past B get label -1 and scale 0 (their logits are all 0).
+    ThetaY holds the kind's row values: theta_y (B,), and with NEED_COEFF the kind's
+    coefficient in a second row of B (CurricularFace's t)."""
     row_ok = rows < B
     label = tl.load(Labels + rows, mask=row_ok, other=-1).to(tl.int32)  # C < 2**31
     scale = tl.load(Scale + rows, mask=row_ok, other=0.0)
@@ -80,7 +83,11 @@ def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl
         theta_y = tl.load(ThetaY + rows, mask=row_ok, other=0.0)
     else:
         theta_y = tl.zeros(scale.shape, dtype=tl.float32)
-    return label, scale, target, target_grad, theta_y
+    if NEED_COEFF:
+        coeff = tl.load(ThetaY + B + rows, mask=row_ok, other=0.0)
+    else:
+        coeff = tl.zeros(scale.shape, dtype=tl.float32)
+    return label, scale, target, target_grad, theta_y, coeff
 
 
 @triton.jit
@@ -133,8 +140,8 @@ def _forward_kernel(
     tile_start, tile_stop = split_range(tl.cdiv(C, BLOCK_N), split, tl.num_programs(1))
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
-                                            NONTARGET != COSINE)
+    label, scale, t, d, theta_y, coeff = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
+                                                   NONTARGET != COSINE, NONTARGET == CURRICULAR)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -144,7 +151,7 @@ def _forward_kernel(
         _, inv_norm = centre_norms(Norms, cols, C)
         cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols, B, C, D, stride_x, stride_w,
                                      stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NONTARGET == INTERFACE, DOT)
-        z, _, _, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
+        z, _, _, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, coeff, mu, alpha, first,
                                            NONTARGET, DYNAMIC)
         z = tl.where(cols[None, :] < C, z, float("-inf"))
         target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
