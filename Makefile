@@ -85,6 +85,10 @@ test-compat:
 		$(COMPAT_PY) setup.py -q build_ext --inplace
 	cd $(COMPAT_SRC) && $(COMPAT_PY) -m pytest tests
 
-# registers, spills and shared memory of every Triton config for sm_80 / sm_90 (no GPU needed)
+# registers, spills and shared memory of the Triton launches the loss really makes, compiled for
+# sm_80 / sm_90 (no GPU needed) into docs/triton_resources.md; TRITON_MARGINS= (empty) records
+# every margin spec: 767 launches instead of 347
+TRITON_MARGINS ?= arcface interface
 triton-resources: setup
-	env -u TRITON_INTERPRET $(PY) -m margin_ext.backends.triton_resources --jobs $(NPROC)
+	env -u TRITON_INTERPRET $(PY) -m margin_ext.backends.triton_resources --jobs $(NPROC) \
+		$(if $(TRITON_MARGINS),--margins $(TRITON_MARGINS))

@@ -35,6 +35,7 @@ FAMILIES = {
     "AdaFace": mx.AdaFace(),
     "MagFace": mx.MagFace(),
     "CurricularFace": mx.CurricularFace(),
+    "SubCenterArcFace": mx.SubCenterArcFace(),  # C classes, k = 3 centres each: a weight of 3 C rows
 }
 BASELINE = "ArcFace"
 #: The GPU side, which this CPU benchmark cannot measure.
@@ -72,9 +73,11 @@ def measure(backend: str, batch: int, dim: int, classes: int, repeats: int, warm
     gen = torch.Generator().manual_seed(0)
     # feature norms around 20 (AdaFace's initial mean, inside MagFace's [10, 110])
     x = (torch.randn(batch, dim, generator=gen) * 20 / dim ** 0.5).requires_grad_()
-    w = torch.randn(classes, dim, generator=gen).requires_grad_()
+    # one weight per number of centres per class (sub-centres: k rows per class)
+    weights = {k: torch.randn(classes * k, dim, generator=gen).requires_grad_()
+               for k in sorted({spec.subcenters for spec in FAMILIES.values()})}
     y = torch.randint(0, classes, (batch,), generator=gen)
-    steps = {name: family_step(spec, x, w, y, backend) for name, spec in FAMILIES.items()}
+    steps = {name: family_step(spec, x, weights[spec.subcenters], y, backend) for name, spec in FAMILIES.items()}
     samples = {name: [] for name in FAMILIES}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():

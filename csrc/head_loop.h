@@ -22,11 +22,18 @@
 
 namespace margin_ext {
 
-// margins.NonTargetParams from the ops' (nontarget_kind, nontarget_coeffs), checked: the
-// one place that knows the packed layout (InterFace: mu, alpha, dynamic; CurricularFace:
-// none, its t is row_terms' kNonTargetCoeff row).
-inline NonTargetParams make_nontarget(int64_t kind, c10::ArrayRef<double> coeffs) {
-  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true};
+// The most sub-centres per class (margins.MAX_SUBCENTERS): an arg-max fits a byte.
+constexpr int64_t kMaxSubcenters = 32;
+
+// margins.NonTargetParams from the ops' (nontarget_kind, nontarget_coeffs, subcenters),
+// checked: the one place that knows the packed layout (InterFace: mu, alpha, dynamic;
+// CurricularFace: none, its t is row_terms' kNonTargetCoeff row).
+inline NonTargetParams make_nontarget(int64_t kind, c10::ArrayRef<double> coeffs, int64_t subcenters) {
+  TORCH_CHECK(subcenters >= 1 && subcenters <= kMaxSubcenters, "margin_ext: subcenters=", subcenters,
+              " is invalid: expected an integer in [1, ", kMaxSubcenters, "]");
+  TORCH_CHECK(subcenters == 1 || kind != kInterFace, "margin_ext: subcenters=", subcenters,
+              " is invalid with the INTERFACE non-target kind, whose class cosines are per centre: expected 1");
+  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true, static_cast<int>(subcenters)};
   if (kind == kCosine || kind == kCurricular) {
     TORCH_CHECK(coeffs.empty(), "margin_ext: nontarget_coeffs=", coeffs, " is invalid: ",
                 kind == kCosine ? "COSINE" : "CURRICULAR", " takes none");
@@ -88,7 +95,7 @@ inline void check_device_type(const at::Tensor& x_hat, c10::DeviceType device_ty
 inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
                                const at::Tensor& row_terms, const c10::optional<at::Tensor>& target_centre,
                                int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
-                               int64_t chunk_size) {
+                               int64_t subcenters, int64_t chunk_size) {
   TORCH_CHECK(x_hat.dim() == 2, "margin_ext: x_hat must be (B, D), got shape ", x_hat.sizes());
   TORCH_CHECK(x_hat.scalar_type() == at::kFloat || x_hat.scalar_type() == at::kDouble, "margin_ext: x_hat.dtype=",
               x_hat.scalar_type(), " is invalid: the head computes in float32 (or float64); normalize in float32");
@@ -119,7 +126,9 @@ inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight
   in.weight = weight.contiguous();
   in.labels = labels.contiguous();
   in.row_terms = row_terms.to(acc).contiguous();
-  in.params = make_nontarget(nontarget_kind, nontarget_coeffs);
+  in.params = make_nontarget(nontarget_kind, nontarget_coeffs, subcenters);
+  TORCH_CHECK(weight.size(0) % subcenters == 0, "margin_ext: weight has ", weight.size(0),
+              " rows, not a multiple of subcenters=", subcenters);
   in.chunk_size = chunk_size;
   if (in.params.kind == kInterFace) {
     TORCH_CHECK(target_centre.has_value(), "margin_ext: the InterFace non-target margin needs target_centre");
@@ -135,12 +144,14 @@ inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight
   return in;
 }
 
+// The epilogue's view of the chunk of weight rows [start, start + n): its n / k classes.
 template <typename T>
-ChunkRows<T> chunk_rows(const HeadInputs& in, int64_t start, int64_t n_cols, const at::Tensor& class_cos) {
+ChunkRows<T> chunk_rows(const HeadInputs& in, int64_t start, int64_t n, const at::Tensor& class_cos) {
+  const int64_t k = in.params.subcenters;
   ChunkRows<T> rows;
   rows.n_rows = in.x_hat.size(0);
-  rows.n_cols = n_cols;
-  rows.start = start;
+  rows.n_cols = n / k;
+  rows.start = start / k;
   rows.labels = in.labels.data_ptr<int64_t>();
   rows.scale = in.row<T>(kScale);
   rows.target = in.row<T>(kTarget);
@@ -186,15 +197,20 @@ void chunk_cosines(const HeadInputs& in, ChunkBuffers& buf, int64_t start, int64
   }
 }
 
+// Rows of the weight per chunk: chunk_size classes, k rows each, at most the weight's rows.
+inline int64_t chunk_weight_rows(const HeadInputs& in) {
+  return std::min(in.chunk_size * in.params.subcenters, in.weight.size(0));
+}
+
 template <class Dev, typename T>
 std::tuple<at::Tensor, at::Tensor> forward_loop(const HeadInputs& in) {
-  const int64_t b = in.x_hat.size(0), c = in.weight.size(0);
+  const int64_t b = in.x_hat.size(0), c = in.weight.size(0);  // c: rows of the weight
   const auto opts = in.x_hat.options();
   at::Tensor run_max = at::full({b}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor run_sum = at::zeros({b}, opts);
   at::Tensor target_logit = at::zeros({b}, opts);
   if (b > 0 && c > 0) {
-    const int64_t chunk = std::min(in.chunk_size, c);
+    const int64_t chunk = chunk_weight_rows(in);
     ChunkBuffers buf(in, chunk, /*backward=*/false);
     for (int64_t start = 0; start < c; start += chunk) {
       const int64_t n = std::min(chunk, c - start);
@@ -217,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_loop(const HeadInputs& i
   at::Tensor grad_w = at::empty(in.weight.sizes(), in.weight.options());
   at::Tensor grad_scale = at::zeros({b}, opts);
   if (c > 0) {
-    const int64_t chunk = std::min(in.chunk_size, c);
+    const int64_t chunk = chunk_weight_rows(in);
     ChunkBuffers buf(in, chunk, /*backward=*/true);
     for (int64_t start = 0; start < c; start += chunk) {
       const int64_t n = std::min(chunk, c - start);
@@ -226,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_loop(const HeadInputs& i
       Dev::template backward_epilogue<T>(cos.data_ptr<T>(), chunk_rows<T>(in, start, n, class_cos),
                                          lse.data_ptr<T>(), grad_lse.data_ptr<T>(), grad_target.data_ptr<T>(),
                                          grad_scale.data_ptr<T>());
-      // cos now holds dLoss/dcos of the chunk
+      // cos now holds dLoss/dcos of the chunk (with sub-centres, 0 off each class's arg-max)
       grad_x.addmm_(cos, w_hat);
       at::Tensor grad_w_hat = ChunkBuffers::view(buf.grad_w_hat, n, buf.dim);
       at::mm_out(grad_w_hat, cos.t(), in.x_hat);
@@ -277,22 +293,23 @@ std::tuple<at::Tensor, at::Tensor> head_forward(const at::Tensor& x_hat, const a
                                                 const at::Tensor& labels, const at::Tensor& row_terms,
                                                 const c10::optional<at::Tensor>& target_centre,
                                                 int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
-                                                int64_t chunk_size) {
+                                                int64_t subcenters, int64_t chunk_size) {
   check_device_type(x_hat, Dev::kDeviceType);
   typename Dev::Guard guard(x_hat.device());
   return Dev::forward(check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
-                                   nontarget_coeffs, chunk_size));
+                                   nontarget_coeffs, subcenters, chunk_size));
 }
 
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
     const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
-    int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_target) {
+    int64_t subcenters, int64_t chunk_size, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target) {
   check_device_type(x_hat, Dev::kDeviceType);
   typename Dev::Guard guard(x_hat.device());
   const HeadInputs in = check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
-                                     nontarget_coeffs, chunk_size);
+                                     nontarget_coeffs, subcenters, chunk_size);
   return Dev::backward(in, check_row_statistics(in, lse, grad_lse, grad_target));
 }
 

@@ -11,7 +11,9 @@ namespace margin_ext {
 enum class WeightType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // One chunk of classes [start, start + n_cols) seen by every row. Per-row arrays have
-// n_rows entries; class_cos is row-major (n_rows, n_cols) like the cosine chunk.
+// n_rows entries; class_cos is row-major (n_rows, n_cols) like the cosine chunk. With
+// k = params.subcenters rows per class the cosine chunk is (n_rows, n_cols * k): class j's
+// sub-centres are its columns j k .. j k + k - 1, and its cosine is their max.
 template <typename T>
 struct ChunkRows {
   int64_t n_rows;
@@ -25,6 +27,8 @@ struct ChunkRows {
   const T* coeff;         // the kind's row coefficient (CurricularFace: t), else null
   const T* class_cos;     // InterFace only, else null
   NonTargetParams params;
+
+  MX_HD int64_t row_stride() const { return n_cols * params.subcenters; }
 
   MX_HD int64_t target_col(int64_t row) const {
     const int64_t t = labels[row] - start;

@@ -39,6 +39,7 @@ struct NonTargetParams {
   double inter_mu;      // kInterFace: mhat = alpha * (exp(-mu / phi) - exp(-theta_y / phi))
   double inter_alpha;
   bool inter_dynamic;   // false: phi = pi / 2 and the first term is exp(-mu)
+  int subcenters;       // k: the weight's rows per class; a class's cosine is the max over its k rows
 };
 
 template <typename T>

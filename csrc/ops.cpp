@@ -19,10 +19,12 @@ PyObject* PyInit__C(void) {
 // is (5, B): the scale s_i, the target logit t_i, its derivative d_i = dt_i/dcos_y and the
 // non-target kind's row value and coefficient (InterFace: theta_y; CurricularFace: the
 // threshold cos(theta_y + m) and t); the non-target margin is a kind and its packed
-// constant coefficients (margins.NonTargetParams); target_centre only for InterFace.
+// constant coefficients, and the weight's rows per class (k sub-centres: a class's
+// cosine is the max over its k adjacent rows) (margins.NonTargetParams); target_centre
+// only for InterFace.
 #define MX_ROW_ARGS                                                                      \
   "Tensor x_hat, Tensor weight, Tensor labels, Tensor row_terms, Tensor? target_centre, " \
-  "int nontarget_kind, float[] nontarget_coeffs"
+  "int nontarget_kind, float[] nontarget_coeffs, int subcenters"
 #define MX_HEAD_ARGS MX_ROW_ARGS ", int chunk_size"
 
 TORCH_LIBRARY(margin_ext, m) {

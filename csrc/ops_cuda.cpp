@@ -65,8 +65,10 @@ bool fused_applies(const HeadInputs& in) {
   const int64_t b = in.x_hat.size(0);
   const bool tensor_core_type =
       w == at::kBFloat16 || w == at::kHalf || (w == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  // one centre per class: sub-centres run the chunk loop (its epilogues reduce each class's k columns)
   const bool fused_kind = in.params.kind == kCosine || in.params.kind == kCurricular;
-  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && fused_kind && b > 0 &&
+  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && fused_kind && in.params.subcenters == 1 &&
+         b > 0 &&
          in.weight.size(0) > 0 && tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
          gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1), weight_type(in.weight));
 }

@@ -6,6 +6,7 @@ from .functional import margin_cross_entropy
 from .monitoring import best_class, iter_cosines, top1_accuracy
 from .partial_fc import PartialFC
 from .running_stats import RunningStatistics
+from .subcenters import SubCenterDrop, subcenter_drop
 from .margins import (
     SPECS,
     AdaFace,
@@ -20,6 +21,7 @@ from .margins import (
     MagFace,
     MarginSpec,
     SphereFace,
+    SubCenterArcFace,
     sphereface_lambda,
 )
 
@@ -43,11 +45,14 @@ __all__ = [
     "RunningStatistics",
     "SPECS",
     "SphereFace",
+    "SubCenterArcFace",
+    "SubCenterDrop",
     "best_class",
     "iter_cosines",
     "load_head",
     "margin_cross_entropy",
     "save_head",
     "sphereface_lambda",
+    "subcenter_drop",
     "top1_accuracy",
 ]

@@ -59,7 +59,8 @@ def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.O
     state: Dict[str, Any] = {
         "head.weight": _by_rows(head, head.weight.detach()),
         _HEAD_META: _json_tensor({"format": FORMAT_VERSION, "num_classes": head.num_classes,
-                                  "embedding_size": head.embedding_size, "world_size": head.world_size,
+                                  "embedding_size": head.embedding_size, "subcenters": head.subcenters,
+                                  "world_size": head.world_size,
                                   "sampling_step": head.sampling_step, "margin": repr(head.margin),
                                   "margin_state": _margin_state(head)}),
     }
@@ -149,7 +150,8 @@ def _load_checked(directory, head, optimizer, names, stored):
     if meta["format"] != FORMAT_VERSION:
         raise CheckpointError(f"the checkpoint in {directory!r} has format {meta['format']}; this margin_ext "
                               f"reads format {FORMAT_VERSION}")
-    for name in ("num_classes", "embedding_size"):
+    meta.setdefault("subcenters", 1)  # saved before sub-centres existed
+    for name in ("num_classes", "embedding_size", "subcenters"):
         if meta[name] != getattr(head, name):
             raise CheckpointError(f"the checkpoint in {directory!r} has {name}={meta[name]}, "
                                   f"the head has {name}={getattr(head, name)}")
@@ -168,7 +170,7 @@ def _load_checked(directory, head, optimizer, names, stored):
         if kind in (_ROWS, _WHOLE) and saved is None:
             raise CheckpointError(f"the checkpoint in {directory!r} lacks the optimizer tensor {fqn!r}")
         if kind == _ROWS:
-            local = torch.empty((head.num_local,) + tuple(saved.size[1:]), dtype=saved.properties.dtype,
+            local = torch.empty((head.num_local * head.subcenters,) + tuple(saved.size[1:]), dtype=saved.properties.dtype,
                                 device=head.weight.device)
             tensors[fqn] = _by_rows(head, local)
         elif kind == _WHOLE:
@@ -255,7 +257,8 @@ def _no_dist() -> bool:
 
 
 def _by_rows(head: PartialFC, local: torch.Tensor):
-    """``local`` (this rank's rows of a (C, ...) tensor) as DCP should see it: placed at head.start."""
+    """``local`` (this rank's rows of a (C * k, ...) tensor, k sub-centres per class) as DCP
+    should see it: placed at row head.start * k."""
     if head.world_size == 1:
         return local
     from torch.distributed._shard.metadata import ShardMetadata
@@ -264,9 +267,10 @@ def _by_rows(head: PartialFC, local: torch.Tensor):
     local = local.contiguous()
     rest = list(local.shape[1:])
     placement = f"rank:{dist.get_rank()}/{local.device}"  # ShardedTensor names the global rank
-    shard = Shard(local, ShardMetadata([head.start] + [0] * len(rest), list(local.shape), placement))
+    k = head.subcenters
+    shard = Shard(local, ShardMetadata([head.start * k] + [0] * len(rest), list(local.shape), placement))
     with _quiet():
-        return init_from_local_shards([shard], [head.num_classes] + rest, process_group=head.process_group)
+        return init_from_local_shards([shard], [head.num_classes * k] + rest, process_group=head.process_group)
 
 
 def _local(value) -> torch.Tensor:

@@ -6,11 +6,12 @@ from typing import Optional
 
 import torch
 
-from .backends import BACKENDS, default_chunk_size, resolve
+from .backends import BACKENDS, resolve
 from .margins import ArcFace, MarginSpec
-from .pipeline import fuses_reduction, head_losses
+from .distributed import LOCAL
+from .pipeline import class_chunk_size, fuses_reduction, head_losses, owner_target_cosine
 from .reference import reference_row_losses
-from .rows import normalize, target_cosine
+from .rows import normalize
 from .running_stats import RunningStatistics
 from .validation import check_head_inputs
 
@@ -34,15 +35,16 @@ def margin_cross_entropy(
     """Margin-softmax cross-entropy of ``embeddings`` against class centres ``weight``.
 
     embeddings: (B, D) features, not normalized (float32, bfloat16 or float16).
-    weight: (C, D) class centres, not normalized, same dtype family.
+    weight: (C, D) class centres, not normalized, same dtype family; (C * k, D) for a
+    spec with k sub-centres per class (:class:`~margin_ext.margins.SubCenterArcFace`).
     labels: (B,) int64 in [0, C), or ``ignore_index`` for rows that do not count.
     margin: a spec from :mod:`margin_ext.margins`.
     reduction: "mean" over the rows that count, "sum", or "none" (a (B,) tensor,
     0 for ignored rows).
     backend: "auto", "cuda", "cpp", "triton", "torch" or "reference" (materializes
     the full logits; for tests and reading).
-    chunk_size: classes per chunk of the chunked backends; None picks one from the
-    shapes and the free memory.
+    chunk_size: classes per chunk of the chunked backends (with sub-centres, a chunk is
+    k times as many weight rows); None picks one from the shapes and the free memory.
     generator: draws the random margins of ElasticFace (on the CPU, in row order).
     check_finite: raise if the embeddings or the weight hold NaN or inf (costs a device sync).
     state: the running statistics of a spec that keeps some (AdaFace; ``margin.initial_state()``
@@ -82,13 +84,13 @@ def margin_cross_entropy(
         zero = (embeddings[:0].sum() + weight[:0].sum()).float()
         return zero.expand(labels.shape[0]) if reduction == "none" else zero
     if backend == "reference":
-        target_cos = target_cosine(normalize(x), weight[y])
+        target_cos, _ = owner_target_cosine(normalize(x), weight, y, LOCAL, False, margin.subcenters)
         row_margin = margin.row_margins(y.numel(), target_cos, generator)
         row_losses = reference_row_losses(x, weight, y, margin, row_margin.to(x.device), state=state,
                                           update_state=update_state)
     else:
         kernels = resolve(backend, embeddings.device)
-        chunk = min(chunk_size or default_chunk_size(y.numel(), weight.shape[0], weight.device), weight.shape[0])
+        chunk = min(chunk_size or class_chunk_size(y.numel(), weight, margin), weight.shape[0] // margin.subcenters)
         if reduction != "none" and fuses_reduction(kernels, embeddings, weight):
             row_weight = 1.0 / rows.numel() if reduction == "mean" else 1.0
             return head_losses(x, weight, y, margin, kernels, chunk, generator=generator, row_weight=row_weight,
@@ -115,10 +117,10 @@ def _compiled_loss(embeddings, weight, labels, valid, margin, reduction, backend
     only), so with ignored rows an ElasticFace draw differs from eager's.
     """
     kernels = resolve(backend, embeddings.device)
-    chunk = chunk_size or default_chunk_size(labels.shape[0], weight.shape[0], weight.device)
+    chunk = chunk_size or class_chunk_size(labels.shape[0], weight, margin)
     y = torch.where(valid, labels, -1)
-    row_losses = head_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0]), generator=generator,
-                             state=state, update_state=update_state, counted=valid)
+    row_losses = head_losses(embeddings, weight, y, margin, kernels, min(chunk, weight.shape[0] // margin.subcenters),
+                             generator=generator, state=state, update_state=update_state, counted=valid)
     row_losses = torch.where(valid, row_losses, 0.0)
     if reduction == "sum":
         return row_losses.sum()

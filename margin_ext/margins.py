@@ -61,6 +61,10 @@ class NonTargetParams:
 
     kind: NonTargetKind = NonTargetKind.COSINE
     coeffs: Tuple[float, ...] = ()
+    #: k, the weight's rows per class (sub-centre q of class j at row j * k + q): a class's
+    #: cosine, its target's included, is the max over its k rows, and its gradient goes to
+    #: the arg-max row (the lowest q among ties); 1 for every spec but SubCenterArcFace
+    subcenters: int = 1
 
 
 @dataclass
@@ -102,6 +106,8 @@ class MarginSpec:
 
     #: whether ``row_margins`` draws random numbers
     is_random: bool = False
+    #: rows of the weight per class (SubCenterArcFace's k)
+    subcenters: int = 1
 
     def nontarget_params(self) -> NonTargetParams:
         """The non-target kind and constant coefficients the kernels apply to the other classes."""
@@ -176,7 +182,8 @@ def _angular(cos_y, m1, m2, m3):
 
 class _AdditiveAngularMargin(MarginSpec):
     """The checks and the margin of the specs whose target is cos(theta_y + m) with a
-    constant m in [0, pi) (ArcFace, InterFace, CurricularFace): frozen dataclasses with fields s, m."""
+    constant m in [0, pi) (ArcFace, InterFace, CurricularFace, SubCenterArcFace): frozen
+    dataclasses with fields s, m."""
 
     def __post_init__(self):
         _check_scale(self.s)
@@ -612,6 +619,49 @@ class CurricularFace(_AdditiveAngularMargin):
         return torch.where(hard, cos * (t + cos), cos)
 
 
+#: the most sub-centres per class: the kernels keep a class's arg-max in a byte and the
+#: Triton kernels unroll the loop over a class's rows
+MAX_SUBCENTERS = 32
+
+
+@dataclass(frozen=True)
+class SubCenterArcFace(_AdditiveAngularMargin):
+    """ArcFace over k sub-centres per class (Sub-center ArcFace, Deng et al., ECCV 2020;
+    read from deepinsight/insightface ``recognition/SubCenter-ArcFace``).
+
+    The weight holds k rows per class, sub-centre q of class j at row j * k + q (the
+    layout of pytorch-metric-learning's SubCenterArcFaceLoss), so it has C * k rows.
+    c_j = max_q cos(x, w_{j k + q})        (every class, the target included)
+    target / s     = cos(theta_y + m)  if c_y > cos(pi - m), else c_y - m * sin(m)
+                     (ArcFace's classic fallback), theta_y = acos(c_y)
+    non-target / s = c_j
+    The gradient of c_j reaches only its arg-max sub-centre (ties: the lowest q), as
+    autograd of the authors' max pooling; the other sub-centres of the class get none
+    from that row. Defaults s = 64, m = 0.5, k = 3 (the paper). After training,
+    :func:`margin_ext.subcenter_drop` keeps each class's dominant sub-centre and reports
+    the samples far from it (the paper's cleaning step).
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+    k: int = 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("k", self.k, isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= MAX_SUBCENTERS,
+               f"an integer in [1, {MAX_SUBCENTERS}]")
+
+    @property
+    def subcenters(self) -> int:
+        return self.k
+
+    def target(self, cos_y, row_margin):
+        return arcface_target(cos_y, row_margin)
+
+    def nontarget_params(self):
+        return NonTargetParams(subcenters=self.k)
+
+
 @dataclass(frozen=True)
 class IntraLoss(MarginSpec):
     """A base margin plus an intra-class gradient-enhancing term (after arXiv 2107.03352).
@@ -640,6 +690,10 @@ class IntraLoss(MarginSpec):
     @property
     def is_random(self):
         return self.base.is_random
+
+    @property
+    def subcenters(self):
+        return self.base.subcenters
 
     def margin_value(self):
         return self.base.margin_value()
@@ -693,4 +747,5 @@ SPECS = {
     "adaface": AdaFace,
     "magface": MagFace,
     "curricularface": CurricularFace,
+    "subcenter": SubCenterArcFace,
 }

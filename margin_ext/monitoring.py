@@ -30,9 +30,10 @@ def iter_cosines(embeddings: torch.Tensor, weight: torch.Tensor,
 
 
 @torch.no_grad()
-def best_class(embeddings: torch.Tensor, weight: torch.Tensor,
-               chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(max cosine, its class index) per row over the classes of ``weight``.
+def best_class(embeddings: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int] = None,
+               subcenters: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(max cosine, its class index) per row over the classes of ``weight`` (with k =
+    ``subcenters`` rows per class: the best row's class, its cosine the class's).
 
     The sharded head combines these per shard (the shard with the larger cosine wins).
     """
@@ -43,15 +44,16 @@ def best_class(embeddings: torch.Tensor, weight: torch.Tensor,
         better = value > best_cos
         best_cos = torch.where(better, value, best_cos)
         best_idx = torch.where(better, idx + start, best_idx)
-    return best_cos, best_idx
+    return best_cos, torch.div(best_idx, subcenters, rounding_mode="floor")
 
 
 @torch.no_grad()
 def top1_accuracy(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                  ignore_index: int = -1, chunk_size: Optional[int] = None) -> float:
-    """Fraction of non-ignored rows whose nearest class centre is their label."""
+                  ignore_index: int = -1, chunk_size: Optional[int] = None, subcenters: int = 1) -> float:
+    """Fraction of non-ignored rows whose nearest class centre is their label (with k =
+    ``subcenters`` rows per class, the class of the nearest row)."""
     valid = labels != ignore_index
     if not valid.any():
         return float("nan")
-    _, predicted = best_class(embeddings, weight, chunk_size)
+    _, predicted = best_class(embeddings, weight, chunk_size, subcenters)
     return (predicted[valid] == labels[valid]).float().mean().item()

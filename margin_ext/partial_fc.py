@@ -34,10 +34,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .backends import BACKENDS, default_chunk_size, resolve
+from .backends import BACKENDS, resolve
 from .margins import ArcFace, MarginSpec
 from .monitoring import best_class
-from .pipeline import head_losses
+from .pipeline import class_chunk_size, head_losses
+from .subcenters import class_rows
 from .validation import (EMB_NDIM, FLOAT_DTYPES, NOT_TENSOR, OK, batch_error, batch_problem, dtype_code,
                          dtype_name)
 
@@ -128,8 +129,11 @@ class PartialFC(nn.Module):
         :func:`initial_class_centres`); negative sampling draws from (seed, rank, step).
     ignore_index: label of rows that do not count.
 
-    ``head.weight`` is this rank's shard, classes [start, start + n_r). Never wrap the
-    head in DistributedDataParallel (it raises): its parameters are sharded.
+    ``head.weight`` is this rank's shard, classes [start, start + n_r). With k sub-centres
+    per class (:class:`~margin_ext.margins.SubCenterArcFace`) it holds their n_r * k rows,
+    sub-centre q of class start + i at row i * k + q: a class's sub-centres stay on one
+    rank, sampling keeps or drops whole classes, and checkpoints reshard by class. Never
+    wrap the head in DistributedDataParallel (it raises): its parameters are sharded.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginSpec = ArcFace(),
@@ -161,13 +165,16 @@ class PartialFC(nn.Module):
         self.ignore_index = ignore_index
         self.start, self.stop = distributed.shard_range(num_classes, self.world_size, self.rank)
         self.num_local = self.stop - self.start
+        #: k, the weight's rows per class: this shard's rows are [start * k, stop * k) of the (C * k, D) whole
+        self.subcenters = margin.subcenters
         self.sampling_step = 0  # advances once per sampled step; part of the saved state
         #: the spec's running statistics (AdaFace's norm mean and std; None for a stateless
         #: spec): updated from the global batch in training, frozen in eval, saved with the head
         self.margin_state = margin.initial_state()
         #: global ids of this shard's classes used by the last call (None: all of them)
         self.sampled_classes: Optional[torch.Tensor] = None
-        self.weight = nn.Parameter(initial_class_centres(self.start, self.stop, embedding_size, seed, dtype))
+        k = self.subcenters
+        self.weight = nn.Parameter(initial_class_centres(self.start * k, self.stop * k, embedding_size, seed, dtype))
         self._kernels: Dict[torch.device, object] = {}
         self._sampler: Optional[torch.Generator] = None
 
@@ -198,12 +205,13 @@ class PartialFC(nn.Module):
         if self.sample_rate < 1.0 and self.training:
             index, local_labels = sample_classes(local_labels, self.num_local, self.sample_rate,
                                                  self._next_sampler(weight.device))
-            weight = weight[index]  # gradient reaches only the sampled centres
+            weight = weight[class_rows(index, self.subcenters)]  # gradient reaches only the sampled centres
             self.sampled_classes = index + self.start
 
         kernels = self._kernels_for(weight.device)
-        chunk = self.chunk_size or default_chunk_size(n_rows, weight.shape[0], weight.device)
-        losses = head_losses(x, weight, local_labels, self.margin, kernels, min(chunk, weight.shape[0]),
+        classes = weight.shape[0] // self.subcenters
+        chunk = self.chunk_size or class_chunk_size(n_rows, weight, self.margin)
+        losses = head_losses(x, weight, local_labels, self.margin, kernels, min(chunk, classes),
                              group=self.process_group, generator=generator, state=self.margin_state,
                              update_state=self.training)
         return losses.sum() / n_rows
@@ -271,7 +279,7 @@ class PartialFC(nn.Module):
         """Fraction of the global batch's counted rows whose nearest centre (plain cosine) is
         their label; the same float on every rank (NaN when no row counts). A collective."""
         x, y = self._gather_batch(embeddings, labels, differentiable=False)
-        cos, column = best_class(x, self.weight, self.chunk_size)
+        cos, column = best_class(x, self.weight, self.chunk_size, self.subcenters)
         # each shard's best, then the shard with the largest cosine wins (ties: lowest class)
         all_cos = distributed.all_gather_stacked(cos, self.process_group)
         all_class = distributed.all_gather_stacked(column + self.start, self.process_group)
@@ -283,8 +291,9 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
-        """All C centres on every rank (an all-gather of C x D: for tests and export only)."""
-        sizes = [distributed.shard_size(self.num_classes, self.world_size, r) for r in range(self.world_size)]
+        """All C centres (C * k sub-centres) on every rank (an all-gather of C x D: for tests and export only)."""
+        sizes = [distributed.shard_size(self.num_classes, self.world_size, r) * self.subcenters
+                 for r in range(self.world_size)]
         return distributed.all_gather_rows(self.weight.detach(), sizes, self.process_group).clone()
 
     # ------------------------------------------------------------------ state and misuse
@@ -303,7 +312,8 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.start}, {self.stop}) of rank {self.rank}/{self.world_size}, "
-                f"margin={self.margin!r}, sample_rate={self.sample_rate}"
+                + ("" if self.subcenters == 1 else f"{self.subcenters} sub-centres per class, ")
+                + f"margin={self.margin!r}, sample_rate={self.sample_rate}"
                 + ("" if self.margin_state is None else f", margin_state={self.margin_state!r}"))
 
     @property

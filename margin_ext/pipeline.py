@@ -16,24 +16,35 @@ from typing import Optional
 import torch
 
 from . import distributed
-from .backends.base import Kernels
+from .backends.base import Kernels, default_chunk_size
 from .head_function import head_statistics, reduced_head_loss
 from .margins import MarginSpec, NonTargetKind, TargetRow
 from .running_stats import RunningStatistics, batch_state
 from .rows import RowInputs, normalize, target_terms
+from .subcenters import class_rows, max_over_subcenters
 
 
 def owner_target_cosine(x_hat: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group,
-                        with_centre: bool):
+                        with_centre: bool, subcenters: int = 1):
     """cos(theta_y) per row (differentiable) and, when asked, the detached normalized target
     centre, from the rank that owns each row's class.
 
-    Each rank fills the rows whose class it owns and zeros elsewhere (no data-dependent
-    shapes: torch.compile traces it); the sum over the ranks is then exact.
+    With k = ``subcenters`` rows per class, c_y is the max over the class's rows, its
+    gradient to the arg-max row (:mod:`margin_ext.subcenters`). Each rank fills the rows
+    whose class it owns and zeros elsewhere (no data-dependent shapes: torch.compile
+    traces it); the sum over the ranks is then exact.
     """
     owned = (labels >= 0).unsqueeze(1)
-    centre = normalize(weight[labels.clamp_min(0)]).to(x_hat.dtype)
-    cos = torch.where(owned.squeeze(1), (x_hat * centre).sum(dim=1), torch.zeros_like(x_hat[:, 0]))
+    k = subcenters
+    centre = normalize(weight[class_rows(labels.clamp_min(0), k)]).to(x_hat.dtype)
+    if k == 1:
+        cos = (x_hat * centre).sum(dim=1)
+    else:
+        centre = centre.view(x_hat.shape[0], k, -1)
+        cos, pick = max_over_subcenters((x_hat.unsqueeze(1) * centre).sum(dim=2), k)  # one class per row
+        cos = cos.squeeze(1)
+        centre = centre.gather(1, pick.view(-1, 1, 1).expand(-1, 1, centre.shape[2])).squeeze(1)
+    cos = torch.where(owned.squeeze(1), cos, torch.zeros_like(x_hat[:, 0]))
     target_cos = distributed.sum_across_ranks(cos, group)
     if not with_centre:
         return target_cos, None
@@ -79,15 +90,16 @@ def head_losses(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spe
                 update_state: bool = True, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss of every row (row_weight None), or sum_i row_weight * loss_i.
 
-    x: (B, D) features of the (global) batch, not normalized; labels: (B,) columns of
-    ``weight`` or -1. A reduced loss (:func:`fuses_reduction` must hold) runs the kernels'
+    x: (B, D) features of the (global) batch, not normalized; labels: (B,) classes of
+    ``weight`` (its rows, or with sub-centres its groups of k rows) or -1. A reduced loss (:func:`fuses_reduction` must hold) runs the kernels'
     forward_backward: the gradients computed with the forward, one sweep instead of two.
     ``state``, ``update_state``, ``counted``: the spec's running statistics (see
     :func:`~margin_ext.running_stats.batch_state`; ``counted`` masks the rows they are taken over, None: all).
     """
     x_hat = normalize(x)
     target_cos, target_centre = owner_target_cosine(
-        x_hat, weight, labels, group, with_centre=spec.nontarget_params().kind == NonTargetKind.INTERFACE)
+        x_hat, weight, labels, group, with_centre=spec.nontarget_params().kind == NonTargetKind.INTERFACE,
+        subcenters=spec.subcenters)
     row = target_row(spec, x, target_cos, group, generator, state, update_state, counted)
     params = spec.nontarget_params()
     rows = row_inputs(spec, x, labels, target_cos, target_centre, group, generator, row)
@@ -102,6 +114,12 @@ def head_losses(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spe
     lse, target_logit = head_statistics(x_hat, weight, rows, params, kernels, chunk_size)
     losses = distributed.logsumexp_across_ranks(lse, group) - distributed.sum_across_ranks(target_logit, group)
     return losses if extra is None else losses + extra
+
+
+def class_chunk_size(n_rows: int, weight: torch.Tensor, margin: MarginSpec) -> int:
+    """Classes per chunk: the default chunk of weight rows, k rows per class with sub-centres."""
+    k = margin.subcenters
+    return max(default_chunk_size(n_rows, weight.shape[0], weight.device) // k, 1)
 
 
 def fuses_reduction(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from .margins import MarginSpec, NonTargetKind, TargetRow
 from .rows import normalize_rows
 from .running_stats import RunningStatistics, batch_state
 from .saturate import cast_saturating_grad
+from .subcenters import max_over_subcenters
 
 
 def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -34,7 +35,8 @@ def reference_row_losses(embeddings: torch.Tensor, weight: torch.Tensor, labels:
     x = normalize_rows(embeddings.to(dtype))
     # a weight gradient beyond the weight's dtype saturates (saturate.py), as in every backend
     w = normalize_rows(cast_saturating_grad(weight, dtype))
-    cos = x @ w.T
+    # with sub-centres, each class's cosine is the max over its k rows (gradient to the arg-max)
+    cos, _ = max_over_subcenters(x @ w.T, margin.subcenters)
     target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
 
     class_cos = None

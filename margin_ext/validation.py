@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .margins import MarginSpec
+from .subcenters import check_rows
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -78,6 +79,7 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
     """Shapes, dtypes, devices and label range of one call of the head.
 
     ``num_classes`` is the total number of classes when ``weight`` holds only a shard.
+    With k sub-centres per class (``margin.subcenters``) the weight has k rows per class.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -89,6 +91,7 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
         raise TypeError(f"weight.dtype={weight.dtype} is not supported: expected one of {FLOAT_DTYPES}")
     if weight.shape[0] == 0:
         raise ValueError("weight has no classes (C = 0)")
+    weight_classes = check_rows(weight.shape[0], margin.subcenters)
     code, value = batch_problem(embeddings, labels, weight.shape[1], weight.device)
     if code != OK:
         batch = embeddings.shape[0] if code not in (NOT_TENSOR, EMB_NDIM) else 0
@@ -98,7 +101,7 @@ def check_head_inputs(embeddings, weight, labels, margin, *, ignore_index: int =
         raise ValueError("embeddings is an empty batch (B = 0): pass at least one row")
     if embeddings.shape[1] == 0:
         raise ValueError("embeddings have no features (D = 0): the embedding size must be at least 1")
-    check_labels(labels, num_classes or weight.shape[0], ignore_index)
+    check_labels(labels, num_classes or weight_classes, ignore_index)
     if check_finite:
         for name, t in (("embeddings", embeddings), ("weight", weight)):
             if not torch.isfinite(t).all():

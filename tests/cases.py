@@ -37,6 +37,15 @@ SPEC_CASES = {
     "curricularface_small_m": mx.CurricularFace(s=30.0, m=0.1),
 }
 
+# Specs with k sub-centres per class: their weight has k rows per class, so they take
+# inputs of their own (make_inputs(..., subcenters=spec.subcenters)); tests/test_subcenters.py
+# runs them on every backend. k = 1 is ArcFace itself.
+SUBCENTER_CASES = {
+    "subcenter": mx.SubCenterArcFace(),
+    "subcenter_k2": mx.SubCenterArcFace(s=30.0, m=0.3, k=2),
+    "subcenter_k1": mx.SubCenterArcFace(k=1),
+}
+
 # Specs whose gradient is documented as not the derivative of the loss, left out of
 # gradcheck (their gradients are checked against the reference): InterFace (its margin
 # depends on the detached theta_y and centre angles), the straight-through ArcFace,
@@ -46,19 +55,24 @@ NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through
                       "curricularface", "curricularface_small_m")
 
 
-def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None):
-    """Features, class centres and labels; features get a varied norm (SphereFace reads it)."""
+def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None, subcenters=1):
+    """Features, class centres and labels; features get a varied norm (SphereFace reads it).
+    With k = ``subcenters`` the weight has n_classes * k rows (k per class)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_rows, dim, generator=g, dtype=torch.float64) * (0.5 + torch.rand(n_rows, 1, generator=g))
-    w = torch.randn(n_classes, dim, generator=g, dtype=torch.float64)
+    w = torch.randn(n_classes * subcenters, dim, generator=g, dtype=torch.float64)
     if labels is None:
         labels = torch.randint(0, n_classes, (n_rows,), generator=g)
     labels = torch.as_tensor(labels, dtype=torch.int64).clone()
     for r in ignore_rows:
         labels[r] = -1
-    # Pull each feature towards its centre so that margins and fallbacks all get exercised.
+    # Pull each feature towards its centre (with sub-centres: one of them, drawn) so that
+    # margins and fallbacks all get exercised.
     valid = labels >= 0
-    x[valid] += 1.5 * w[labels[valid]] / w[labels[valid]].norm(dim=1, keepdim=True) * x[valid].norm(dim=1, keepdim=True)
+    rows = labels[valid] * subcenters
+    if subcenters > 1:
+        rows += torch.randint(0, subcenters, rows.shape, generator=g)
+    x[valid] += 1.5 * w[rows] / w[rows].norm(dim=1, keepdim=True) * x[valid].norm(dim=1, keepdim=True)
     return x.to(dtype), w.to(dtype), labels
 
 
@@ -80,14 +94,16 @@ class HeadResult(tuple):
 
 def reference_loss_and_grads(x, w, labels, spec, compute_dtype, seed=0, reduction="mean"):
     """The reference head in ``compute_dtype`` (None: the inputs' own low precision)."""
+    from margin_ext.distributed import LOCAL
+    from margin_ext.pipeline import owner_target_cosine
     from margin_ext.reference import reference_row_losses
-    from margin_ext.rows import normalize, target_cosine
+    from margin_ext.rows import normalize
 
     x = x.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
     valid = labels != -1
     xv, yv = x[valid], labels[valid]
-    target_cos = target_cosine(normalize(xv.detach()), w.detach()[yv])
+    target_cos, _ = owner_target_cosine(normalize(xv.detach()), w.detach(), yv, LOCAL, False, spec.subcenters)
     margins = spec.row_margins(int(valid.sum()), target_cos, torch.Generator().manual_seed(seed))
     rows = reference_row_losses(xv, w, yv, spec, margins, compute_dtype=compute_dtype)
     terms = rows / max(int(valid.sum()), 1) if reduction == "mean" else rows
@@ -214,7 +230,7 @@ def kernel_inputs(spec, x, w, y, generator=None):
 
     x_hat = normalize(x)
     interface = spec.nontarget_params().kind == NonTargetKind.INTERFACE
-    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=interface)
+    cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=interface, subcenters=spec.subcenters)
     row = target_row(spec, x, cos, LOCAL, generator)
     return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params()
 

@@ -14,7 +14,7 @@ from margin_ext.backends import BackendUnavailable
 from margin_ext.backends import extension as ext
 from margin_ext.margins import TargetRow
 from margin_ext.rows import RowInputs, normalize, target_terms
-from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
+from cases import (NOT_THE_DERIVATIVE, SPEC_CASES, SUBCENTER_CASES, kernel_inputs, rows_to, assert_low_precision_result, assert_within_reference_error, logit_scale,
                    loss_and_grads, make_inputs, reference_loss_and_grads)
 from cases import DEGENERATE_SPECS, assert_degenerate_centres_result, degenerate_centre_inputs
 
@@ -58,7 +58,7 @@ def test_auto_takes_the_compiled_kernels_of_the_device(monkeypatch):
 
 
 def test_every_spec_class_is_covered():
-    assert {type(s) for s in SPEC_CASES.values()} >= set(mx.SPECS.values())
+    assert {type(s) for s in (*SPEC_CASES.values(), *SUBCENTER_CASES.values())} >= set(mx.SPECS.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -231,7 +231,7 @@ def test_host_checks_name_the_bad_argument():
     spec = SPEC_CASES["interface"]
     x_hat, w, rows, params = op_inputs(spec)
     args = dict(zip(("x_hat", "weight", "labels", "row_terms", "target_centre", "nontarget_kind",
-                     "nontarget_coeffs"), ext.op_args(x_hat, w, rows, params)))
+                     "nontarget_coeffs", "subcenters"), ext.op_args(x_hat, w, rows, params)))
 
     def call(**changes):
         a = {**args, **changes}
@@ -253,6 +253,13 @@ def test_host_checks_name_the_bad_argument():
         call(nontarget_kind=2, nontarget_coeffs=[0.3])  # its t is a row of row_terms
     with pytest.raises(RuntimeError, match="chunk_size=0"):
         torch.ops.margin_ext.head_forward(*args.values(), 0)
+    with pytest.raises(RuntimeError, match="subcenters=0 is invalid"):
+        call(subcenters=0)
+    with pytest.raises(RuntimeError, match="subcenters=2 is invalid with the INTERFACE"):
+        call(subcenters=2)
+    cosine = dict(nontarget_kind=0, nontarget_coeffs=[], target_centre=None)
+    with pytest.raises(RuntimeError, match=f"weight has {w.shape[0]} rows, not a multiple of subcenters=5"):
+        call(subcenters=5, **cosine)
 
 
 def test_backend_unavailable_says_why():

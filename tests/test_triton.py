@@ -28,8 +28,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import margin_ext as mx  # noqa: E402
-from cases import (SPEC_CASES, kernel_inputs as pipeline_inputs, assert_low_precision_result, assert_within_reference_error,  # noqa: E402
-                   logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads, tf32_matmuls)
+from cases import (DEGENERATE_SPECS, SPEC_CASES, kernel_inputs as pipeline_inputs,  # noqa: E402
+                   assert_degenerate_centres_result, assert_low_precision_result, assert_within_reference_error,
+                   degenerate_centre_inputs, logit_scale, loss_and_grads, make_inputs, reference_loss_and_grads,
+                   rows_to, tf32_matmuls)
 from margin_ext.backends import BackendUnavailable, resolve  # noqa: E402
 from margin_ext.backends.torch_chunked import TORCH_KERNELS  # noqa: E402
 
@@ -98,6 +100,39 @@ def test_low_precision_within_reference_error(name, dtype, device):
     x, w, y = make_inputs(9, 37, 24, dtype, seed=2, labels=BOUNDARY_LABELS, ignore_rows=(8,))
     got = loss_and_grads(*on(device, x, w, y), spec, backend="triton")
     assert_low_precision_result(cpu(got), x, w, y, spec, dtype, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", DEGENERATE_SPECS)
+def test_zero_tiny_and_huge_centres(name, dtype, device):
+    """Zero, tiny (1e-30), subnormal and huge centres, each some row's target: finite
+    gradients near the float64 reference's (a float16 zero centre's saturates). Chunks of
+    16 classes, the last one partial."""
+    triton_kernels(device)
+    spec = SPEC_CASES[name]
+    x, w, y, w_ordinary = degenerate_centre_inputs(9, 37, 24, dtype)
+    got = cpu(loss_and_grads(*on(device, x, w, y), spec, backend="triton", chunk_size=16))
+    assert_degenerate_centres_result(got, x, w, y, spec, w_ordinary, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_degenerate_centres_through_split_weight_gradient(dtype, device):
+    """A weight gradient split along the rows takes the host's epilogue: the same rows as
+    the kernel's own epilogue (saturated, finite), each within a few ulps of the dtype."""
+    kernels = triton_kernels(device)
+    spec = SPEC_CASES["arcface"]
+    x, w, y, _ = degenerate_centre_inputs(9, 37, 24, dtype)
+    x_hat, rows, params = pipeline_inputs(spec, x.float(), w, y, torch.Generator().manual_seed(0))
+    x_hat, w, rows = x_hat.to(device), w.to(device), rows_to(rows, device)
+    lse, _ = kernels.forward(x_hat, w, rows, params, 16)
+    upstream = (torch.full_like(lse, 0.1), torch.full_like(lse, -0.1))
+    whole = kernels.backward(x_hat, w, rows, params, 16, lse, *upstream)[1].cpu()
+    split = kernels.backward(x_hat, w, rows, params, 16, lse, *upstream, weight_splits=2)[1].cpu()
+    assert torch.isfinite(split).all() and torch.isfinite(whole).all()
+    size = whole.double().abs().amax(dim=1, keepdim=True)
+    assert ((split.double() - whole.double()).abs() <= 4 * torch.finfo(dtype).eps * size).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

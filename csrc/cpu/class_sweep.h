@@ -8,6 +8,14 @@
 // The target column of each row takes the row's target logit t_i (and its derivative
 // d_i in the backward), evaluated once per row in Python.
 //
+// Sub-centres (k > 1 rows per class, sub-centre q of class j at row j k + q): a chunk is
+// a whole number of classes, k n rows; the GEMM gives the (rows x k n) cosines as always,
+// then reduce_subcenters keeps each class's max (times its inv_norm) in a (rows x n)
+// buffer with the arg-max q in a byte, and the row kernels see that buffer as a chunk of
+// n classes whose inv_norm is 1. In the backward, gradient_to_subcenters writes each
+// class's dL/dcos back onto its arg-max column of the GEMM's buffer (times that row's
+// inv_norm) and zeros on the others, so the gradient products run as for k = 1.
+//
 // The row-side steps take a RowRange: the rows one GEMM covered, all of the batch for the
 // op pair, a row block for row_block_sweep.cpp. Per-row arrays (lse, grad_lse, the
 // statistics) are always the batch's, indexed by the row's place in it.
@@ -15,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
@@ -52,7 +61,11 @@ template <typename T>
 struct ClassSweep {
   const HeadInputs& in;
   const RowKernels<T>& kernels;
-  int64_t rows, classes, dim, chunk;
+  int64_t rows, classes, dim, chunk;  // classes, chunk: rows of the weight (k per class)
+  int64_t k;                   // sub-centres per class
+  at::Tensor class_buffer;     // k > 1: (gemm rows * chunk / k) in T, a chunk's class cosines, then their G
+  at::Tensor picks;            // k > 1: (gemm rows * chunk / k) uint8, each class's arg-max sub-centre
+  at::Tensor ones;             // k > 1: (chunk / k) in T, the class cosines' inv_norm
   bool converts;               // centres stored in another dtype than T
   at::Tensor norm, inv_norm;   // (C,) in T
   at::Tensor converted;        // (chunk, D) in T, when converts
@@ -68,10 +81,18 @@ struct ClassSweep {
         kernels(row_kernels<T>()),
         rows(inputs.x_hat.size(0)),
         classes(inputs.weight.size(0)),
-        dim(inputs.x_hat.size(1)) {
+        dim(inputs.x_hat.size(1)),
+        k(inputs.params.subcenters) {
     const int64_t widest = std::max<int64_t>(std::max(gemm_rows, dim), 1) * int64_t(sizeof(T));
     const int64_t cache_chunk = std::max(kMinChunk, kChunkBytes / widest);
-    chunk = std::max<int64_t>(1, std::min({in.chunk_size, classes, cache_chunk}));
+    chunk = std::max<int64_t>(1, std::min({in.chunk_size * k, classes, cache_chunk}));
+    chunk = std::max(k, chunk / k * k);  // whole classes
+    if (k > 1) {
+      const int64_t class_chunk = chunk / k;
+      class_buffer = at::empty({std::max<int64_t>(gemm_rows, 1) * class_chunk}, in.x_hat.options());
+      picks = at::empty({std::max<int64_t>(gemm_rows, 1) * class_chunk}, in.x_hat.options().dtype(at::kByte));
+      ones = at::ones({class_chunk}, in.x_hat.options());
+    }
     converts = in.weight.scalar_type() != in.x_hat.scalar_type();
     if (converts) converted = at::empty({chunk, dim}, in.x_hat.options());
     target = at::empty({rows}, in.labels.options());
@@ -134,21 +155,22 @@ struct ClassSweep {
     inv_norm = norm.clamp_min(kNormEps).reciprocal_();
   }
 
-  // The row kernels' view of chunk [start, start + n) for the rows r: cos (r.count x n)
-  // holds <x_hat_i, w_j> (class_cos: InterFace's <centre_i, w_j>, or null). Finds the
-  // targets' columns.
+  // The row kernels' view of the chunk of weight rows [start, start + n) for the rows r:
+  // cos (r.count x n) holds <x_hat_i, w_j> (class_cos: InterFace's <centre_i, w_j>, or
+  // null). Finds the targets' columns; with sub-centres, reduces cos to its n / k classes.
   RowChunk<T> row_chunk(T* cos, const T* class_cos, RowRange r, int64_t start, int64_t n) {
     const int64_t* labels = in.labels.template data_ptr<int64_t>() + r.first;
     int64_t* t = target.template data_ptr<int64_t>() + r.first;
+    const int64_t first_class = start / k, n_classes = n / k;
     for (int64_t i = 0; i < r.count; ++i) {
-      const int64_t col = labels[i] - start;
-      t[i] = col >= 0 && col < n ? col : -1;
+      const int64_t col = labels[i] - first_class;
+      t[i] = col >= 0 && col < n_classes ? col : -1;
     }
     RowChunk<T> rc;
-    rc.n_cols = n;
-    rc.cos = cos;
+    rc.n_cols = n_classes;
+    rc.cos = k == 1 ? cos : reduce_subcenters(cos, r, start, n);
     rc.class_cos = class_cos;
-    rc.inv_norm = inv_norm.template data_ptr<T>() + start;
+    rc.inv_norm = k == 1 ? inv_norm.template data_ptr<T>() + start : ones.template data_ptr<T>();
     rc.target = t;
     rc.scale = in.template row<T>(kScale) + r.first;
     rc.interface_margin = in.params.kind == kInterFace;
@@ -159,6 +181,55 @@ struct ClassSweep {
     rc.inter_mu = T(in.params.inter_mu);
     rc.inter_alpha = T(in.params.inter_alpha);
     return rc;
+  }
+
+  // k > 1: class_buffer (r.count x n / k) <- max_q cos[i][c k + q] * inv_norm (the class
+  // cosines), picks <- the first q that reaches it (a NaN cosine wins, as torch.max's).
+  T* reduce_subcenters(const T* cos, RowRange r, int64_t start, int64_t n) {
+    const int64_t n_classes = n / k;
+    T* out = class_buffer.template data_ptr<T>();
+    uint8_t* pick = picks.template data_ptr<uint8_t>();
+    const T* inv = inv_norm.template data_ptr<T>() + start;
+    at::parallel_for(0, r.count, grain_for(n), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const T* row = cos + i * n;
+        for (int64_t c = 0; c < n_classes; ++c) {
+          const int64_t j = c * k;
+          T best = row[j] * inv[j];
+          int64_t best_q = 0;
+          for (int64_t q = 1; q < k; ++q) {
+            const T v = row[j + q] * inv[j + q];
+            if (v > best || (v != v && best == best)) {
+              best = v;
+              best_q = q;
+            }
+          }
+          out[i * n_classes + c] = best;
+          pick[i * n_classes + c] = static_cast<uint8_t>(best_q);
+        }
+      }
+    });
+    return out;
+  }
+
+  // k > 1, after backward_rows: rc's class gradients (its cos, over inv_norm 1) onto the
+  // arg-max column of each class in cos (r.count x n), times that row's inv_norm; the
+  // other sub-centres' columns 0. cos then holds G for the gradient products.
+  void gradient_to_subcenters(const RowChunk<T>& rc, T* cos, RowRange r, int64_t start, int64_t n) {
+    if (k == 1) return;
+    const int64_t n_classes = n / k;
+    const uint8_t* pick = picks.template data_ptr<uint8_t>();
+    const T* inv = inv_norm.template data_ptr<T>() + start;
+    at::parallel_for(0, r.count, grain_for(n), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T* row = cos + i * n;
+        std::fill(row, row + n, T(0));
+        for (int64_t c = 0; c < n_classes; ++c) {
+          const int64_t j = c * k + pick[i * n_classes + c];
+          row[j] = rc.cos[i * n_classes + c] * inv[j];
+        }
+      }
+    });
   }
 
   // Folds the chunk's logits into each row's running (max, sum-exp) and keeps the target

@@ -104,6 +104,7 @@ struct Sweep : ClassSweep<T> {
       this->backward_rows(rc, all_rows(), lse.template data_ptr<T>(), grad_lse.template data_ptr<T>(),
                           grad_target.template data_ptr<T>(), grad_scale.template data_ptr<T>(),
                           row_grad_scale.template data_ptr<T>());
+      this->gradient_to_subcenters(rc, this->view(cos, rows, n).template data_ptr<T>(), all_rows(), start, n);
       // cos now holds G = dL/dcos scaled by inv_norm: the GEMMs take the raw centres
       this->chunk_gradients(this->view(cos, rows, n), w, start, n, grad_x, h, grad_w);
     }

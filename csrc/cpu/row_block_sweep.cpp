@@ -91,7 +91,9 @@ struct RowBlockSweep : ClassSweep<T> {
       for (int64_t start = 0; start < classes; start += chunk) {
         const int64_t n = std::min(chunk, classes - start);
         at::Tensor g = stored_chunk(r, start, n);
-        this->backward_rows(this->row_chunk(g.template data_ptr<T>(), nullptr, r, start, n), r, l, gl, gt, gs, sa);
+        const RowChunk<T> rc = this->row_chunk(g.template data_ptr<T>(), nullptr, r, start, n);
+        this->backward_rows(rc, r, l, gl, gt, gs, sa);
+        this->gradient_to_subcenters(rc, g.template data_ptr<T>(), r, start, n);
         const at::Tensor w = this->centres(start, n);
         if (one_block) {
           this->chunk_gradients(g, w, start, n, grad_x, h, grad_w);
@@ -129,11 +131,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_b
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
     const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
-    int64_t chunk_size, const at::Tensor& grad_lse, const at::Tensor& grad_target, int64_t logits_budget,
+    int64_t subcenters, int64_t chunk_size, const at::Tensor& grad_lse, const at::Tensor& grad_target, int64_t logits_budget,
     int64_t min_row_block) {
   check_device_type(x_hat, c10::DeviceType::CPU);
   const HeadInputs in = check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
-                                     nontarget_coeffs, chunk_size);
+                                     nontarget_coeffs, subcenters, chunk_size);
   const int64_t b = in.x_hat.size(0);
   check_vector(grad_lse, "grad_lse", b, in.x_hat);
   check_vector(grad_target, "grad_target", b, in.x_hat);

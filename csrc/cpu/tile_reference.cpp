@@ -249,11 +249,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const TileProblem<T,
 
 HeadInputs tile_inputs(const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels,
                        const at::Tensor& row_terms, const c10::optional<at::Tensor>& target_centre,
-                       int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs, c10::ArrayRef<int64_t> tiles) {
+                       int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs, int64_t subcenters,
+                       c10::ArrayRef<int64_t> tiles) {
   check_device_type(x_hat, c10::DeviceType::CPU);
   TORCH_CHECK(tiles.size() == 3, "margin_ext: tiles=", tiles, " is invalid: expected three integers");
+  // the fused kernels take one centre per class (ops_cuda.cpp sends sub-centres to the chunk loop)
+  TORCH_CHECK(subcenters == 1, "margin_ext: subcenters=", subcenters,
+              " is invalid for the fused kernels' tile loop: expected 1");
   return check_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind, nontarget_coeffs,
-                      /*chunk_size=*/1);
+                      subcenters, /*chunk_size=*/1);
 }
 
 // Calls f.template operator()<T, W>() for the compute type of x_hat and the weight's storage type.
@@ -276,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& x_hat, const a
                                                 const at::Tensor& labels, const at::Tensor& row_terms,
                                                 const c10::optional<at::Tensor>& target_centre,
                                                 int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
-                                                c10::ArrayRef<int64_t> tiles, bool tf32) {
-  const HeadInputs in =
-      tile_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind, nontarget_coeffs, tiles);
+                                                int64_t subcenters, c10::ArrayRef<int64_t> tiles, bool tf32) {
+  const HeadInputs in = tile_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
+                                    nontarget_coeffs, subcenters, tiles);
   const int64_t tile_m = tiles[0], tile_n = tiles[1], splits = tiles[2];
   const at::Tensor x_w = in.x_hat.to(in.weight.scalar_type());
   const at::Tensor centre_w = in.target_centre.defined() ? in.target_centre.to(in.weight.scalar_type()) : at::Tensor();
@@ -291,10 +295,10 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& x_hat, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_terms,
     const c10::optional<at::Tensor>& target_centre, int64_t nontarget_kind, c10::ArrayRef<double> nontarget_coeffs,
-    c10::ArrayRef<int64_t> tiles, bool tf32, const at::Tensor& lse, const at::Tensor& grad_lse,
+    int64_t subcenters, c10::ArrayRef<int64_t> tiles, bool tf32, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target) {
-  const HeadInputs in =
-      tile_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind, nontarget_coeffs, tiles);
+  const HeadInputs in = tile_inputs(x_hat, weight, labels, row_terms, target_centre, nontarget_kind,
+                                    nontarget_coeffs, subcenters, tiles);
   const int64_t tile_m = tiles[0], tile_n = tiles[1], chunk_cols = tiles[2];
   TORCH_CHECK(chunk_cols >= 0, "margin_ext: chunk_cols=", chunk_cols,
               " is invalid: expected 0 (the CUDA kernels' choice) or a positive multiple of tile_n");

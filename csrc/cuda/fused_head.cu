@@ -229,9 +229,10 @@ __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storag
 }
 
 // The non-target kind of an instantiation (kCosine or kCurricular; InterFace runs the
-// chunk loop): a constant, so that no other kind's code is generated into a kernel.
+// chunk loop), one centre per class: a constant, so that no other kind's code is
+// generated into a kernel.
 template <int kKind>
-__device__ constexpr NonTargetParams kNonTarget{kKind, 0.0, 0.0, true};
+__device__ constexpr NonTargetParams kNonTarget{kKind, 0.0, 0.0, true, 1};
 
 template <int kKind>
 __device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int64_t i) {

@@ -140,22 +140,43 @@ __global__ void normalize_rows_backward_kernel(const T* __restrict__ grad_w_hat,
   }
 }
 
+// Class j's cosine in a row of the chunk: the max over its k sub-centre columns (k = 1:
+// the column itself) and, in q, the first sub-centre that reaches it (a NaN wins, as
+// torch.max's). Each thread reads its own classes' k adjacent columns: no extra pass.
+template <typename T>
+__device__ __forceinline__ T class_cosine(const T* c, int64_t j, int k, int& q) {
+  const T* sub = c + j * k;
+  T best = sub[0];
+  q = 0;
+  for (int r = 1; r < k; ++r) {
+    const T v = sub[r];
+    if (v > best || (v != v && best == best)) {
+      best = v;
+      q = r;
+    }
+  }
+  return best;
+}
+
 template <typename T, int kBlock>
 __global__ void __launch_bounds__(kBlock)
 forward_epilogue_kernel(const T* __restrict__ cos, ChunkRows<T> rows, T* __restrict__ run_max,
                         T* __restrict__ run_sum, T* __restrict__ target_logit) {
   const int64_t i = blockIdx.x;
   const int64_t n = rows.n_cols;
-  const T* c = cos + i * n;
+  const int k = rows.params.subcenters;
+  const T* c = cos + i * rows.row_stride();
   const T* cc = rows.class_cos ? rows.class_cos + i * n : nullptr;
   const T s = rows.scale[i];
   const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0), coeff = rows.coeff ? rows.coeff[i] : T(0);
   const int64_t t = rows.target_col(i);
   T m = math::neg_inf<T>(), sum = T(0);
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
+    int q;
+    const T cos_j = class_cosine(c, j, k, q);
     // the target column takes the row's target logit
     const T z =
-        j == t ? rows.target[i] : s * nontarget_transform(c[j], theta_y, coeff, cc ? cc[j] : T(0), rows.params).value;
+        j == t ? rows.target[i] : s * nontarget_transform(cos_j, theta_y, coeff, cc ? cc[j] : T(0), rows.params).value;
     if (j == t) target_logit[i] = z;
     lse_push(m, sum, z);
   }
@@ -170,7 +191,8 @@ backward_epilogue_kernel(T* __restrict__ cos, ChunkRows<T> rows, const T* __rest
                          T* __restrict__ grad_scale) {
   const int64_t i = blockIdx.x;
   const int64_t n = rows.n_cols;
-  T* c = cos + i * n;
+  const int k = rows.params.subcenters;
+  T* c = cos + i * rows.row_stride();
   const T* cc = rows.class_cos ? rows.class_cos + i * n : nullptr;
   const T s = rows.scale[i];
   const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0), coeff = rows.coeff ? rows.coeff[i] : T(0);
@@ -178,15 +200,20 @@ backward_epilogue_kernel(T* __restrict__ cos, ChunkRows<T> rows, const T* __rest
   const int64_t t = rows.target_col(i);
   T g_scale = T(0);
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
+    int q;
+    const T cos_j = class_cosine(c, j, k, q);
+    T grad;
     if (j == t) {
       // dL/dcos_y = dL/dt * d; the target logit carries its own dependence on the scale
-      c[j] = (math::exp_(rows.target[i] - row_lse) * g_lse + grad_target[i]) * rows.target_grad[i];
-      continue;
+      grad = (math::exp_(rows.target[i] - row_lse) * g_lse + grad_target[i]) * rows.target_grad[i];
+    } else {
+      const ValueGrad<T> vg = nontarget_transform(cos_j, theta_y, coeff, cc ? cc[j] : T(0), rows.params);
+      const T g = math::exp_(vg.value * s - row_lse) * g_lse;
+      g_scale += g * vg.value;
+      grad = g * vg.grad * s;
     }
-    const ValueGrad<T> vg = nontarget_transform(c[j], theta_y, coeff, cc ? cc[j] : T(0), rows.params);
-    const T g = math::exp_(vg.value * s - row_lse) * g_lse;
-    g_scale += g * vg.value;
-    c[j] = g * vg.grad * s;
+    // dL/dcos of the class goes to its arg-max sub-centre's column; its others get 0
+    for (int r = 0; r < k; ++r) c[j * k + r] = r == q ? grad : T(0);
   }
   g_scale = block_sum<T, kBlock>(g_scale);
   if (threadIdx.x == 0) grad_scale[i] += g_scale;

@@ -73,13 +73,13 @@ ROW_TERMS = ("scale", "target_logit", "target_grad", "nontarget_row", "nontarget
 
 def op_args(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams) -> tuple:
     """The arguments every op starts with, in schema order: x_hat, weight, labels,
-    row_terms (5, B) in x_hat's dtype, target_centre, nontarget_kind, nontarget_coeffs."""
+    row_terms (5, B) in x_hat's dtype, target_centre, nontarget_kind, nontarget_coeffs, subcenters."""
     zero = rows.target_logit.new_zeros(())
     terms = [rows.scale, rows.target_logit, rows.target_grad, rows.nontarget_row, rows.nontarget_coeff]
     row_terms = torch.stack([(zero if t is None else t).to(device=x_hat.device, dtype=x_hat.dtype)
                              .expand(rows.labels.shape) for t in terms])
     return (x_hat, weight, rows.labels, row_terms, rows.target_centre, int(params.kind),
-            [float(c) for c in params.coeffs])
+            [float(c) for c in params.coeffs], int(params.subcenters))
 
 
 def head_forward(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams,
@@ -174,7 +174,7 @@ def load(name: str, device) -> Kernels:
 
 
 # ---- fake implementations (torch.compile, meta tensors) and autograd ----
-# Every op starts with op_args' seven arguments; the fakes name the ones they read.
+# Every op starts with op_args' eight arguments; the fakes name the ones they read.
 
 def _check_shapes(x_hat, weight, labels):
     torch._check(x_hat.dim() == 2 and weight.dim() == 2, lambda: "x_hat and weight must be 2-D")
@@ -199,7 +199,7 @@ def _head_forward_backward_fake(x_hat, weight, labels, *_):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5], output[0])
-    ctx.other_args = tuple(inputs[5:])  # nontarget kind, coeffs and chunk_size
+    ctx.other_args = tuple(inputs[5:])  # nontarget kind, coeffs, subcenters and chunk_size
 
 
 def _head_forward_backward(ctx, grad_lse, grad_target):

@@ -13,9 +13,11 @@ deterministic:
 * ``_grad_features_kernel``: grad_x_hat += G @ W_chunk, a GEMM whose (rows x features)
   accumulator stays in registers across the whole chunk (K = the chunk's classes).
 * ``_grad_weight_kernel``: grad_w_chunk = G^T @ x_hat, accumulated in registers across
-  the batch (K = the rows), with the backward of w / max(|w|, eps) as its epilogue:
-  (g - w_hat (w_hat . g)) / |w| = acc - w * (w_hat . g) / |w|^2, written once in the
-  weight's dtype (no C x D float32 buffer).
+  the batch (K = the rows), with the backward of w / max(|w|, eps) as its float32
+  epilogue: (g - w_hat (w_hat . g)) / |w| = acc - w_hat * (w_hat . g) / |w|, the radial
+  term formed on w_hat (w (w_hat . g) / |w|^2 would underflow for a huge centre), written
+  once in the weight's dtype, saturated (margin_ext/saturate.py: a float16 zero centre's
+  g / eps is +-65504, not inf), with no C x D float32 buffer.
 
 So a step costs the forward's cosine GEMM plus three GEMM-sized products (one
 recompute), and holds B x chunk gradients at a time -- the O(B x chunk_size) bound of
@@ -30,13 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms, split_count
+from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, max_splits, num_sms, split_count,
+                             tuning)
 from .triton_forward import centre_norms, cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
+from ..saturate import saturate as saturate_to
 from .triton_margin import COSINE, CURRICULAR, INTERFACE, margin_logits, mma
 
 # a partial buffer of a split GEMM stays under this many bytes
 _PARTIAL_BYTES = 64 << 20
+FLOAT16_MAX = tl.constexpr(torch.finfo(torch.float16).max)
+BFLOAT16_MAX = tl.constexpr(torch.finfo(torch.bfloat16).max)
 
 
 @triton.jit
@@ -64,7 +70,7 @@ def tile_matters(p, is_target, skip_eps):
     return top >= skip_eps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _logit_grads_kernel(
     X, W, Norms, Centre, Labels, Scale, Target, TargetGrad, ThetaY, Lse, GradLse, GradTarget,
     GradCos, GradScalePart, RadialPart,
@@ -103,7 +109,7 @@ def _logit_grads_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _grad_features_kernel(
     G, W, GradX, Partial,
     B, C, D, B_BIN, C_BIN, stride_g, stride_w,
@@ -140,14 +146,25 @@ def _grad_features_kernel(
 
 
 @triton.jit
+def saturate(v, dtype: tl.constexpr):
+    """float32 v converted to dtype, values past its range clamped to +-its largest finite
+    value (saturate.py's rule; NaN stays NaN)."""
+    if dtype == tl.float16:
+        v = tl.where(v > FLOAT16_MAX, FLOAT16_MAX, tl.where(v < -FLOAT16_MAX, -FLOAT16_MAX, v))
+    elif dtype == tl.bfloat16:
+        v = tl.where(v > BFLOAT16_MAX, BFLOAT16_MAX, tl.where(v < -BFLOAT16_MAX, -BFLOAT16_MAX, v))
+    return v.to(dtype)
+
+
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _grad_weight_kernel(
-    G, X, W, Coef, GradW, Partial,
+    G, X, W, Norms, Coef, GradW, Partial,
     B, C, D, B_BIN, C_BIN, stride_g, stride_x, stride_w,
     GRAD_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_w (C x D) = G^T @ X - Coef * W in W's dtype; with K splits, float32 partials of
-    G^T @ X instead (the host applies the epilogue)."""
+    """grad_w (C x D) = G^T @ X - Coef * W_hat in W's dtype, saturated; with K splits,
+    float32 partials of G^T @ X instead (the host applies the epilogue)."""
     pid_n = tl.program_id(0)  # feature tiles fastest: they share a block of G
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -168,11 +185,12 @@ def _grad_weight_kernel(
         acc = mma(g_t, x, acc, GRAD_DOT, W.dtype.element_ty)
     out_mask = col_ok[:, None] & feat_ok[None, :]
     if tl.num_programs(2) == 1:
-        # radial part of the normalization backward
+        # radial part of the normalization backward, on w_hat
+        _, inv_norm = centre_norms(Norms, cols, C)
         coef = tl.load(Coef + cols, mask=col_ok, other=0.0)
         w = tl.load(W + cols.to(tl.int64)[:, None] * stride_w + feats[None, :], mask=out_mask, other=0.0)
-        acc -= coef[:, None] * w.to(tl.float32)
-        tl.store(GradW + cols.to(tl.int64)[:, None] * D + feats[None, :], acc.to(GradW.dtype.element_ty),
+        acc -= coef[:, None] * (w.to(tl.float32) * inv_norm[:, None])
+        tl.store(GradW + cols.to(tl.int64)[:, None] * D + feats[None, :], saturate(acc, GradW.dtype.element_ty),
                  mask=out_mask)
     else:
         tl.store(Partial + (split.to(tl.int64) * C + cols)[:, None] * D + feats[None, :], acc, mask=out_mask)
@@ -180,7 +198,7 @@ def _grad_weight_kernel(
 
 def _autotuned(kernel, name, width, key, heuristics=None, restore=None):
     fn = triton.heuristics(heuristics)(kernel) if heuristics else kernel
-    return triton.autotune(configs=configs(name, width), key=key, restore_value=restore)(fn)
+    return triton.autotune(**tuning(name, width), key=key, restore_value=restore)(fn)
 
 
 LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET"],
@@ -251,8 +269,9 @@ def grad_features_chunk(grad_cos, weight, grad_x, grad_dot, accumulate, splits=N
             grad_x.copy_(summed)
 
 
-def grad_weight_chunk(grad_cos, x, weight, coef, grad_w, grad_dot, splits=None):
-    """grad_w_chunk (chunk x D, the weight's dtype) = G^T @ x_hat - coef * w."""
+def grad_weight_chunk(grad_cos, x, weight, norms, coef, grad_w, grad_dot, splits=None):
+    """grad_w_chunk (chunk x D, the weight's dtype, saturated) = G^T @ x_hat - coef * w_hat;
+    norms and coef (:func:`radial_coefficients`): the chunk's."""
     n_rows, n_classes = grad_cos.shape
     dim = weight.shape[1]
     width = operand_width(grad_cos.dtype)
@@ -267,16 +286,17 @@ def grad_weight_chunk(grad_cos, x, weight, coef, grad_w, grad_dot, splits=None):
     most = splits or max_splits("grad_weight", width, lambda meta: shape_of(meta)[1])
     partial = torch.empty((most, n_classes, dim) if most > 1 else (1,), dtype=torch.float32, device=grad_w.device)
     GRAD_WEIGHT[width][grid](
-        grad_cos, x, weight, coef, grad_w, partial,
+        grad_cos, x, weight, norms, coef, grad_w, partial,
         n_rows, n_classes, dim, bucket_rows(n_rows), bucket_classes(n_classes), grad_cos.stride(0), x.stride(0),
         weight.stride(0), grad_dot,
     )
     if grid.splits > 1:
         summed = partial[:grid.splits].sum(dim=0)
-        grad_w.copy_(summed - coef[:, None] * weight.float())
+        w_hat = weight.float() * (1.0 / norms.clamp_min(_NORM_EPS))[:, None]  # as the kernel forms it
+        grad_w.copy_(saturate_to(summed - coef[:, None] * w_hat, grad_w.dtype))
 
 
 def radial_coefficients(radial, norms):
-    """(w_hat . g) / |w|^2 per class; none below eps, where w / eps is linear."""
-    inv_norm = 1.0 / norms.clamp_min(_NORM_EPS)
-    return torch.where(norms > _NORM_EPS, radial * inv_norm, torch.zeros_like(radial)) * inv_norm
+    """(w_hat . g) / |w| per class (the radial term's factor on w_hat); none below eps,
+    where w / eps is linear."""
+    return torch.where(norms > _NORM_EPS, radial / norms.clamp_min(_NORM_EPS), torch.zeros_like(radial))

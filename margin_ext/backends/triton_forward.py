@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_configs import (INTERPRETED, SplitGrid, bucket_classes, bucket_rows, configs, max_splits, num_sms,
-                             split_count)
-from .triton_margin import COSINE, CURRICULAR, INTERFACE, NORM_EPS, margin_logits, mma
+from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, centre_norm_blocks, max_splits,
+                             num_sms, split_count, tuning)
+from .triton_margin import COSINE, CURRICULAR, INTERFACE, NORM_EPS, NORM_SCALE_LIMIT, margin_logits, mma
 
 
 def _forward_autotuned(table_name, width):
-    return triton.autotune(configs=configs(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
+    return triton.autotune(**tuning(table_name, width), key=["D", "B_BIN", "C_BIN", "NONTARGET"])(
         triton.heuristics({"EVEN_K": even_k})(_forward_kernel))
 
 
@@ -99,24 +99,48 @@ def split_range(n_items, split, n_splits):
 
 
 @triton.jit
+def norm_unit(peak):
+    """1 for entries whose squares stay far inside float32, else the power of two
+    2^floor(log2(peak)) (capped at 2^126, whose inverse is still normal): the divisor of
+    csrc/norm_scale.h and rows.normalize_rows, taken from the bits, so exact."""
+    exponent = (peak.to(tl.uint32, bitcast=True) >> 23) & 0xFF
+    unit = (tl.minimum(exponent, 253) << 23).to(tl.float32, bitcast=True)
+    return tl.where((peak > NORM_SCALE_LIMIT) & (peak < float("inf")), unit, 1.0)
+
+
+@triton.jit
+def inverse_unit(unit):
+    """1 / unit for a power of two from norm_unit, exact: the exponent reflected."""
+    return ((254 - ((unit.to(tl.uint32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _centre_norms_kernel(W, Norms, C, D, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """|w_j| in one pass, the squares summed divided by a running power of two near the
+    row's largest entry where they could overflow (1 for ordinary rows: the plain sum)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     ks = tl.arange(0, BLOCK_K)
     w_rows = W + cols.to(tl.int64)[:, None] * stride_w
     sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    unit = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_ok[:, None] & ((k0 + ks) < D)[None, :],
                     other=0.0).to(tl.float32)
-        sumsq += tl.sum(w * w, axis=1)
-    tl.store(Norms + cols, tl.sqrt(sumsq), mask=col_ok)
+        new_unit = tl.maximum(unit, norm_unit(tl.max(tl.abs(w), axis=1)))
+        inv_unit = inverse_unit(new_unit)
+        rescale = unit * inv_unit  # a power of two <= 1: the sum so far, exactly rescaled
+        w = w * inv_unit[:, None]
+        sumsq = sumsq * (rescale * rescale) + tl.sum(w * w, axis=1)
+        unit = new_unit
+    tl.store(Norms + cols, tl.sqrt(sumsq) * unit, mask=col_ok)
 
 
 def centre_norm_vector(weight):
     """(C,) float32 |w_j|, accumulated in float32 from the stored values in one pass
-    (no float32 copy of a 16-bit weight)."""
+    (no float32 copy of a 16-bit weight), finite for every finite row."""
     norms = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    block_n, block_k = (16, 16) if INTERPRETED else (64, 128)
+    block_n, block_k = centre_norm_blocks(weight.shape[1])
     _centre_norms_kernel[(triton.cdiv(weight.shape[0], block_n),)](
         weight, norms, weight.shape[0], weight.shape[1], weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
     return norms
@@ -126,7 +150,7 @@ def even_k(args):
     return args["D"] % args["BLOCK_K"] == 0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _forward_kernel(
     X, W, Norms, Centre, Labels, Scale, Target, TargetGrad, ThetaY,
     MaxOut, SumOut, TargetOut,

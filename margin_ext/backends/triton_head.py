@@ -130,6 +130,9 @@ def _kernel_args(x_hat, weight, rows: RowInputs, params: NonTargetParams):
     from .triton_forward import centre_norm_vector
 
     _check_dtypes(x_hat, weight)
+    if params.subcenters != 1:
+        raise BackendUnavailable(f"backend='triton' does not run sub-centres (k={params.subcenters}) yet: "
+                                 f"use backend='torch' (any device) or 'cpp' (CPU)")
     x_hat = x_hat.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     device = x_hat.device
@@ -207,7 +210,9 @@ def backward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size
 
     g_dtype = gradient_dtype(weight.dtype, grad_dot == DOT_NATIVE.value)
     chunk = backward_chunk(n_rows, n_classes, chunk_size, device)
-    grad_cos = torch.empty((n_rows, chunk), dtype=g_dtype, device=device)
+    # G's rows start on 16 elements whatever the chunk: triton then specializes its stride
+    # as aligned, and the three kernels that touch G take their vector loads and stores
+    grad_cos = torch.empty((n_rows, -(-chunk // 16) * 16), dtype=g_dtype, device=device)
     grad_x = torch.empty((n_rows, x.shape[1]), dtype=torch.float32, device=device)
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device)
     grad_scale = torch.zeros(n_rows, dtype=torch.float32, device=device)
@@ -218,8 +223,8 @@ def backward(x_hat, weight, rows: RowInputs, params: NonTargetParams, chunk_size
                                                 grad_args, scalars, (*margin_flags, dot), skip_eps, start, g)
         grad_scale += chunk_scale
         grad_features_chunk(g, weight[start:stop], grad_x, grad_dot, start > 0, feature_splits)
-        grad_weight_chunk(g, x, weight[start:stop], radial_coefficients(radial, norms[start:stop]),
-                          grad_w[start:stop], grad_dot, weight_splits)
+        grad_weight_chunk(g, x, weight[start:stop], norms[start:stop],
+                          radial_coefficients(radial, norms[start:stop]), grad_w[start:stop], grad_dot, weight_splits)
     return grad_x, grad_w, grad_scale
 
 

@@ -20,6 +20,8 @@ PI = tl.constexpr(math.pi)
 HALF_PI = tl.constexpr(math.pi / 2)
 SIN_EPS = tl.constexpr(_SIN_EPS)
 NORM_EPS = tl.constexpr(_NORM_EPS)
+# entries above this (about float32's max ** (1 / 4)) make a centre's norm summed scaled
+NORM_SCALE_LIMIT = tl.constexpr(1.3e9)
 
 COSINE = tl.constexpr(int(NonTargetKind.COSINE))
 INTERFACE = tl.constexpr(int(NonTargetKind.INTERFACE))

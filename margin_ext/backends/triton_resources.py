@@ -1,132 +1,74 @@
-"""Registers, spills and shared memory of every Triton kernel config, without a GPU.
+"""Registers, spills and shared memory of every Triton launch the backend really makes,
+without a GPU.
 
-Compiles each kernel x autotuning config x weight dtype to a cubin for sm_80 and sm_90
-with triton's own compiler (ASTSource + GPUTarget: no device needed) and reads
-``ptxas -v`` on the generated PTX (the ptxas that ships with triton). A row is
-clean when nothing spills and the shared memory fits the part (163 KiB on sm_80, 227
-KiB on sm_90)::
+:mod:`margin_ext.backends.triton_launches` records the distinct specializations that
+``margin_cross_entropy(backend="triton")`` launches on a faked sm_80 and sm_90 device
+(every dtype and dot mode, every margin spec, the shape corners). Each is compiled here
+to a cubin for its architecture with triton's own compiler (ASTSource + GPUTarget: no
+device needed), and ``ptxas -v`` (the ptxas that ships with triton) reports registers,
+spills and stack. A row is clean when nothing spills and the shared memory fits the part
+(163 KiB on sm_80, 227 KiB on sm_90)::
 
-    python -m margin_ext.backends.triton_resources            # the whole matrix -> docs/triton_resources.md
+    python -m margin_ext.backends.triton_resources            # record, compile -> docs/triton_resources.md
     python -m margin_ext.backends.triton_resources --check    # the same, written nowhere; exit 1 on a dirty row
-    python -m margin_ext.backends.triton_resources --dtypes bf16 --arches 90   # a part of it
+    python -m margin_ext.backends.triton_resources --arches 90 --margins arcface   # a part of it
 
-The kernels compile in their heaviest variant: InterFace with the dynamic margin as the
-second product (target margins reach the kernels as per-row values), gradient filtering
-on, D a multiple of 16 but not known to be one of BLOCK_K, tensors and row strides
-aligned to 16 bytes as the launcher finds them. Run it without TRITON_INTERPRET.
+Compiles are cached by launch id (``--cache``, default build/triton_resources.json): the
+id hashes triton's version, the kernel's source (with every jit function it calls) and
+the specialization, so a rerun compiles only what changed. Run it without
+TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 
+from .triton_launches import ARCHES, Launch, record_in_subprocess
+
 SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
-ARCH_TABLE = {80: "ampere", 90: "hopper"}
-# what a compiled config depends on (the tables only choose which configs compile)
-SOURCES = ("triton_forward.py", "triton_backward.py", "triton_margin.py")
-DOC = Path(__file__).resolve().parents[2] / "docs" / "triton_resources.md"
-
-# weight dtype -> (pointer type of the weight and features, of G, DOT mode, GRAD_DOT mode); modes as
-# in triton_margin: 0 ieee, 1 tf32, 2 native, 4 tf32x3
-DTYPES = {
-    "bf16": ("bf16", "bf16", 2, 2),
-    "fp16": ("fp16", "fp32", 2, 1),
-    "fp32": ("fp32", "fp32", 0, 0),
-    "fp32-tf32x3": ("fp32", "fp32", 4, 4),
-}
-# kernel -> margin variants compiled (NONTARGET: 0 cosine, 1 InterFace)
-VARIANTS = {"forward": ("cosine", "interface"), "logit_grads": ("cosine", "interface"),
-            "grad_features": ("-",), "grad_weight": ("-",)}
-INTS = {"B", "C", "D", "B_BIN", "C_BIN", "first_class", "stride_x", "stride_w", "stride_centre", "stride_g"}
-ALIGNED_INTS = {"D", "stride_x", "stride_w", "stride_centre", "stride_g"}
-FLOATS = {"mu", "alpha", "first", "skip_eps"}
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "triton_resources.md"
+CACHE = ROOT / "build" / "triton_resources.json"
+TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
-@dataclass(frozen=True)
-class Case:
-    kernel: str
-    dtype: str
-    arch: int
-    config: tuple
-    variant: str
+def _decode_constant(value):
+    """A constexpr as triton's specialization data stores it (JITFunction.preload's rule)."""
+    import triton.language as tl
+
+    if isinstance(value, dict) and "constexpr" in value:
+        return tl.constexpr(value["constexpr"])
+    if isinstance(value, str) and tl.dtype.is_dtype(value):
+        return tl.dtype(value)
+    return tuple(value) if isinstance(value, list) else value
 
 
-def source_hash() -> str:
-    """Hash of the kernels' source (the table names the triton that compiled them)."""
-    digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in SOURCES:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:16]
+def _cpu_seconds() -> float:
+    """CPU time of this process and its children (ptxas): a compile's cost on a loaded machine."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
-def cases(dtypes, arches, kernels=tuple(VARIANTS)):
-    from .triton_configs import TABLES
-
-    for kernel in kernels:
-        for dtype in dtypes:
-            weight, grad, _, _ = DTYPES[dtype]
-            width_dtype = weight if kernel in ("forward", "logit_grads") else grad
-            width = "32" if width_dtype == "fp32" else "16"
-            for arch in arches:
-                for variant in VARIANTS[kernel]:
-                    name = f"{kernel}_interface" if variant == "interface" else kernel
-                    for config in TABLES[name][width][ARCH_TABLE[arch]]:
-                        yield Case(kernel, dtype, arch, config, variant)
-
-
-def _jit_function(kernel):
-    from . import triton_backward, triton_forward
-
-    return {"forward": triton_forward._forward_kernel, "logit_grads": triton_backward._logit_grads_kernel,
-            "grad_features": triton_backward._grad_features_kernel,
-            "grad_weight": triton_backward._grad_weight_kernel}[kernel]
-
-
-def _signature(fn, case: Case, constexprs):
-    weight, grad, _, _ = DTYPES[case.dtype]
-    pointers = {"X": weight, "W": weight, "Centre": weight, "Labels": "i64", "GradCos": grad, "G": grad,
-                "GradW": weight}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in INTS:
-            signature[name] = "i32"
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "*" + pointers.get(name, "fp32")
-    return signature
-
-
-def compile_case(case: Case) -> dict:
+def compile_launch(launch: Launch) -> dict:
+    """ptxas's registers, spilled bytes and stack, and the shared memory, of one launch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(case.kernel)
-    block_m, block_n, block_k, warps, stages = case.config
-    _, _, dot, grad_dot = DTYPES[case.dtype]
-    constexprs = dict(NONTARGET=int(case.variant == "interface"),
-                      DYNAMIC=True, DOT=dot, GRAD_DOT=grad_dot, SKIP=True, ACCUMULATE=True, EVEN_K=False,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    signature = _signature(fn, case, constexprs)
-    # as the launcher specializes a real call: 16-byte aligned tensors, strides and D multiples of 16
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature[name].startswith("*") or name in ALIGNED_INTS}
-    source = ASTSource(fn, signature, constexprs, aligned)
+    spec = launch.spec()
+    constexprs = {tuple(k): _decode_constant(v) for k, v in zip(spec["constant_keys"], spec["constant_vals"])}
+    attrs = {tuple(k): v for k, v in zip(spec["attrs_keys"], spec["attrs_vals"])}
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["options"].items()}
+    source = ASTSource(launch.jit_function(), spec["signature"], constexprs, attrs)
+    start = _cpu_seconds()
     # triton's own ptxas run, its -v log captured from file descriptor 1
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True
@@ -135,8 +77,7 @@ def compile_case(case: Case) -> dict:
         saved = os.dup(1)
         os.dup2(capture.fileno(), 1)
         try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", case.arch, 32),
-                                      options=dict(num_warps=warps, num_stages=stages))
+            compiled = triton.compile(source, target=GPUTarget("cuda", launch.arch, 32), options=options)
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
@@ -147,82 +88,169 @@ def compile_case(case: Case) -> dict:
     spill_stores, spill_loads = (int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                                                            log).groups())
     stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
-    shared = int(compiled.metadata.shared)
-    return dict(case=case, registers=registers, spills=spill_stores + spill_loads, stack=stack, shared=shared,
-                clean=spill_stores + spill_loads == 0 and shared <= SHARED_LIMITS[case.arch])
+    return dict(registers=registers, spills=spill_stores + spill_loads, stack=stack,
+                shared=int(compiled.metadata.shared), cpu_seconds=round(_cpu_seconds() - start, 2))
 
 
-def _key(case: Case) -> str:
-    return f"{case.kernel} {case.dtype} {case.arch} {','.join(map(str, case.config))} {case.variant}"
+def is_clean(row: dict, arch: int) -> bool:
+    return row["spills"] == 0 and row["shared"] <= SHARED_LIMITS[arch]
 
 
-def run(selected, jobs: int, cache: Path | None = None):
-    """Rows of the selected cases; with ``cache`` (JSON), rows compiled from the same
-    source hash are reused and new ones added."""
-    selected = list(selected)
-    stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    known = stored.get(source_hash(), {})
-    todo = [case for case in selected if _key(case) not in known]
+def compile_all(launches, jobs: int, cache: Path | None = None, progress=None):
+    """A row per launch (its resources, ``launch`` and ``clean``); rows already in
+    ``cache`` (JSON by launch id) are reused, new ones added as they finish."""
+    launches = list(launches)
+    known = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    todo = [launch for launch in launches if launch.id not in known]
 
-    def keep(row):
-        known[_key(row["case"])] = {k: v for k, v in row.items() if k != "case"}
+    def keep(launch, resources):
+        known[launch.id] = resources
         if cache:  # after each compile: an interrupted run keeps what it did
-            cache.write_text(json.dumps({source_hash(): known}, indent=0))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known, indent=0, sort_keys=True))
+        if progress:
+            progress(len(known), launch, resources)
 
     if jobs <= 1:
-        for case in todo:
-            keep(compile_case(case))
-    else:
+        for launch in todo:
+            keep(launch, compile_launch(launch))
+    elif todo:
         with ProcessPoolExecutor(jobs) as pool:
-            for row in as_completed([pool.submit(compile_case, case) for case in todo]):
-                keep(row.result())
-    return [dict(known[_key(case)], case=case) for case in selected]
+            futures = {pool.submit(compile_launch, launch): launch for launch in todo}
+            for future in as_completed(futures):
+                keep(futures[future], future.result())
+    return [dict(known[launch.id], launch=launch, clean=is_clean(known[launch.id], launch.arch))
+            for launch in launches]
+
+
+def describe(launch: Launch) -> dict:
+    """The table's cells of a launch, from triton's specialization alone (no kernel knowledge):
+    the tile sizes, warps and stages, the other constexprs, the pointer types, and the
+    integer arguments triton specialized as equal to 1 or found not divisible by 16."""
+    spec = launch.spec()
+    args = launch.arguments()
+    constexprs = {name: value for name, (kind, value) in args.items() if kind == "constexpr"}
+    tiles = "x".join(str(constexprs.pop(name)) for name in TILES if name in constexprs)
+    flags = " ".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in constexprs.items())
+    pointers = sorted({kind[1:] for kind, _ in args.values() if kind.startswith("*")})
+    ones = [f"{name}=1" for name, (kind, _) in args.items() if kind == "=1"]
+    # an integer triton specializes has attributes ([] when not a multiple of 16); one it
+    # does not (do_not_specialize) has none
+    unaligned = [f"{name}%16!=0" for name, (kind, attr) in args.items() if kind in ("i32", "i64") and attr == []]
+    ints = ", ".join(ones + unaligned) or "all %16"
+    return dict(kernel=launch.kernel.split(":")[1].strip("_").removesuffix("_kernel"), arch=f"sm_{launch.arch}",
+                tiles=tiles or "-", warps=spec["options"]["num_warps"], stages=spec["options"]["num_stages"],
+                flags=flags or "-", pointers=" ".join(pointers), ints=ints, id=launch.id)
+
+
+HEADER = ("kernel", "arch", "tiles", "warps", "stages", "constexprs", "pointers", "integers", "registers",
+          "spilled bytes", "stack", "shared bytes", "ok", "id")
 
 
 def table(rows) -> str:
-    lines = ["| kernel | weight | arch | BLOCK_M x N x K | warps | stages | margin | registers | spilled bytes "
-             "| stack | shared KiB | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for row in rows:
-        case = row["case"]
-        m, n, k, warps, stages = case.config
-        lines.append(f"| {case.kernel} | {case.dtype} | sm_{case.arch} | {m}x{n}x{k} | {warps} | {stages} "
-                     f"| {case.variant} | {row['registers']} | {row['spills']} | {row['stack']} "
-                     f"| {row['shared'] / 1024:.1f} | {'yes' if row['clean'] else 'NO'} |")
+        cells = describe(row["launch"])
+        lines.append(f"| {cells['kernel']} | {cells['arch']} | {cells['tiles']} | {cells['warps']} "
+                     f"| {cells['stages']} | {cells['flags']} | {cells['pointers']} | {cells['ints']} "
+                     f"| {row['registers']} | {row['spills']} | {row['stack']} | {row['shared']} "
+                     f"| {'yes' if row['clean'] else 'NO'} | `{cells['id']}` |")
     return "\n".join(lines)
 
 
-def document(rows) -> str:
+def summary(rows) -> str:
+    """Per kernel and architecture: compiles, the most registers, spills and shared memory."""
+    groups = {}
+    for row in rows:
+        cells = describe(row["launch"])
+        groups.setdefault((cells["kernel"], cells["arch"]), []).append(row)
+    lines = ["| kernel | arch | compiles | most registers | dirty | most spilled bytes | most shared KiB |",
+             "|---|---|---|---|---|---|---|"]
+    for (kernel, arch), group in sorted(groups.items()):
+        lines.append(f"| {kernel} | {arch} | {len(group)} | {max(r['registers'] for r in group)} "
+                     f"| {sum(not r['clean'] for r in group)} | {max(r['spills'] for r in group)} "
+                     f"| {max(r['shared'] for r in group) / 1024:.1f} |")
+    return "\n".join(lines)
+
+
+def document(rows, margins=None) -> str:
     import triton
 
     head = DOC.read_text().split("<!-- table -->")[0] if DOC.exists() else "# Triton kernel resources\n\n"
-    return (f"{head}<!-- table -->\n\nsource hash `{source_hash()}`, triton {triton.__version__}, "
-            f"{len(rows)} compiles, {sum(not r['clean'] for r in rows)} dirty\n\n{table(rows)}\n")
+    dirty = sum(not r["clean"] for r in rows)
+    cpu_minutes = sum(r["cpu_seconds"] for r in rows) / 60
+    arches = sorted({r["launch"].arch for r in rows})
+    counts = ", ".join(f"{sum(r['launch'].arch == a for r in rows)} on sm_{a}" for a in arches)
+    return (f"{head}<!-- table -->\n\ntriton {triton.__version__}, {len(rows)} distinct launches ({counts}), "
+            f"{dirty} dirty; compiling them took {cpu_minutes:.0f} CPU minutes (triton and ptxas)\n\n"
+            f"margins: {', '.join(margins) if margins else 'all'}\n\n"
+            f"{summary(rows)}\n\n{table(rows)}\n")
 
 
-def committed_hash(text: str):
-    found = re.search(r"source hash `([0-9a-f]+)`", text)
-    return found.group(1) if found else None
+def committed_rows(text: str) -> dict:
+    """id -> (spilled bytes, shared bytes, ok, registers) of a table written by :func:`table`."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(HEADER) and re.fullmatch(r"`[0-9a-f]{12}`", cells[-1]):
+            rows[cells[-1].strip("`")] = (int(cells[9]), int(cells[11]), cells[12], int(cells[8]))
+    return rows
+
+
+def dirty_launches(launches, rows: dict) -> tuple[list, list]:
+    """(launches with no row, launches whose row spills or overflows shared memory)."""
+    missing, dirty = [], []
+    for launch in launches:
+        row = rows.get(launch.id)
+        if row is None:
+            missing.append(launch)
+        elif row[0] != 0 or row[1] > SHARED_LIMITS[launch.arch] or row[2] != "yes":
+            dirty.append(launch)
+    return missing, dirty
+
+
+def record(arches, margins=None, dtypes=None) -> list:
+    launches = []
+    for arch in arches:
+        launches += record_in_subprocess(arch, margins, dtypes)
+    return launches
+
+
+def committed_margins(text: str):
+    """The margins a table written by :func:`document` was recorded with (None: all)."""
+    found = re.search(r"^margins: (.+)$", text, re.M)
+    return None if found is None or found.group(1) == "all" else found.group(1).split(", ")
 
 
 def main(argv=None) -> int:
+    from .triton_launches import DTYPES, margin_specs
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--arches", nargs="+", type=int, default=[90, 80], choices=[80, 90])
-    parser.add_argument("--kernels", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--arches", nargs="+", type=int, default=list(ARCHES), choices=list(ARCHES))
+    parser.add_argument("--margins", nargs="+", choices=list(margin_specs()), help="all when not given")
+    parser.add_argument("--dtypes", nargs="+", choices=[name for name, _, _ in DTYPES], help="all when not given")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("NPROC", "2")))
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 on a dirty row")
-    parser.add_argument("--cache", type=Path, help="JSON of rows already compiled from the same source")
+    parser.add_argument("--check", action="store_true", help="write no document; exit 1 on a dirty row")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="JSON of launches already compiled")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the kernels must be built for the compiler")
-    rows = run(cases(args.dtypes, args.arches, args.kernels), args.jobs, args.cache)
-    print(table(rows))
+    start = time.time()
+    launches = record(args.arches, args.margins, args.dtypes)
+    print(f"{len(launches)} distinct launches recorded in {time.time() - start:.0f} s", flush=True)
+
+    def progress(done, launch, resources):
+        cells = describe(launch)
+        print(f"{done} {cells['kernel']} {cells['arch']} {cells['tiles']} {resources}", flush=True)
+
+    rows = compile_all(launches, args.jobs, args.cache, progress)
+    print(summary(rows))
     dirty = [r for r in rows if not r["clean"]]
-    print(f"{len(rows)} compiles, {len(dirty)} with spills or shared memory over the limit")
-    whole = set(args.dtypes) == set(DTYPES) and set(args.arches) == {80, 90} and set(args.kernels) == set(VARIANTS)
-    if not args.check and whole:
-        DOC.write_text(document(rows))
+    print(table(dirty))
+    print(f"{len(rows)} launches, {len(dirty)} with spills or shared memory over the limit "
+          f"({time.time() - start:.0f} s)")
+    if not args.check and not args.dtypes and set(args.arches) == set(ARCHES):
+        DOC.write_text(document(rows, args.margins))
         print(f"wrote {DOC}")
     return 1 if dirty else 0
 

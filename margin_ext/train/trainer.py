@@ -283,7 +283,7 @@ class Trainer:
             if not isinstance(error, MemoryError) and "alloc" not in str(error).lower() \
                     and "out of memory" not in str(error).lower():
                 raise
-            centres = self.num_classes * options.embedding_size * 4
+            centres = self.num_classes * self.margin.subcenters * options.embedding_size * 4
             raise OptionError(f"--embedding-size {options.embedding_size} with {self.num_classes} classes: "
                               f"the model does not fit in memory on {self.device} (the centres alone take "
                               f"{centres / 2**30:.3g} GiB, and the allocator refused)") from None

@@ -23,7 +23,7 @@ using namespace margin_ext;
 
 // One head call as run.py passes it: host arrays, row-major, contiguous.
 struct EmuHeadCall {
-  int64_t rows, cols, dim;
+  int64_t rows, cols, dim;  // cols: classes (the centres' rows: cols * subcenters)
   int32_t w_type;        // WeightType of w (and of x on the fused path)
   int32_t splits;        // fused forward: class splits (0: ops_cuda.cpp's choice)
   int64_t chunk;         // fused: workspace bytes per backward chunk (0: the kernels' budget);
@@ -47,10 +47,11 @@ struct EmuHeadCall {
   void* grad_x;
   void* grad_w;
   void* grad_scale;
+  int64_t subcenters;  // k, the centres per class (the chunk loop; the fused kernels take 1)
 };
 
 NonTargetParams params_of(const EmuHeadCall& c) {
-  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0};
+  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0, static_cast<int>(c.subcenters)};
 }
 
 size_t element_size(WeightType t) {
@@ -161,7 +162,8 @@ void gemm(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t b_row, i
 
 template <typename T>
 void chunk_loop(const EmuHeadCall& c) {
-  const int64_t b = c.rows, n_cols = c.cols, d = c.dim;
+  // n_cols: rows of the weight, k per class; chunks of whole classes (head_loop.h)
+  const int64_t k = c.subcenters, b = c.rows, n_cols = c.cols * k, d = c.dim;
   const auto w_type = static_cast<WeightType>(c.w_type);
   const size_t elem = element_size(w_type), t = sizeof(T);
   const NonTargetParams params = params_of(c);
@@ -173,14 +175,14 @@ void chunk_loop(const EmuHeadCall& c) {
   const bool curricular = params.kind == kCurricular;
   const DeviceBuffer coeff("coeff", curricular ? c.coeff : c.scale, b * t);
   const DeviceBuffer centre("target_centre", inter ? c.target_centre : c.x, b * d * t);
-  const int64_t chunk = std::min(c.chunk, n_cols);
+  const int64_t chunk = std::min(c.chunk * k, n_cols);
   const DeviceBuffer w_hat("w_hat", chunk * d * t), norms("norms", chunk * t), cos("cos", b * chunk * t);
   const DeviceBuffer class_cos("class_cos", inter ? b * chunk * t : t), grad_w_hat("grad_w_hat", chunk * d * t);
   auto rows_of = [&](int64_t start, int64_t n) {
     ChunkRows<T> r;
     r.n_rows = b;
-    r.n_cols = n;
-    r.start = start;
+    r.n_cols = n / k;
+    r.start = start / k;
     r.labels = labels.get<int64_t>();
     r.scale = scale.get<T>();
     r.target = row_target.get<T>();

@@ -43,13 +43,20 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1])]
 from build_emulated import build  # noqa: E402
-from cases import SPEC_CASES, make_inputs, round_to_tf32  # noqa: E402
+from cases import SPEC_CASES as FAMILY_CASES, SUBCENTER_CASES, make_inputs, round_to_tf32  # noqa: E402
 from margin_ext.margins import CurricularFace, NonTargetKind, TargetRow  # noqa: E402
 from margin_ext.rows import NORM_EPS, normalize, target_terms  # noqa: E402
 from cases import DEGENERATE_CENTRES, with_degenerate_centres  # noqa: E402
 from margin_ext.saturate import saturate  # noqa: E402
 
 WEIGHT_TYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# CurricularFace with about half of the non-target classes hard: the features of the
+# cases lie near their centres (theta_y ~ 0.6), so a margin of 1 puts the threshold
+# cos(theta_y + m) near 0, the middle of the other classes' cosines. With m = 0.5 (the
+# default) few classes are hard at these D; those cases check the easy side.
+CURRICULAR_HALF_HARD = {"curricularface_half_hard": CurricularFace(s=30.0, m=1.0)}
+# every spec case; the sub-centre ones (k centres per class) run the chunk loop only
+SPEC_CASES = {**FAMILY_CASES, **SUBCENTER_CASES, **CURRICULAR_HALF_HARD}
 
 
 class EmuHeadCall(ctypes.Structure):
@@ -62,21 +69,26 @@ class EmuHeadCall(ctypes.Structure):
     _fields_ += [(n, ctypes.c_int32) for n in ("nontarget", "inter_dynamic")]
     _fields_ += [(n, ctypes.c_double) for n in ("inter_mu", "inter_alpha")]
     _fields_ += [(n, ctypes.c_void_p) for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
+    _fields_ += [("subcenters", ctypes.c_int64)]
 
 
 @dataclass(frozen=True)
 class Case:
     path: str          # "fused" or "chunk"
     dtype: torch.dtype  # the centres' storage dtype (fused float32: TF32 products)
-    spec: str          # a key of SPECS
+    spec: str          # a key of SPEC_CASES
     rows: int
-    cols: int
+    cols: int          # classes (the centres: cols * k rows, k the spec's sub-centres)
     dim: int
     splits: int = 0    # fused forward: class splits (0: ops_cuda.cpp's choice)
     chunk: int = 0     # fused: backward workspace bytes (0: the kernels' budget); chunk loop: classes per chunk
     compute: torch.dtype = torch.float32  # the chunk loop's compute dtype
     seed: int = 0
     degenerate: bool = False  # zero, tiny, subnormal and huge centres, each some row's target
+
+    @property
+    def subcenters(self) -> int:
+        return SPEC_CASES[self.spec].subcenters
 
     @property
     def name(self) -> str:
@@ -94,12 +106,7 @@ def one_tile_chunks(rows: int, dtype: torch.dtype) -> int:
     return 64 * (rows * dtype.itemsize + math.ceil(rows / 64) * 4) + rows * 4
 
 
-# CurricularFace with about half of the non-target classes hard: the features of the
-# cases lie near their centres (theta_y ~ 0.6), so a margin of 1 puts the threshold
-# cos(theta_y + m) near 0, the middle of the other classes' cosines. With m = 0.5 (the
-# default) few classes are hard at these D; those cases check the easy side.
-SPECS = {**SPEC_CASES, "curricularface_half_hard": CurricularFace(s=30.0, m=1.0)}
-COSINE_SPECS = [n for n, s in SPECS.items() if s.nontarget_params().kind == NonTargetKind.COSINE]
+COSINE_SPECS = [n for n, s in FAMILY_CASES.items() if s.nontarget_params().kind == NonTargetKind.COSINE]
 FEW_SPECS = ["arcface", "cosface", "sphereface_norm_scale", "elastic_arcface_plus"]
 
 
@@ -135,10 +142,17 @@ def cases(quick: bool = False) -> list[Case]:
         out.append(Case("fused", torch.float16, "curricularface_half_hard", 33, 300, 100, 4,
                         one_tile_chunks(33, torch.float16), seed=7))
     # the chunk loop: every spec, InterFace included, over chunks ending mid-way
-    for spec in (SPEC_CASES if not quick else ["arcface", "interface"]):
+    for spec in (FAMILY_CASES if not quick else ["arcface", "interface"]):
         out.append(Case("chunk", torch.float32, spec, 9, 37, 24, chunk=16, seed=2))
         if not quick:
             out.append(Case("chunk", torch.float32, spec, 1, 5, 3, chunk=2, seed=3))
+    # sub-centres (k = 3, 2, 1): a class's k columns reduced in the epilogues, odd shapes
+    for spec in (SUBCENTER_CASES if not quick else ["subcenter"]):
+        out.append(Case("chunk", torch.float32, spec, 9, 37, 24, chunk=16, seed=7))
+        if not quick:
+            out.append(Case("chunk", torch.float32, spec, 1, 5, 3, chunk=2, seed=8))
+            out.append(Case("chunk", torch.float64, spec, 7, 11, 5, chunk=4, compute=torch.float64, seed=9))
+            out.append(Case("chunk", torch.bfloat16, spec, 9, 37, 24, chunk=16, seed=10))
     for spec in ("interface", "arcface", "sphereface_norm_scale"):
         out.append(Case("chunk", torch.float64, spec, 9, 37, 24, chunk=16, compute=torch.float64, seed=4))
         out.append(Case("chunk", torch.bfloat16, spec, 9, 37, 24, chunk=16, seed=5))
@@ -157,7 +171,7 @@ def cases(quick: bool = False) -> list[Case]:
 
 def op_inputs(case: Case) -> dict:
     """The op's inputs (float64 values of what the kernels receive) and the loss weights."""
-    spec = SPECS[case.spec]
+    spec = SPEC_CASES[case.spec]
     g = torch.Generator().manual_seed(100 + case.seed)
     labels = torch.randint(0, case.cols, (case.rows,), generator=g)
     # tile edges and the last class
@@ -166,7 +180,9 @@ def op_inputs(case: Case) -> dict:
             labels[i] = label
     if case.degenerate:
         labels[2:2 + len(DEGENERATE_CENTRES)] = torch.tensor(list(DEGENERATE_CENTRES.values()))
-    x, w, labels = make_inputs(case.rows, case.cols, case.dim, torch.float64, seed=case.seed, labels=labels)
+    k = case.subcenters
+    x, w, labels = make_inputs(case.rows, case.cols, case.dim, torch.float64, seed=case.seed, labels=labels,
+                               subcenters=k)
     # ignored rows (-1) and rows whose target is another shard's class (>= C)
     if case.rows > 2:
         labels[1] = -1
@@ -177,7 +193,10 @@ def op_inputs(case: Case) -> dict:
     w_values = w_stored.double()
     has_target = (labels >= 0) & (labels < case.cols)
     target_centre = torch.zeros_like(x_hat)
-    target_centre[has_target] = normalize(w_values[labels[has_target]])
+    # the target class's nearest sub-centre (k = 1: its centre)
+    own = normalize(w_values[(labels[has_target].unsqueeze(1) * k + torch.arange(k)).view(-1)]).view(-1, k, case.dim)
+    nearest = (x_hat[has_target].unsqueeze(1) * own).sum(dim=2).argmax(dim=1)
+    target_centre[has_target] = own[torch.arange(own.shape[0]), nearest]
     target_cos = (x_hat * target_centre).sum(dim=1)
     scale = spec.row_scale(x_hat * (0.5 + x.norm(dim=1, keepdim=True)))
     scale = torch.full((case.rows,), float(spec.s), dtype=torch.float64) if scale is None else scale
@@ -243,22 +262,24 @@ def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float
                             torch.ones_like(peak))
     norm = torch.linalg.vector_norm(w / row_scale, dim=1) * row_scale.squeeze(1)
     cos = (xp @ wp.T) / norm.clamp_min(NORM_EPS)
-    n_cols = w.shape[0]
+    spec_ = SPEC_CASES[spec]
+    k = spec_.subcenters
+    per_class = cos.view(cos.shape[0], -1, k).max(dim=2).values if k > 1 else cos  # the max over sub-centres
+    n_cols = w.shape[0] // k
     hit = ((labels >= 0) & (labels < n_cols)).nonzero().squeeze(1)
-    spec_ = SPECS[spec]
     params = spec_.nontarget_params()
     if params.kind == NonTargetKind.INTERFACE:
         w_hat = (w / norm.clamp_min(NORM_EPS).unsqueeze(1)).detach()
         class_cos = inp["target_centre"].to(dtype) @ w_hat.T
         logits_over_s = spec_.nontarget(cos, torch.cos(inp["theta_y"].to(dtype)), class_cos)
     elif params.kind == NonTargetKind.CURRICULAR:  # the kernels' threshold, as they receive it
-        hard = cos > inp["theta_y"].to(dtype).unsqueeze(1)
+        hard = per_class > inp["theta_y"].to(dtype).unsqueeze(1)
         t = inp["coeff"].to(dtype).unsqueeze(1)
-        logits_over_s = torch.where(hard, cos * (t + cos), cos)
+        logits_over_s = torch.where(hard, per_class * (t + per_class), per_class)
     else:
-        logits_over_s = spec_.nontarget(cos, None, None)
+        logits_over_s = spec_.nontarget(per_class, None, None)
     # the target column: the row's t, with dL/dcos_y through d (the kernels' inputs)
-    cos_y = cos[hit, labels[hit]]
+    cos_y = per_class[hit, labels[hit]]
     target_logit = inp["row_target"].to(dtype)[hit] + inp["row_target_grad"].to(dtype)[hit] * (cos_y - cos_y.detach())
     logits = (logits_over_s * scale.unsqueeze(1)).index_put((hit, labels[hit]), target_logit)
     lse = torch.logsumexp(logits, dim=1)
@@ -310,12 +331,13 @@ def run_emulated(lib, case: Case, inp: dict):
         keep[name] = None if inp[name] is None else inp[name].to(compute).contiguous()
     b, c, d = case.rows, case.cols, case.dim
     out = dict(lse=torch.empty(b, dtype=compute), target_logit=torch.empty(b, dtype=compute),
-               grad_x=torch.empty(b, d, dtype=compute), grad_w=torch.empty(c, d, dtype=case.dtype),
+               grad_x=torch.empty(b, d, dtype=compute), grad_w=torch.empty(c * case.subcenters, d, dtype=case.dtype),
                grad_scale=torch.empty(b, dtype=compute))
-    p = SPECS[case.spec].nontarget_params()
+    p = SPEC_CASES[case.spec].nontarget_params()
     mu, alpha, dynamic = p.coeffs if p.kind == NonTargetKind.INTERFACE else (0.0, 0.0, 0.0)
     call = EmuHeadCall(rows=b, cols=c, dim=d, w_type=WEIGHT_TYPES[case.dtype], splits=case.splits, chunk=case.chunk,
-                       nontarget=int(p.kind), inter_dynamic=int(dynamic), inter_mu=mu, inter_alpha=alpha)
+                       nontarget=int(p.kind), inter_dynamic=int(dynamic), inter_mu=mu, inter_alpha=alpha,
+                       subcenters=case.subcenters)
     for name, t in list(keep.items()) + list(out.items()):
         setattr(call, name, _pointer(t))
     error = ctypes.create_string_buffer(2048)

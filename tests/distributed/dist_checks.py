@@ -24,6 +24,7 @@ import margin_ext as mx
 from margin_ext import distributed
 from margin_ext.checkpoint import load_head, save_head
 from margin_ext.partial_fc import PartialFC, initial_class_centres
+from margin_ext.subcenters import class_rows
 
 WORLD_SIZES = (2, 3, 1)  # in the order the groups hand a checkpoint on (see conftest.py)
 NUM_CLASSES = 37  # not divisible by 2 or 3: uneven shards
@@ -58,9 +59,10 @@ SPECS = OrderedDict([
     ("magface", mx.MagFace()),
     ("magface_norm_range", mx.MagFace(l_a=2.0, u_a=6.0, lambda_g=2.0)),
     ("curricularface", mx.CurricularFace()),
+    ("subcenter", mx.SubCenterArcFace()),
 ])
 SAMPLED_SPECS = ("arcface", "sphereface_norm_scale", "elastic_arcface_plus", "interface", "intraloss",
-                 "adaface_batch_stats", "magface_norm_range", "curricularface")
+                 "adaface_batch_stats", "magface_norm_range", "curricularface", "subcenter")
 FP32_SPECS = ("arcface", "sphereface_norm_scale", "interface")
 
 CHECKS = OrderedDict()
@@ -131,10 +133,16 @@ def run_head(ctx, head, x_local, y_local, generator=None):
     x_local = x_local.detach().clone().requires_grad_(True)
     loss = head(x_local, y_local, generator=generator)
     loss.backward()
-    sizes = [distributed.shard_size(head.num_classes, ctx.world_size, r) for r in range(ctx.world_size)]
+    sizes = weight_rows(ctx, head)
     grad_w = distributed.all_gather_rows(head.weight.grad, sizes)
     losses = distributed.all_gather_stacked(loss.detach())
     return loss.detach(), x_local.grad, grad_w, losses
+
+
+def weight_rows(ctx, head):
+    """The weight rows of every rank (k per class with sub-centres)."""
+    return [distributed.shard_size(head.num_classes, ctx.world_size, r) * head.subcenters
+            for r in range(ctx.world_size)]
 
 
 def rank_generator(ctx):
@@ -279,7 +287,8 @@ def _sampled(ctx, spec_name, sample_rate=0.3):
     counted = y >= 0
     remapped = y.clone()
     remapped[counted] = torch.searchsorted(sampled, y[counted])
-    ref_loss, ref_grad_x, ref_grad_sampled = reference(spec, x, full[sampled], remapped)
+    rows = class_rows(sampled, spec.subcenters)  # every sub-centre of each sampled class
+    ref_loss, ref_grad_x, ref_grad_sampled = reference(spec, x, full[rows], remapped)
 
     positives = set(y[counted].tolist()) & set(range(head.start, head.stop))
     expected = max(math.ceil(sample_rate * head.num_local), len(positives))
@@ -288,13 +297,13 @@ def _sampled(ctx, spec_name, sample_rate=0.3):
                              f"including the positives {sorted(positives)}")
     if not torch.equal(sampled, sampled.unique()):
         raise AssertionError(f"sampled classes not ascending and distinct: {sampled.tolist()}")
-    unsampled = torch.ones(NUM_CLASSES, dtype=torch.bool)
-    unsampled[sampled] = False
+    unsampled = torch.ones(NUM_CLASSES * spec.subcenters, dtype=torch.bool)
+    unsampled[rows] = False
     if grad_w[unsampled].abs().sum() != 0:
         raise AssertionError("un-sampled centres received gradient")
     assert_close(loss, ref_loss, "loss", **FLOAT64_TOLERANCE)
     assert_close(grad_x, local_rows(ctx, ref_grad_x, sizes), "grad of local embeddings", **FLOAT64_TOLERANCE)
-    assert_close(grad_w[sampled], ref_grad_sampled, "grad of the sampled centres", **FLOAT64_TOLERANCE)
+    assert_close(grad_w[rows], ref_grad_sampled, "grad of the sampled centres", **FLOAT64_TOLERANCE)
 
 
 for _name in SAMPLED_SPECS:
@@ -548,7 +557,7 @@ def _ddp_nested(ctx):
 
 def full_state(ctx, head, optimizer):
     """Everything a checkpoint must carry, put together on every rank."""
-    sizes = [distributed.shard_size(head.num_classes, ctx.world_size, r) for r in range(ctx.world_size)]
+    sizes = weight_rows(ctx, head)
     state = {"weight": head.full_weight(), "sampling_step": head.sampling_step, "optimizer": {},
              "margin_state": None if head.margin_state is None else head.margin_state.state_dict()}
     for key, value in sorted(optimizer.state[head.weight].items()):
@@ -565,11 +574,13 @@ def _heads():
     adamw_head = PartialFC(DIM, NUM_CLASSES, mx.ArcFace(), sample_rate=0.5, seed=22)
     adaface_head = PartialFC(DIM, NUM_CLASSES, mx.AdaFace(), sample_rate=0.5, seed=23)
     curricular_head = PartialFC(DIM, NUM_CLASSES, mx.CurricularFace(), sample_rate=0.5, seed=24)
+    subcenter_head = PartialFC(DIM, NUM_CLASSES, mx.SubCenterArcFace(), sample_rate=0.5, seed=25)
     return {
         "sgd": (sgd_head, torch.optim.SGD(sgd_head.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)),
         "adamw": (adamw_head, torch.optim.AdamW(adamw_head.parameters(), lr=0.01, betas=(0.8, 0.95))),
         "adaface": (adaface_head, torch.optim.SGD(adaface_head.parameters(), lr=0.5, momentum=0.9)),
         "curricularface": (curricular_head, torch.optim.SGD(curricular_head.parameters(), lr=0.5, momentum=0.9)),
+        "subcenter": (subcenter_head, torch.optim.SGD(subcenter_head.parameters(), lr=0.5, momentum=0.9)),
     }
 
 

@@ -6,7 +6,7 @@ import torch
 import margin_ext as mx
 from dist_checks import DIM, NUM_CLASSES, _heads
 
-KINDS = ("sgd", "adamw", "adaface", "curricularface")
+KINDS = ("sgd", "adamw", "adaface", "curricularface", "subcenter")
 
 
 def assert_same_state(loaded, saved):

@@ -119,13 +119,14 @@ def test_two_nodes_of_one_process_with_gloo(tmp_path):
      mx.IntraLoss(base=mx.CosFace(m=0.3), weight=0.5)),
     (["--margin", "adaface", "--margin-m", "0.5", "--margin-arg", "h=0.25"], mx.AdaFace(m=0.5, h=0.25)),
     (["--margin", "magface", "--margin-arg", "l_a=5", "--margin-arg", "u_m=0.9"], mx.MagFace(l_a=5.0, u_m=0.9)),
+    (["--margin", "subcenter", "--margin-m", "0.4", "--margin-arg", "k=2"], mx.SubCenterArcFace(m=0.4, k=2)),
 ])
 def test_margin_options_build_the_spec(argv, expected):
     assert margin_spec(build_parser().parse_args(argv)) == expected
 
 
 @pytest.mark.parametrize("margin, spec", [("adaface", mx.AdaFace()), ("magface", mx.MagFace(l_a=1.0)),
-                                          ("curricularface", mx.CurricularFace())])
+                                          ("curricularface", mx.CurricularFace()), ("subcenter", mx.SubCenterArcFace())])
 def test_adaptive_margins_train_and_save_their_state(tmp_path, margin, spec):
     extra = ["--margin-arg", "l_a=1"] if margin == "magface" else []
     assert run(tmp_path, "--margin", margin, *extra, "--steps", "4", "--checkpoint-every", "4", "--no-plot") == 0
@@ -143,6 +144,8 @@ def test_adaptive_margins_train_and_save_their_state(tmp_path, margin, spec):
     (["--margin-arg", "gamma=2"], ["gamma", "easy_margin"]),
     (["--margin-arg", "easy_margin=perhaps"], ["easy_margin='perhaps'", "true or false"]),
     (["--margin-arg", "oops"], ["'oops'", "KEY=VALUE"]),
+    (["--margin", "subcenter", "--margin-arg", "k=0"], ["'subcenter'", "k=0"]),
+    (["--margin", "subcenter", "--margin-arg", "k=1.5"], ["'subcenter'", "k='1.5'"]),
 ])
 def test_bad_margin_options_are_named(argv, words):
     with pytest.raises(OptionError) as error:
