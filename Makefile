@@ -23,9 +23,10 @@ demo: setup
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m margin_ext.train --output runs/demo --resume auto
 
 # A benchmark of the sharded, sampled head at scale: 1,000,000 synthetic identities, PartialFC
-# over 2 processes sampling 10% of each shard, 300 steps; prints the head's memory per rank
-# and samples/s (aimed at about 10 minutes on 2 idle CPU cores; 38 minutes measured at load
-# average 24 on a shared 2-core machine). A fresh run each time.
+# over 2 processes sampling 10% of each shard (only the sampled centres are updated), 300
+# steps; prints the head's memory per rank and samples/s. 7m27s measured on a shared 2-core
+# machine at load average 7-8 (373 CPU-seconds: about 3-4 minutes estimated on 2 idle cores).
+# A fresh run each time.
 DEMO_1M_ARGS ?= --synthetic-identities 1000000 --synthetic-samples 2 --sample-rate 0.1 --steps 300 \
 	--checkpoint-every 0 --keep-checkpoints 1 --no-tensorboard --progress lines
 

@@ -5,6 +5,7 @@ from .checkpoint import CheckpointError, load_head, save_head
 from .functional import margin_cross_entropy
 from .monitoring import best_class, iter_cosines, top1_accuracy
 from .partial_fc import PartialFC
+from .row_sparse import RowSparseAdamW, RowSparseSGD
 from .running_stats import RunningStatistics
 from .subcenters import SubCenterDrop, subcenter_drop
 from .margins import (
@@ -42,6 +43,8 @@ __all__ = [
     "MagFace",
     "MarginSpec",
     "PartialFC",
+    "RowSparseAdamW",
+    "RowSparseSGD",
     "RunningStatistics",
     "SPECS",
     "SphereFace",

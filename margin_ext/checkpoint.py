@@ -79,7 +79,7 @@ def save_head(directory: str, head: PartialFC, optimizer: Optional[torch.optim.O
                 else:
                     layout[fqn], objects[fqn] = _OBJECT, value
         groups = [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]
-        text, tensors = tensor_json.encode({"type": type(optimizer).__name__, "layout": layout,
+        text, tensors = tensor_json.encode({"type": _state_format(optimizer), "layout": layout,
                                             "objects": objects, "param_groups": groups}, "optimizer state")
         if tensors:
             raise TypeError("the optimizer's parameter groups hold tensors, which save_head does not store")
@@ -213,13 +213,19 @@ def _checked_margin_state(directory, head: PartialFC, meta):
 
 
 def _check_optimizer(directory, optimizer, names, meta) -> None:
-    if meta["type"] != type(optimizer).__name__:
+    if meta["type"] != _state_format(optimizer):
         raise CheckpointError(f"the checkpoint in {directory!r} holds the state of a {meta['type']} "
                          f"optimizer, got optimizer={type(optimizer).__name__}")
     saved = [sorted(g["params"]) for g in meta["param_groups"]]
     current = [sorted(names[i] for i in g["params"]) for g in optimizer.state_dict()["param_groups"]]
     if saved != current:
         raise CheckpointError(f"the optimizer's parameter groups {current} differ from the saved ones {saved}")
+
+
+def _state_format(optimizer) -> str:
+    """The name of the optimizer's kind of state: its class's, unless it declares that it keeps
+    another's (margin_ext.RowSparseSGD keeps torch.optim.SGD's)."""
+    return getattr(optimizer, "state_format", type(optimizer).__name__)
 
 
 def _restore_optimizer(optimizer, names, meta, loaded) -> None:

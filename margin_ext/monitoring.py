@@ -7,12 +7,13 @@ most (B x chunk_size) cosines exist at once. Everything here runs without gradie
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional, Tuple
 
 import torch
 
 from .backends import default_chunk_size
-from .rows import normalize
+from .rows import NORM_EPS, normalize, normalize_rows, square_safe_limit
 
 
 @torch.no_grad()
@@ -26,7 +27,17 @@ def iter_cosines(embeddings: torch.Tensor, weight: torch.Tensor,
     n_classes = weight.shape[0]
     chunk = chunk_size or default_chunk_size(x_hat.shape[0], n_classes, weight.device)
     for start in range(0, n_classes, chunk):
-        yield start, x_hat @ normalize(weight[start:start + chunk]).T
+        yield start, _cosines(x_hat, weight[start:start + chunk])
+
+
+def _cosines(x_hat: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """x_hat @ normalize(centres).T without writing normalized centres: the products divided by
+    the centres' norms (two reads of the centres instead of a normalized copy; equal up to
+    rounding). Centres large enough for their squares to overflow are normalized first."""
+    centres = centres if centres.dtype == torch.float64 else centres.float()
+    if bool((torch.linalg.vector_norm(centres, ord=math.inf, dim=1) > square_safe_limit(centres.dtype)).any()):
+        return x_hat @ normalize_rows(centres).T
+    return (x_hat @ centres.T) / torch.linalg.vector_norm(centres, dim=1).clamp_min(NORM_EPS)
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from .backends import BACKENDS, resolve
 from .margins import ArcFace, MarginSpec
 from .monitoring import best_class
 from .pipeline import class_chunk_size, head_losses
+from .row_sparse import gather_rows
 from .subcenters import class_rows
 from .validation import (EMB_NDIM, FLOAT_DTYPES, NOT_TENSOR, OK, batch_error, batch_problem, dtype_code,
                          dtype_name)
@@ -128,6 +129,10 @@ class PartialFC(nn.Module):
     seed: the initial centres are a function of (seed, global class) only (see
         :func:`initial_class_centres`); negative sampling draws from (seed, rank, step).
     ignore_index: label of rows that do not count.
+    sparse_grad: with sampling in training, ``weight.grad`` is a sparse COO tensor of the
+        sampled rows instead of a dense (n_r x D) one that is zero elsewhere; pair it with
+        :class:`margin_ext.RowSparseSGD` or :class:`margin_ext.RowSparseAdamW`, which update
+        only those rows (see :mod:`margin_ext.row_sparse` for what that changes).
 
     ``head.weight`` is this rank's shard, classes [start, start + n_r). With k sub-centres
     per class (:class:`~margin_ext.margins.SubCenterArcFace`) it holds their n_r * k rows,
@@ -139,16 +144,16 @@ class PartialFC(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginSpec = ArcFace(),
                  sample_rate: float = 1.0, process_group=None, dtype: torch.dtype = torch.float32,
                  backend: str = "auto", chunk_size: Optional[int] = None, seed: int = 0,
-                 ignore_index: int = -1):
+                 ignore_index: int = -1, sparse_grad: bool = False):
         super().__init__()
         self.process_group = process_group
         self.world_size = distributed.group_size(process_group)
         self.rank = distributed.group_rank(process_group)
         config = dict(embedding_size=embedding_size, num_classes=num_classes, margin=repr(margin),
                       sample_rate=sample_rate, dtype=str(dtype), backend=backend,
-                      chunk_size=chunk_size, seed=seed, ignore_index=ignore_index)
+                      chunk_size=chunk_size, seed=seed, ignore_index=ignore_index, sparse_grad=sparse_grad)
         problem = _config_problem(embedding_size, num_classes, margin, sample_rate, dtype,
-                                  backend, chunk_size, seed, ignore_index)
+                                  backend, chunk_size, seed, ignore_index, sparse_grad)
         # one small exchange so that a rank built differently is an error on every rank
         _agree_on_config(config, problem, distributed.all_gather_objects((config, problem), process_group))
         if num_classes < self.world_size:
@@ -163,6 +168,7 @@ class PartialFC(nn.Module):
         self.chunk_size = chunk_size
         self.seed = seed
         self.ignore_index = ignore_index
+        self.sparse_grad = sparse_grad
         self.start, self.stop = distributed.shard_range(num_classes, self.world_size, self.rank)
         self.num_local = self.stop - self.start
         #: k, the weight's rows per class: this shard's rows are [start * k, stop * k) of the (C * k, D) whole
@@ -193,19 +199,24 @@ class PartialFC(nn.Module):
         x, y = self._gather_batch(embeddings, labels, differentiable=True)
         counted = (y != self.ignore_index).nonzero().squeeze(1)
         n_rows = counted.numel()
+        sampling = self.sample_rate < 1.0 and self.training
         if n_rows == 0:
             # nothing counts anywhere: a zero that still reaches both inputs, on every rank
-            return (x[:0].sum() + self.weight[:0].sum()).float()
+            # (a row-sparse gradient names no row: a row-sparse optimizer then changes nothing)
+            no_rows = torch.zeros(0, dtype=torch.int64, device=self.weight.device)
+            none = gather_rows(self.weight, no_rows, self.sparse_grad and sampling)
+            return (x[:0].sum() + none.sum()).float()
         if n_rows != y.numel():
             x, y = x[counted], y[counted]
 
         local_labels = distributed.local_columns(y, self.start, self.stop)
         weight = self.weight
         self.sampled_classes = None
-        if self.sample_rate < 1.0 and self.training:
+        if sampling:
             index, local_labels = sample_classes(local_labels, self.num_local, self.sample_rate,
                                                  self._next_sampler(weight.device))
-            weight = weight[class_rows(index, self.subcenters)]  # gradient reaches only the sampled centres
+            # gradient reaches only the sampled centres (ascending rows, as gather_rows needs)
+            weight = gather_rows(weight, class_rows(index, self.subcenters), self.sparse_grad)
             self.sampled_classes = index + self.start
 
         kernels = self._kernels_for(weight.device)
@@ -331,7 +342,7 @@ class PartialFC(nn.Module):
 
 
 def _config_problem(embedding_size, num_classes, margin, sample_rate, dtype, backend, chunk_size,
-                    seed, ignore_index) -> Optional[str]:
+                    seed, ignore_index, sparse_grad) -> Optional[str]:
     """What is wrong with this rank's constructor arguments, or None."""
     def positive_int(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -355,6 +366,8 @@ def _config_problem(embedding_size, num_classes, margin, sample_rate, dtype, bac
         return f"seed={seed!r} is invalid: expected an integer"
     if not isinstance(ignore_index, int) or ignore_index >= 0:
         return f"ignore_index={ignore_index!r} is invalid: expected a negative integer"
+    if not isinstance(sparse_grad, bool):
+        return f"sparse_grad={sparse_grad!r} is invalid: expected True or False"
     return None
 
 

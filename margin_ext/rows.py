@@ -50,6 +50,11 @@ def normalize(t: torch.Tensor) -> torch.Tensor:
     return normalize_rows(t)
 
 
+def square_safe_limit(dtype: torch.dtype) -> float:
+    """The largest magnitude of a row's entries whose norm cannot overflow in ``dtype``."""
+    return torch.finfo(dtype).max ** 0.25
+
+
 def normalize_rows(t: torch.Tensor) -> torch.Tensor:
     """F.normalize(t, dim=1, eps=1e-12) in t's own dtype, without overflow.
 
@@ -60,7 +65,7 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
     scale, so the result and the gradient are the row's own. Other rows are divided by
     1: bit for bit F.normalize.
     """
-    limit = torch.finfo(t.dtype).max ** 0.25
+    limit = square_safe_limit(t.dtype)
     peak = t.detach().abs().amax(dim=1, keepdim=True)
     scale = torch.where(peak > limit, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
     return F.normalize(t / scale, dim=1, eps=NORM_EPS)

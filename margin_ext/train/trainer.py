@@ -44,7 +44,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from margin_ext import PartialFC
+from margin_ext import PartialFC, RowSparseAdamW, RowSparseSGD
 from margin_ext.backends import BackendUnavailable, resolve
 from margin_ext.safe_files import fresh_temporary
 from margin_ext.train.backbones import build_backbone
@@ -128,7 +128,7 @@ class Trainer:
         self.train_set.expected_shape = self.image_shape  # every other image must match it
         self.backbone, self.head = self._build_model()
         self.backbone_optimizer = self._optimizer(self.backbone.parameters())
-        self.head_optimizer = self._optimizer(self.head.parameters())
+        self.head_optimizer = self._optimizer(self.head.parameters(), row_sparse=True)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[options.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
 
@@ -278,7 +278,7 @@ class Trainer:
                                       image_size=self.image_shape[1], dropout=options.dropout).to(self.device)
             head = PartialFC(options.embedding_size, self.num_classes, margin=self.margin,
                              sample_rate=options.sample_rate, backend=options.backend,
-                             seed=options.seed).to(self.device)
+                             seed=options.seed, sparse_grad=True).to(self.device)
         except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
             if not isinstance(error, MemoryError) and "alloc" not in str(error).lower() \
                     and "out of memory" not in str(error).lower():
@@ -289,12 +289,16 @@ class Trainer:
                               f"{centres / 2**30:.3g} GiB, and the allocator refused)") from None
         return backbone, head
 
-    def _optimizer(self, parameters):
+    def _optimizer(self, parameters, row_sparse: bool = False):
+        """The --optimizer; ``row_sparse``: its variant that updates only the sampled centres
+        (margin_ext.row_sparse: unsampled centres and their state wait until sampled again)."""
         parameters = [p for p in parameters if p.requires_grad]
         decay = weight_decay(self.options)
         if self.options.optimizer == "adamw":
-            return torch.optim.AdamW(parameters, lr=self.options.lr, weight_decay=decay)
-        return torch.optim.SGD(parameters, lr=self.options.lr, momentum=self.options.momentum, weight_decay=decay)
+            adamw = RowSparseAdamW if row_sparse else torch.optim.AdamW
+            return adamw(parameters, lr=self.options.lr, weight_decay=decay)
+        sgd = RowSparseSGD if row_sparse else torch.optim.SGD
+        return sgd(parameters, lr=self.options.lr, momentum=self.options.momentum, weight_decay=decay)
 
     def _shape(self) -> dict:
         """What a checkpoint must agree on to be loadable into this run."""
@@ -429,7 +433,7 @@ class Trainer:
         tensors = parameters + [p.grad for p in parameters if p.grad is not None]
         tensors += [value for state in self.head_optimizer.state.values() for value in state.values()
                     if torch.is_tensor(value)]
-        mine = (self.head.num_local, sum(t.numel() * t.element_size() for t in tensors))
+        mine = (self.head.num_local, sum(_tensor_bytes(t) for t in tensors))
         per_rank = self.ctx.gather_object(mine)
         self.head_bytes = [nbytes for _, nbytes in per_rank]
         self.log.print("head memory per rank (centres, their gradient, optimizer state): " + "; ".join(
@@ -562,6 +566,13 @@ class Trainer:
     def close(self) -> None:
         self.watchdog.close()
         self.log.close()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; a sparse one (the sampled centres' gradient) only its indices and values."""
+    if tensor.is_sparse:
+        return _tensor_bytes(tensor._indices()) + _tensor_bytes(tensor._values())
+    return tensor.numel() * tensor.element_size()
 
 
 def train(options, ctx: DistributedContext) -> dict:

@@ -347,6 +347,25 @@ def _sampling_reproducible(ctx):
     assert_close(eval_loss.detach(), ref_loss, "eval loss", **FLOAT64_TOLERANCE)
 
 
+@check("sparse_grad_is_the_dense_gradient_of_the_sampled_rows")
+def _sparse_grad(ctx):
+    sizes = BATCH_SIZES[ctx.world_size]
+    x, y = global_batch(seed=4, sizes=sizes)
+    results = {}
+    for sparse_grad in (False, True):
+        head = PartialFC(DIM, NUM_CLASSES, sample_rate=0.3, dtype=torch.float64, seed=6, sparse_grad=sparse_grad)
+        xl = local_rows(ctx, x, sizes).detach().clone().requires_grad_(True)
+        loss = head(xl, local_rows(ctx, y, sizes))
+        loss.backward()
+        results[sparse_grad] = (loss.detach(), xl.grad, head.weight.grad, head.sampled_classes - head.start)
+    (loss, grad_x, grad_w, _), (sparse_loss, sparse_grad_x, rows, sampled) = results[False], results[True]
+    if not rows.is_sparse or not torch.equal(rows._indices()[0], sampled):
+        raise AssertionError(f"rank {ctx.rank}: the gradient should hold exactly the sampled rows {sampled.tolist()}")
+    if not (torch.equal(sparse_loss, loss) and torch.equal(sparse_grad_x, grad_x)
+            and torch.equal(rows.to_dense(), grad_w)):
+        raise AssertionError(f"rank {ctx.rank}: sparse_grad changed the loss or a gradient")
+
+
 # ---------------------------------------------------------------- monitoring, init, export
 
 @check("top1_accuracy_matches_single_process")

@@ -90,6 +90,7 @@ def test_sample_rate_one_samples_nothing_and_eval_samples_nothing():
     (dict(backend="fast"), "backend='fast'"),
     (dict(chunk_size=0), "chunk_size=0"),
     (dict(ignore_index=3), "ignore_index=3"),
+    (dict(sparse_grad=1), "sparse_grad=1"),
 ])
 def test_invalid_arguments_name_themselves(kwargs, fragment):
     arguments = dict(embedding_size=DIM, num_classes=NUM_CLASSES)

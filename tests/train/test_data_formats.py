@@ -309,6 +309,24 @@ def test_a_large_synthetic_set_renders_images_as_they_are_read(monkeypatch):
         lazy[60]
 
 
+def test_a_batch_rendered_at_once_holds_the_images_of_single_reads(monkeypatch):
+    from margin_ext.train.data import synthetic
+
+    monkeypatch.setattr(synthetic, "RENDER_AHEAD_LIMIT", 50)
+    lazy = SyntheticIdentities(30, 2, seed=1)
+    indices = [3, 59, -1, 3, 17]
+    batch = lazy.__getitems__(indices)  # what a DataLoader calls for a batch
+    singles = [lazy[i] for i in indices]
+    assert [label.item() for _, label in batch] == [label.item() for _, label in singles] == [1, 29, 29, 1, 8]
+    # rendered as one batch, the renderer's float32 sums run in another order: rounding only
+    # (values in [-1, 1], sums of at most 144 products)
+    torch.testing.assert_close(torch.stack([image for image, _ in batch]),
+                               torch.stack([image for image, _ in singles]), rtol=0, atol=1e-5)
+    assert not torch.equal(batch[0][0], batch[4][0])
+    with pytest.raises(IndexError):
+        lazy.__getitems__([0, 60])
+
+
 def test_synthetic_samples_are_closer_within_an_identity():
     dataset = SyntheticIdentities(30, 6, seed=1)
     flat = dataset.images.flatten(1)

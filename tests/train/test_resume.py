@@ -37,12 +37,14 @@ def final_state(output, step):
     return state, head.weight.detach().clone()
 
 
-@pytest.mark.parametrize("amp, steps, every, killed_after", [
-    ("none", 6, 2, 3),  # the checkpoint of step 2 is mid-epoch; step 3 is lost
-    ("fp16", 3, 1, 2),  # the GradScaler and its state (fp16 is slow on the CPU: fewer steps)
+@pytest.mark.parametrize("amp, steps, every, killed_after, head", [
+    ("none", 6, 2, 3, []),  # the checkpoint of step 2 is mid-epoch; step 3 is lost
+    ("fp16", 3, 1, 2, []),  # the GradScaler and its state (fp16 is slow on the CPU: fewer steps)
+    # the sampled head: its sampling step, and the momentum of centres the row-sparse step left alone
+    ("none", 6, 2, 3, ["--sample-rate", "0.5"]),
 ])
-def test_resume_is_bit_exact(tmp_path, amp, steps, every, killed_after):
-    common = ["--steps", str(steps), "--checkpoint-every", str(every), "--amp", amp, "--dropout", "0.2"]
+def test_resume_is_bit_exact(tmp_path, amp, steps, every, killed_after, head):
+    common = ["--steps", str(steps), "--checkpoint-every", str(every), "--amp", amp, "--dropout", "0.2", *head]
     train(tmp_path / "whole", *common)
     train(tmp_path / "killed", *common, "--stop-after-steps", str(killed_after))
     last_saved = killed_after // every * every

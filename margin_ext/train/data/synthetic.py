@@ -117,22 +117,37 @@ class SyntheticRenderer:
             return torch.empty(0, self.channels, self.image_size, self.image_size)
         return torch.cat(images)
 
+    def sample_each(self, prototypes: torch.Tensor, labels: torch.Tensor, generators) -> torch.Tensor:
+        """One sample per label, label i's noise drawn from ``generators[i]``, rendered together:
+        ``sample(prototypes, labels[i:i + 1], generators[i])`` for each i, up to float rounding."""
+        noise = [self._noise(1, generator) for generator in generators]
+        if not noise:
+            return torch.empty(0, self.channels, self.image_size, self.image_size)
+        return self._noisy_images(prototypes, labels, *(torch.cat(parts) for parts in zip(*noise)))
+
     def _sample_chunk(self, prototypes, labels, generator):
-        count = len(labels)
+        return self._noisy_images(prototypes, labels, *self._noise(len(labels), generator))
+
+    def _noise(self, count: int, generator: torch.Generator):
+        """(latent offsets, nuisance factors, crop shifts, pixel noise) of ``count`` samples."""
         # Noise of expected norm ``noise`` around a unit prototype.
         offsets = torch.randn(count, self.latent_dim, generator=generator) * (self.noise / math.sqrt(self.latent_dim))
-        identity = F.normalize(prototypes[labels] + offsets, dim=1) * math.sqrt(self.latent_dim)
         nuisance = self.nuisance * torch.randn(count, NUISANCE_DIM, generator=generator)
+        shifts = torch.randint(0, 2 * self.jitter + 1, (count, 2), generator=generator)
+        pixels = self.pixel_noise * torch.randn(count, self.channels, self.image_size, self.image_size,
+                                                generator=generator)
+        return offsets, nuisance, shifts, pixels
+
+    def _noisy_images(self, prototypes, labels, offsets, nuisance, shifts, pixels):
+        identity = F.normalize(prototypes[labels] + offsets, dim=1) * math.sqrt(self.latent_dim)
         canvas = self.render(torch.cat([identity, nuisance], dim=1))
         # Alignment jitter: crop a random image_size window out of the canvas.
-        shifts = torch.randint(0, 2 * self.jitter + 1, (count, 2), generator=generator)
         rows = shifts[:, 0, None] + torch.arange(self.image_size)
         cols = shifts[:, 1, None] + torch.arange(self.image_size)
-        batch = torch.arange(count)[:, None, None, None]
+        batch = torch.arange(len(labels))[:, None, None, None]
         channel = torch.arange(self.channels)[None, :, None, None]
         images = canvas[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-        images = images + self.pixel_noise * torch.randn(images.shape, generator=generator)
-        return images.clamp_(-1.0, 1.0).contiguous()
+        return (images + pixels).clamp_(-1.0, 1.0).contiguous()
 
 
 class SyntheticIdentities(Dataset):
@@ -150,6 +165,8 @@ class SyntheticIdentities(Dataset):
     Up to ``RENDER_AHEAD_LIMIT`` images are rendered at construction, from one stream;
     larger sets render item ``i`` when it is read, from a stream of its own, (seed,
     split, i): as deterministic, but other images than the up-front rendering would give.
+    A batch read at once (``__getitems__``, what a DataLoader calls) renders its images
+    together: the same images up to float rounding, many times faster than one by one.
     """
 
     def __init__(
@@ -189,12 +206,18 @@ class SyntheticIdentities(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices):
+        """The items of ``indices`` (what a DataLoader asks for a batch): rendered on read, the
+        batch's images are rendered together, each from its own stream."""
         if self.images is not None:
-            return self.images[index], self.labels[index]
-        index = range(len(self))[index]  # negative indices too, and IndexError past the end
-        labels = self.labels[index:index + 1]
-        image = self.renderer.sample(self.prototypes, labels, _generator(self.seed, "sample", self.split, index))
-        return image[0], self.labels[index]
+            return [(self.images[index], self.labels[index]) for index in indices]
+        indices = [range(len(self))[index] for index in indices]  # negative indices too, IndexError past the end
+        labels = self.labels[indices]
+        generators = [_generator(self.seed, "sample", self.split, index) for index in indices]
+        images = self.renderer.sample_each(self.prototypes, labels, generators)
+        return list(zip(images, labels))
 
 
 def synthetic_verification_pairs(
