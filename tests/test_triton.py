@@ -136,6 +136,15 @@ def test_degenerate_centres_through_split_weight_gradient(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sub_centres_are_refused_with_the_reason(device):
+    triton_kernels(device)
+    spec = mx.SubCenterArcFace(k=3)
+    x, w, y = make_inputs(4, 5, 8, torch.float32, seed=1, subcenters=3)
+    with pytest.raises(BackendUnavailable, match=r"backend='triton' does not run sub-centres \(k=3\)"):
+        mx.margin_cross_entropy(*on(device, x, w, y), spec, backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_ignored_rows(reduction, device):
     triton_kernels(device)

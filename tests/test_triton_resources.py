@@ -121,3 +121,14 @@ print(json.dumps(compile_launch(Launch(**json.loads({json.dumps(json.dumps(heavy
     assert dirty_launches([heavy], committed) == ([heavy], [])  # not a launch the backend makes
     assert dirty_launches([base], {**committed, **written}) == ([], [])
     assert Launch(**json.loads(json.dumps(heavy.__dict__))).id == heavy.id != base.id
+
+
+def test_every_spec_records_on_both_architectures():
+    """A spec with k sub-centres gets k weight rows per class; recording it (the launches it
+    makes, or none with the backend's refusal said) goes through on sm_80 and sm_90."""
+    from margin_ext.backends.triton_launches import ARCHES, margin_specs, record_in_subprocess
+
+    sub_centre_specs = [name for name, spec in margin_specs().items() if spec.subcenters > 1]
+    assert sub_centre_specs
+    for arch in ARCHES:
+        record_in_subprocess(arch, sub_centre_specs, ["bf16"])

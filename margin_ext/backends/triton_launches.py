@@ -217,10 +217,14 @@ def run_workload(dtype, mode, spec, rows, classes, dim, chunk):
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, dim, generator=gen).to(dtype).requires_grad_()
-    w = torch.randn(classes, dim, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(classes * spec.subcenters, dim, generator=gen).to(dtype).requires_grad_()  # k rows per class
     y = torch.randint(0, classes, (rows,), generator=gen)
     with _fp32_dot(mode):
         margin_cross_entropy(x, w, y, spec, backend="triton", chunk_size=chunk, generator=gen).backward()
+
+
+# how the recorder says that the backend refused a spec (no launches of it are recorded)
+NOT_RECORDED = "not recorded, refused:"
 
 
 def distinct(launches):
@@ -236,15 +240,20 @@ def record(arch: int, margins=None, dtypes=None):
     ``margins`` and ``dtypes``: names (of :func:`margin_specs`, of :data:`DTYPES`), all when None."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the kernels must be built for the compiler to be recorded")
+    from .base import BackendUnavailable
+
     specs = margin_specs()
     launches = []
     with faked_device(arch, launches):
         for name, dtype, mode in DTYPES:
             if dtypes and name not in dtypes:
                 continue
-            for spec in (specs[m] for m in margins) if margins else specs.values():
-                for shape in SHAPES:
-                    run_workload(dtype, mode, spec, *shape)
+            for margin in margins or specs:
+                try:
+                    for shape in SHAPES:
+                        run_workload(dtype, mode, specs[margin], *shape)
+                except BackendUnavailable as refusal:  # a spec the backend refuses launches nothing
+                    print(f"{NOT_RECORDED} {margin} ({name}): {refusal}", file=sys.stderr)
     return distinct(launches)
 
 
@@ -259,6 +268,8 @@ def record_in_subprocess(arch: int, margins=None, dtypes=None) -> list:
                            capture_output=True, text=True, check=False)
     if child.returncode != 0:
         raise RuntimeError(f"recording the launches for sm_{arch} failed:\n{child.stderr[-4000:]}")
+    for line in sorted({line for line in child.stderr.splitlines() if line.startswith(NOT_RECORDED)}):
+        print(f"sm_{arch}: {line}", file=sys.stderr)
     return [Launch(**row) for row in json.loads(child.stdout)]
 
 
