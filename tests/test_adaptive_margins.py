@@ -170,6 +170,23 @@ def test_curricularface_is_the_authors(spec, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(7, 37, 24), (16, 100, 64), (33, 300, 128), (64, 1000, 512)])
+def test_curricularface_parity_case_has_hard_and_easy_classes(shape):
+    """The parity tests of every backend run SPEC_CASES["curricularface_hard"]: at their
+    shapes, rows with a target hold both hard (c (t + c)) and easy non-target classes."""
+    from cases import SPEC_CASES
+    from margin_ext.rows import normalize
+    spec = SPEC_CASES["curricularface_hard"]
+    x, w, y = make_inputs(*shape, torch.float64)
+    cos = normalize(x) @ normalize(w).T
+    threshold = spec.nontarget_row(cos.gather(1, y[:, None]).squeeze(1))
+    hard = cos > threshold[:, None]
+    hard[torch.arange(shape[0]), y] = False
+    non_targets = shape[0] * (shape[1] - 1)
+    assert 0.2 * non_targets < hard.sum() < 0.8 * non_targets
+    assert hard.any(dim=1).all()
+
+
 def test_curricularface_starts_from_zero_and_freezes():
     spec = mx.CurricularFace()
     x, w, y = make_inputs(6, 15, 8, torch.float64, seed=13, ignore_rows=(4,))
