@@ -38,6 +38,10 @@ FAMILIES = {
     "SubCenterArcFace": mx.SubCenterArcFace(),  # C classes, k = 3 centres each: a weight of 3 C rows
 }
 BASELINE = "ArcFace"
+#: The GPU side, which this CPU benchmark cannot measure.
+GPU_NOTE = ("On a GPU (on paper, not measured): CurricularFace's extra work per tile of the fused CUDA kernels "
+            "against the tile's tensor-core products is in csrc/README.md, \"CurricularFace in the fused kernels, "
+            "on paper\" (about 7% of a step's products at D = 512).")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -94,7 +98,7 @@ def markdown(data: dict) -> str:
     for backend, rows in data["results"].items():
         for name, row in rows.items():
             lines.append(f"| {backend} | {name} | {row['median']:.1f} | {row['ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", GPU_NOTE]) + "\n"
 
 
 def main(argv=None) -> Path:

@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <tuple>
 
@@ -28,25 +27,22 @@ constexpr int64_t kMaxSubcenters = 32;
 
 // margins.NonTargetParams from the ops' (nontarget_kind, nontarget_coeffs, subcenters),
 // checked: the one place that knows the packed layout (InterFace: mu, alpha, dynamic;
-// CurricularFace: t).
+// CurricularFace: none, its t is row_terms' kNonTargetCoeff row).
 inline NonTargetParams make_nontarget(int64_t kind, c10::ArrayRef<double> coeffs, int64_t subcenters) {
   TORCH_CHECK(subcenters >= 1 && subcenters <= kMaxSubcenters, "margin_ext: subcenters=", subcenters,
               " is invalid: expected an integer in [1, ", kMaxSubcenters, "]");
   TORCH_CHECK(subcenters == 1 || kind != kInterFace, "margin_ext: subcenters=", subcenters,
               " is invalid with the INTERFACE non-target kind, whose class cosines are per centre: expected 1");
-  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true, 0.0, static_cast<int>(subcenters)};
-  if (kind == kCosine) {
-    TORCH_CHECK(coeffs.empty(), "margin_ext: nontarget_coeffs=", coeffs, " is invalid: COSINE takes none");
+  NonTargetParams p{static_cast<int>(kind), 0.0, 0.0, true, static_cast<int>(subcenters)};
+  if (kind == kCosine || kind == kCurricular) {
+    TORCH_CHECK(coeffs.empty(), "margin_ext: nontarget_coeffs=", coeffs, " is invalid: ",
+                kind == kCosine ? "COSINE" : "CURRICULAR", " takes none");
   } else if (kind == kInterFace) {
     TORCH_CHECK(coeffs.size() == 3, "margin_ext: nontarget_coeffs=", coeffs,
                 " is invalid: INTERFACE takes (mu, alpha, dynamic)");
     p.inter_mu = coeffs[0];
     p.inter_alpha = coeffs[1];
     p.inter_dynamic = coeffs[2] != 0.0;
-  } else if (kind == kCurricular) {
-    TORCH_CHECK(coeffs.size() == 1 && std::isfinite(coeffs[0]), "margin_ext: nontarget_coeffs=", coeffs,
-                " is invalid: CURRICULAR takes (t,), t finite");
-    p.curricular_t = coeffs[0];
   } else {
     TORCH_CHECK(false, "margin_ext: nontarget_kind=", kind,
                 " is invalid: expected 0 (COSINE), 1 (INTERFACE) or 2 (CURRICULAR)");
@@ -65,8 +61,12 @@ inline WeightType weight_type(const at::Tensor& w) {
   }
 }
 
-// The rows of the ops' row_terms tensor (4, B) (extension.ROW_TERMS).
-enum RowTerm : int64_t { kScale = 0, kTarget = 1, kTargetGrad = 2, kNonTargetRow = 3, kRowTerms = 4 };
+// The rows of the ops' row_terms tensor (5, B) (extension.ROW_TERMS): kNonTargetRow and
+// kNonTargetCoeff are the non-target kind's per-row values (InterFace: theta_y;
+// CurricularFace: the threshold cos(theta_y + m) and t, the same on every row).
+enum RowTerm : int64_t {
+  kScale = 0, kTarget = 1, kTargetGrad = 2, kNonTargetRow = 3, kNonTargetCoeff = 4, kRowTerms = 5
+};
 
 // The head's inputs, checked and made contiguous in the compute dtype (x_hat's).
 struct HeadInputs {
@@ -113,7 +113,7 @@ inline HeadInputs check_inputs(const at::Tensor& x_hat, const at::Tensor& weight
               " but x_hat is on ", x_hat.device());
   TORCH_CHECK(row_terms.dim() == 2 && row_terms.size(0) == kRowTerms && row_terms.size(1) == b,
               "margin_ext: row_terms must have shape (", int64_t(kRowTerms), ", ", b,
-              ") (scale, target logit, its derivative, non-target row value), got ", row_terms.sizes());
+              ") (scale, target logit, its derivative, non-target row value and coefficient), got ", row_terms.sizes());
   TORCH_CHECK(at::isFloatingType(row_terms.scalar_type()), "margin_ext: row_terms.dtype=", row_terms.scalar_type(),
               " is invalid: expected a floating dtype");
   TORCH_CHECK(row_terms.device() == x_hat.device(), "margin_ext: row_terms is on ", row_terms.device(),
@@ -157,6 +157,7 @@ ChunkRows<T> chunk_rows(const HeadInputs& in, int64_t start, int64_t n, const at
   rows.target = in.row<T>(kTarget);
   rows.target_grad = in.row<T>(kTargetGrad);
   rows.theta_y = in.params.kind != kCosine ? in.row<T>(kNonTargetRow) : nullptr;
+  rows.coeff = in.params.kind == kCurricular ? in.row<T>(kNonTargetCoeff) : nullptr;
   rows.class_cos = class_cos.defined() ? class_cos.data_ptr<T>() : nullptr;
   rows.params = in.params;
   return rows;

@@ -24,6 +24,7 @@ struct ChunkRows {
   const T* target;        // t_i, the target logit (already scaled)
   const T* target_grad;   // d_i = d t_i / d cos_y
   const T* theta_y;       // the kind's row value (InterFace: theta_y, CurricularFace: threshold), else null
+  const T* coeff;         // the kind's row coefficient (CurricularFace: t), else null
   const T* class_cos;     // InterFace only, else null
   NonTargetParams params;
 

@@ -32,13 +32,13 @@ constexpr float kFloat16Max = 65504.0f;
 constexpr float kBFloat16Max = 3.38953139e38f;
 
 // margins.NonTargetParams unpacked (make_nontarget in head_loop.h is the one
-// constructor). Doubles so that a float64 run sees the Python values unrounded.
+// constructor): the kind's constants. Doubles so that a float64 run sees the Python
+// values unrounded. What changes per step (CurricularFace's t) is a per-row input.
 struct NonTargetParams {
   int kind;             // NonTargetKind
   double inter_mu;      // kInterFace: mhat = alpha * (exp(-mu / phi) - exp(-theta_y / phi))
   double inter_alpha;
   bool inter_dynamic;   // false: phi = pi / 2 and the first term is exp(-mu)
-  double curricular_t;  // kCurricular: c (t + c) where c > the row's cos(theta_y + m)
   int subcenters;       // k: the weight's rows per class; a class's cosine is the max over its k rows
 };
 
@@ -80,21 +80,26 @@ MX_HD T safe_sin_from_cos(T c) {
   return math::clamp_min(math::sqrt_(math::clamp_min(T(1) - c * c, T(0))), T(kSinEps));
 }
 
+// CurricularFace's non-target logit / s and its derivative: c (t + c), d = t + 2 c on a
+// hard class (c above the row's threshold cos(theta_y + m)), c elsewhere. Selects, not a
+// branch: the fused kernels' lanes run it on every element of a tile.
+template <typename T>
+MX_HD ValueGrad<T> curricular_transform(T cos, T threshold, T t) {
+  const bool hard = cos > threshold;
+  return {hard ? cos * (t + cos) : cos, hard ? t + T(2) * cos : T(1)};
+}
+
 // margin_math.nontarget_transform for one (row, class): cos unchanged for kCosine
 // (not clamped, as the torch path), CurricularFace's c (t + c) on the hard classes,
-// InterFace's cos(theta - mhat) otherwise. theta_y is the kind's detached row value
-// (InterFace: theta_y; CurricularFace: the threshold cos(theta_y + m)); class_cos
-// (cosine between the row's target centre and the class centre) is detached too: no
-// derivative flows through mhat.
+// InterFace's cos(theta - mhat) otherwise. theta_y and coeff are the kind's detached
+// row values (InterFace: theta_y; CurricularFace: the threshold cos(theta_y + m) and t);
+// class_cos (cosine between the row's target centre and the class centre) is detached
+// too: no derivative flows through mhat.
 template <typename T>
-MX_HD ValueGrad<T> nontarget_transform(T cos, T theta_y, T class_cos, const NonTargetParams& p) {
+MX_HD ValueGrad<T> nontarget_transform(T cos, T theta_y, T coeff, T class_cos, const NonTargetParams& p) {
   using namespace math;
   if (p.kind == kCosine) return {cos, T(1)};
-  if (p.kind == kCurricular) {
-    const T t = T(p.curricular_t);
-    if (cos > theta_y) return {cos * (t + cos), t + T(2) * cos};
-    return {cos, T(1)};
-  }
+  if (p.kind == kCurricular) return curricular_transform(cos, theta_y, coeff);
   const T c = clamp(cos, T(-1), T(1));
   T phi, first;
   if (p.inter_dynamic) {

@@ -16,9 +16,10 @@ PyObject* PyInit__C(void) {
 }
 
 // The arguments every op starts with (margin_ext.backends.extension.op_args): row_terms
-// is (4, B): the scale s_i, the target logit t_i, its derivative d_i = dt_i/dcos_y and the
-// non-target kind's row value (InterFace: theta_y); the non-target margin is a kind and
-// its packed coefficients, and the weight's rows per class (k sub-centres: a class's
+// is (5, B): the scale s_i, the target logit t_i, its derivative d_i = dt_i/dcos_y and the
+// non-target kind's row value and coefficient (InterFace: theta_y; CurricularFace: the
+// threshold cos(theta_y + m) and t); the non-target margin is a kind and its packed
+// constant coefficients, and the weight's rows per class (k sub-centres: a class's
 // cosine is the max over its k adjacent rows) (margins.NonTargetParams); target_centre
 // only for InterFace.
 #define MX_ROW_ARGS                                                                      \

@@ -58,15 +58,17 @@ void check_launch(gpu::LaunchStatus status) {
 
 // Whether the fused kernels take these inputs; the chunk loop runs the rest. float32
 // centres go to the TF32 kernels under the flag that lets torch's own float32 matmuls
-// use TF32, and keep exact float32 products otherwise.
+// use TF32, and keep exact float32 products otherwise. Non-target kinds: the cosine and
+// CurricularFace (InterFace's class cosines would be a second product per tile).
 bool fused_applies(const HeadInputs& in) {
   const auto w = in.weight.scalar_type();
   const int64_t b = in.x_hat.size(0);
   const bool tensor_core_type =
       w == at::kBFloat16 || w == at::kHalf || (w == at::kFloat && at::globalContext().allowTF32CuBLAS());
   // one centre per class: sub-centres run the chunk loop (its epilogues reduce each class's k columns)
-  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && in.params.kind == kCosine &&
-         in.params.subcenters == 1 && b > 0 &&
+  const bool fused_kind = in.params.kind == kCosine || in.params.kind == kCurricular;
+  return in.x_hat.scalar_type() == at::kFloat && tensor_core_type && fused_kind && in.params.subcenters == 1 &&
+         b > 0 &&
          in.weight.size(0) > 0 && tile::cdiv(b, gpu::kFusedRows) <= 65535 &&  // the backward's gridDim.y
          gpu::fused_supported(in.x_hat.get_device(), in.x_hat.size(1), weight_type(in.weight));
 }
@@ -97,6 +99,10 @@ struct FusedOperands {
     head.scale = in.row<float>(kScale);
     head.target = in.row<float>(kTarget);
     head.target_grad = in.row<float>(kTargetGrad);
+    head.nontarget_kind = in.params.kind;
+    const bool curricular = in.params.kind == kCurricular;
+    head.nontarget_row = curricular ? in.row<float>(kNonTargetRow) : nullptr;
+    head.nontarget_coeff = curricular ? in.row<float>(kNonTargetCoeff) : nullptr;
     check_launch(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.data_ptr<float>(),
                                    CudaDevice::stream()));
   }

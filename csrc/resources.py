@@ -9,7 +9,9 @@ script reads those files from a folder and
 * fails (exit status 1) when a fused kernel (``fused_*``) stores spilled registers, or
   when the PTX of an instantiation of a fused product kernel has no tensor-core
   instruction (mma / wmma / wgmma): bf16 and fp16, and f32, whose products run on TF32
-  (its mma must take tf32 operands).
+  (its mma must take tf32 operands); the kernels that apply the non-target margin must
+  exist for each kind the glue sends them (the type column names a kind other than the
+  cosine: "bf16 curricular").
 
 Usage: python csrc/resources.py DIR [--readme]   (DIR holds NAME.sm_XX.log and NAME.sm_XX.ptx)
 """
@@ -26,6 +28,11 @@ PRODUCT_KERNELS = (
     "fused_forward_kernel", "fused_cosine_grad_kernel", "fused_grad_features_kernel", "fused_grad_weight_kernel",
 )
 TYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "f32", "d": "f64"}
+# the non-target kind, an int template argument after the type (margin_math.h's NonTargetKind)
+KINDS = {"0": "", "1": "interface", "2": "curricular"}
+# the fused kernels instantiated per non-target kind, and the kinds each must have
+KIND_KERNELS = ("fused_forward_kernel", "fused_cosine_grad_kernel")
+FUSED_KINDS = ("", "curricular")
 TENSOR_CORE = re.compile(r"\b(mma\.sync|wmma\.mma|wgmma\.mma_async)\b")
 TENSOR_CORE_TYPES = ("bf16", "fp16", "f32")
 # the operand type each instantiation's tensor-core instructions must name
@@ -33,9 +40,10 @@ MMA_OPERAND = {"bf16": ".bf16", "fp16": ".f16", "f32": ".tf32"}
 BEGIN, END = "<!-- resources:begin -->", "<!-- resources:end -->"
 
 
-def kernel_name(mangled: str) -> tuple[str, str]:
-    """(kernel, instantiation type) from an Itanium-mangled name: the nested names
-    (_ZN <length><name>... ) are read in order; the type is the first template argument."""
+def kernel_name(mangled: str) -> tuple[str, str, str]:
+    """(kernel, instantiation type, non-target kind) from an Itanium-mangled name: the
+    nested names (_ZN <length><name>... ) are read in order; the type is the first
+    template argument, the kind an int literal after it ("" for the cosine or none)."""
     pos = 3 if mangled.startswith("_ZN") else 2 if mangled.startswith("_Z") else 0
     name = mangled
     while pos < len(mangled) and mangled[pos].isdigit():
@@ -43,13 +51,16 @@ def kernel_name(mangled: str) -> tuple[str, str]:
         pos += len(digits)
         name = mangled[pos:pos + int(digits)]
         pos += int(digits)
-    arg = ""
+    arg, kind = "", ""
     if mangled[pos:pos + 1] == "I":
         for code, short in TYPES.items():
             if mangled[pos + 1:].startswith(code):
                 arg = short
+                literal = re.match(r"Li(\d+)E", mangled[pos + 1 + len(code):])
+                if literal and name in KIND_KERNELS:
+                    kind = KINDS.get(literal.group(1), literal.group(1))
                 break
-    return name, arg
+    return name, arg, kind
 
 
 def parse_ptxas(log: str, source: str, arch: str) -> list[dict]:
@@ -57,8 +68,9 @@ def parse_ptxas(log: str, source: str, arch: str) -> list[dict]:
     for line in log.splitlines():
         entry = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)", line)
         if entry:
-            name, typ = kernel_name(entry.group(1))
-            current = {"source": source, "arch": arch, "kernel": name, "type": typ, "mangled": entry.group(1)}
+            name, typ, kind = kernel_name(entry.group(1))
+            current = {"source": source, "arch": arch, "kernel": name, "type": typ, "kind": kind,
+                       "mangled": entry.group(1)}
             rows.append(current)
             continue
         if current is None:
@@ -96,36 +108,44 @@ def collect(folder: Path) -> tuple[list[dict], list[str]]:
         ptx_file = log.with_suffix(".ptx")
         entries = ptx_entries(ptx_file.read_text()) if ptx_file.exists() else {}
         for row in found:
+            what = f"{row['kernel']}<{type_label(row)}> {arch}"
             if row["kernel"].startswith("fused_") and row.get("spill_stores", 0) > 0:
-                problems.append(f"{row['kernel']}<{row['type']}> {arch}: {row['spill_stores']} bytes of spill stores")
+                problems.append(f"{what}: {row['spill_stores']} bytes of spill stores")
             if row["kernel"] in PRODUCT_KERNELS and row["type"] in TENSOR_CORE_TYPES:
                 body = entries.get(row["mangled"])
                 if body is None:
-                    problems.append(f"{row['kernel']}<{row['type']}> {arch}: not found in {ptx_file.name}")
+                    problems.append(f"{what}: not found in {ptx_file.name}")
                     continue
                 lines = [line for line in body.splitlines() if TENSOR_CORE.search(line)]
                 if not lines:
-                    problems.append(f"{row['kernel']}<{row['type']}> {arch}: no tensor-core instruction in its PTX")
+                    problems.append(f"{what}: no tensor-core instruction in its PTX")
                 elif not all(MMA_OPERAND[row["type"]] in line for line in lines):
-                    problems.append(f"{row['kernel']}<{row['type']}> {arch}: a tensor-core instruction without "
+                    problems.append(f"{what}: a tensor-core instruction without "
                                     f"{MMA_OPERAND[row['type']]} operands in its PTX")
                 else:
                     row["mma"] = len(lines)
         if log.name.startswith("fused_head."):
-            seen = {(r["kernel"], r["type"]) for r in found}
+            seen = {(r["kernel"], r["type"], r["kind"]) for r in found}
             for kernel in PRODUCT_KERNELS:
                 for typ in TENSOR_CORE_TYPES:
-                    if (kernel, typ) not in seen:
-                        problems.append(f"{kernel}<{typ}> {arch}: not in the ptxas report {log.name}")
+                    for kind in FUSED_KINDS if kernel in KIND_KERNELS else ("",):
+                        if (kernel, typ, kind) not in seen:
+                            label = type_label({"type": typ, "kind": kind})
+                            problems.append(f"{kernel}<{label}> {arch}: not in the ptxas report {log.name}")
     return rows, problems
+
+
+def type_label(row: dict) -> str:
+    """The type column: the instantiation type, then the non-target kind unless the cosine."""
+    return " ".join(part for part in (row["type"] or "-", row.get("kind", "")) if part)
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| file | kernel | type | arch | registers | spill stores | spill loads | stack frame | static smem "
              "| mma in PTX |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["source"], r["kernel"], r["type"], r["arch"])):
-        lines.append(f"| {r['source']} | {r['kernel']} | {r['type'] or '-'} | {r['arch']} | {r.get('registers', '?')} "
+    for r in sorted(rows, key=lambda r: (r["source"], r["kernel"], r["type"], r.get("kind", ""), r["arch"])):
+        lines.append(f"| {r['source']} | {r['kernel']} | {type_label(r)} | {r['arch']} | {r.get('registers', '?')} "
                      f"| {r.get('spill_stores', '?')} | {r.get('spill_loads', '?')} | {r.get('stack', '?')} "
                      f"| {r.get('smem', 0)} | {r.get('mma', '-')} |")
     return "\n".join(lines)

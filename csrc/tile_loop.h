@@ -150,6 +150,7 @@ struct TileRow {
   T target;         // t_i, the target logit
   T target_grad;    // d_i = d t_i / d cos_y
   T theta_y;        // the kind's row value (InterFace: theta_y; CurricularFace: its threshold)
+  T coeff;          // the kind's row coefficient (CurricularFace: t)
 };
 
 // What the backward reads of one row besides TileRow: the saved statistics and the
@@ -172,7 +173,7 @@ MX_HD RowGrads<T> row_grads(const TileRow<T>& row, T lse, T grad_lse, T grad_tar
 template <typename T>
 MX_HD T logit(T dot, T class_dot, T inv_norm_j, int64_t col, const TileRow<T>& row, const NonTargetParams& p) {
   if (col == row.label) return row.target;
-  return row.scale * nontarget_transform(dot * inv_norm_j, row.theta_y, class_dot * inv_norm_j, p).value;
+  return row.scale * nontarget_transform(dot * inv_norm_j, row.theta_y, row.coeff, class_dot * inv_norm_j, p).value;
 }
 
 // dL/dcos_ij and the element's share of dL/ds_i, from the saved log-sum-exp:
@@ -189,7 +190,7 @@ template <typename T>
 MX_HD CosGrad<T> cosine_grad(T cos, T class_cos, int64_t col, const TileRow<T>& row, const RowGrads<T>& g,
                              const NonTargetParams& p) {
   // selects, not a branch: every lane of a warp runs the same instructions
-  const ValueGrad<T> vg = nontarget_transform(cos, row.theta_y, class_cos, p);
+  const ValueGrad<T> vg = nontarget_transform(cos, row.theta_y, row.coeff, class_cos, p);
   const T grad_z = math::exp_(vg.value * row.scale - g.lse) * g.grad_lse;
   const bool is_target = col == row.label;
   return {is_target ? g.target_grad_cos : grad_z * vg.grad * row.scale, is_target ? T(0) : grad_z * vg.value};

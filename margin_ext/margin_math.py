@@ -15,17 +15,18 @@ from .angles import safe_sin_from_cos
 from .margins import NonTargetKind, NonTargetParams
 
 
-def nontarget_transform(cos: torch.Tensor, theta_y: torch.Tensor, class_cos, p: NonTargetParams):
+def nontarget_transform(cos: torch.Tensor, theta_y: torch.Tensor, class_cos, p: NonTargetParams, coeff=None):
     """Non-target logit / s and its derivative for a (rows x classes) block.
 
     ``theta_y`` is the (rows, 1) detached row value of the kind (InterFace: theta_y;
     CurricularFace: the threshold cos(theta_y + m)); ``class_cos`` the (rows x classes)
-    cosines between each row's target centre and the classes (InterFace only).
+    cosines between each row's target centre and the classes (InterFace only); ``coeff``
+    the (rows, 1) coefficient (CurricularFace: t).
     """
     if p.kind == NonTargetKind.COSINE:
         return cos, None  # None: derivative 1, nothing to multiply
     if p.kind == NonTargetKind.CURRICULAR:
-        (t,) = p.coeffs
+        t = coeff
         hard = cos > theta_y
         return torch.where(hard, cos * (t + cos), cos), torch.where(hard, t + 2.0 * cos, 1.0)
     mu, alpha, dynamic = p.coeffs

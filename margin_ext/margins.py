@@ -9,7 +9,8 @@ classes) is bent away from the plain scaled cosine. Each spec carries
   whose target needs more per row, such as the feature norm, overrides this one);
 * ``row_margins(...)``: the per-row margin (a constant, or the random draw of ElasticFace);
 * ``nontarget_params()``: what the kernels need for the other classes
-  (:class:`NonTargetParams`: a kind and a few coefficients; plain cosines by default).
+  (:class:`NonTargetParams`: a kind and a few constant coefficients; plain cosines by
+  default), with ``nontarget_row`` and ``nontarget_coeff`` the kind's per-row values.
 
 The target logit is needed once per row: :mod:`margin_ext.target_terms` evaluates
 ``target_logit`` on each row's target cosine and takes its derivative by autograd; the
@@ -53,7 +54,9 @@ class NonTargetParams:
 
     ``coeffs`` is the packed list every backend reads by position; its layout per kind
     is fixed by the spec that builds it (InterFace: mu, alpha, dynamic as 0 or 1;
-    CurricularFace: t).
+    CurricularFace: none). Constants of the spec only: a value that changes from step to
+    step (CurricularFace's running t) reaches the kernels as a tensor
+    (``MarginSpec.nontarget_coeff``), so that no step reads it back to the host.
     """
 
     kind: NonTargetKind = NonTargetKind.COSINE
@@ -106,9 +109,8 @@ class MarginSpec:
     #: rows of the weight per class (SubCenterArcFace's k)
     subcenters: int = 1
 
-    def nontarget_params(self, state: Optional[RunningStatistics] = None) -> NonTargetParams:
-        """The non-target kind and coefficients the kernels apply to the other classes
-        (``state``: the running statistics after this batch; None: the initial ones)."""
+    def nontarget_params(self) -> NonTargetParams:
+        """The non-target kind and constant coefficients the kernels apply to the other classes."""
         return NonTargetParams()
 
     def margin_value(self) -> float:
@@ -135,6 +137,12 @@ class MarginSpec:
     def nontarget_row(self, target_cos: torch.Tensor) -> Optional[torch.Tensor]:
         """A detached per-row value the non-target kind reads (InterFace: theta_y;
         CurricularFace: cos(theta_y + m)), or None."""
+        return None
+
+    def nontarget_coeff(self, state: Optional[RunningStatistics] = None) -> Optional[torch.Tensor]:
+        """A detached tensor the non-target kind reads per row, broadcast over the rows
+        (CurricularFace: t, a 0-d tensor from ``state``, the running statistics after this
+        batch; None: the initial ones), or None. Never read on the host."""
         return None
 
     def nontarget(self, cos: torch.Tensor, target_cos: torch.Tensor, class_cos: Optional[torch.Tensor],
@@ -172,8 +180,21 @@ def _angular(cos_y, m1, m2, m3):
     return torch.cos(m1 * clamped_acos(cos_y) + m2) - m3
 
 
+class _AdditiveAngularMargin(MarginSpec):
+    """The checks and the margin of the specs whose target is cos(theta_y + m) with a
+    constant m in [0, pi) (ArcFace, InterFace, CurricularFace, SubCenterArcFace): frozen
+    dataclasses with fields s, m."""
+
+    def __post_init__(self):
+        _check_scale(self.s)
+        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+
+    def margin_value(self):
+        return self.m
+
+
 @dataclass(frozen=True)
-class ArcFace(MarginSpec):
+class ArcFace(_AdditiveAngularMargin):
     """Additive angular margin (ArcFace, Deng et al., CVPR 2019, arXiv 1801.07698).
 
     target / s = cos(theta_y + m)       if c_y > cos(pi - m)
@@ -191,14 +212,6 @@ class ArcFace(MarginSpec):
     m: float = 0.5
     easy_margin: bool = False
     straight_through: bool = False
-
-    def __post_init__(self):
-        _check_scale(self.s)
-        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
-
-    def margin_value(self):
-        return self.m
-
 
     def target(self, cos_y, row_margin):
         m = row_margin
@@ -395,7 +408,7 @@ def _draw_elastic(mean, std, plus, num_rows, target_cos, generator):
 
 
 @dataclass(frozen=True)
-class InterFace(MarginSpec):
+class InterFace(_AdditiveAngularMargin):
     """InterFace (Sang et al.): an ArcFace target plus a margin on every other class.
 
     target / s     = cos(theta_y + m)   (no fallback)
@@ -415,19 +428,14 @@ class InterFace(MarginSpec):
     dynamic: bool = True
 
     def __post_init__(self):
-        _check_scale(self.s)
-        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+        super().__post_init__()
         _check_finite("mu", self.mu, 0.0, math.pi)
         _check_finite("alpha", self.alpha, 0.0, 10.0)
-
-    def margin_value(self):
-        return self.m
-
 
     def target(self, cos_y, row_margin):
         return torch.cos(clamped_acos(cos_y) + row_margin)
 
-    def nontarget_params(self, state=None):
+    def nontarget_params(self):
         # the packed layout the kernels read: mu, alpha, dynamic
         return NonTargetParams(NonTargetKind.INTERFACE, (float(self.mu), float(self.alpha), float(self.dynamic)))
 
@@ -565,7 +573,7 @@ class MagFace(MarginSpec):
 
 
 @dataclass(frozen=True)
-class CurricularFace(MarginSpec):
+class CurricularFace(_AdditiveAngularMargin):
     """Adaptive curriculum learning on the hard non-target classes (CurricularFace, Huang
     et al., CVPR 2020, arXiv 2004.00288; read from HuangYG123/CurricularFace ``head/metrics.py``).
 
@@ -585,13 +593,6 @@ class CurricularFace(MarginSpec):
     s: float = 64.0
     m: float = 0.5
 
-    def __post_init__(self):
-        _check_scale(self.s)
-        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
-
-    def margin_value(self):
-        return self.m
-
     def target(self, cos_y, row_margin):
         return arcface_target(cos_y, row_margin)
 
@@ -603,16 +604,17 @@ class CurricularFace(MarginSpec):
         weight = torch.ones_like(cos) if counted is None else counted.to(cos.dtype)
         state.update("t", (cos * weight).sum() / weight.sum(), 0.01)
 
-    def nontarget_params(self, state=None):
-        # the packed layout the kernels read: t
-        t = 0.0 if state is None else float(state["t"].item())
-        return NonTargetParams(NonTargetKind.CURRICULAR, (t,))
+    def nontarget_params(self):
+        return NonTargetParams(NonTargetKind.CURRICULAR)
+
+    def nontarget_coeff(self, state=None):
+        return (state or self.initial_state())["t"].detach()  # t as a tensor: no host read
 
     def nontarget_row(self, target_cos):
         return torch.cos(torch.acos(target_cos.detach().clamp(-1, 1)) + self.m)  # cos(theta_y + m), detached
 
     def nontarget(self, cos, target_cos, class_cos, state=None):
-        t = (state or self.initial_state())["t"].to(cos)
+        t = self.nontarget_coeff(state).to(cos)
         hard = cos > self.nontarget_row(target_cos).to(cos).unsqueeze(1)
         return torch.where(hard, cos * (t + cos), cos)
 
@@ -623,7 +625,7 @@ MAX_SUBCENTERS = 32
 
 
 @dataclass(frozen=True)
-class SubCenterArcFace(MarginSpec):
+class SubCenterArcFace(_AdditiveAngularMargin):
     """ArcFace over k sub-centres per class (Sub-center ArcFace, Deng et al., ECCV 2020;
     read from deepinsight/insightface ``recognition/SubCenter-ArcFace``).
 
@@ -645,8 +647,7 @@ class SubCenterArcFace(MarginSpec):
     k: int = 3
 
     def __post_init__(self):
-        _check_scale(self.s)
-        _check_finite("m", self.m, 0.0, math.pi - 1e-6)
+        super().__post_init__()
         _check("k", self.k, isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= MAX_SUBCENTERS,
                f"an integer in [1, {MAX_SUBCENTERS}]")
 
@@ -654,13 +655,10 @@ class SubCenterArcFace(MarginSpec):
     def subcenters(self) -> int:
         return self.k
 
-    def margin_value(self):
-        return self.m
-
     def target(self, cos_y, row_margin):
         return arcface_target(cos_y, row_margin)
 
-    def nontarget_params(self, state=None):
+    def nontarget_params(self):
         return NonTargetParams(subcenters=self.k)
 
 
@@ -706,8 +704,11 @@ class IntraLoss(MarginSpec):
     def row_scale(self, embeddings):
         return self.base.row_scale(embeddings)
 
-    def nontarget_params(self, state=None):
-        return self.base.nontarget_params(state)
+    def nontarget_params(self):
+        return self.base.nontarget_params()
+
+    def nontarget_coeff(self, state=None):
+        return self.base.nontarget_coeff(state)
 
     def target(self, cos_y, row_margin):
         return self.base.target(cos_y, row_margin)

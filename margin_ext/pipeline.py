@@ -74,12 +74,13 @@ def row_inputs(spec: MarginSpec, x: torch.Tensor, labels: torch.Tensor, target_c
                target_centre: Optional[torch.Tensor], group, generator: Optional[torch.Generator],
                row: Optional[TargetRow] = None) -> RowInputs:
     """Everything per row the kernels read: scale, the target logit and its derivative,
-    the non-target kind's row value (``row``: the target formula's inputs, from
-    :func:`target_row` when None)."""
+    the non-target kind's row value and coefficient (``row``: the target formula's inputs,
+    from :func:`target_row` when None)."""
     row = row or target_row(spec, x, target_cos, group, generator)
     t, d = target_terms(spec, target_cos, row)
     return RowInputs(labels=labels, scale=row.scale, target_logit=t, target_grad=d,
-                     nontarget_row=spec.nontarget_row(target_cos), target_centre=target_centre)
+                     nontarget_row=spec.nontarget_row(target_cos), target_centre=target_centre,
+                     nontarget_coeff=spec.nontarget_coeff(row.state))
 
 
 def head_losses(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spec: MarginSpec,
@@ -100,7 +101,7 @@ def head_losses(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, spe
         x_hat, weight, labels, group, with_centre=spec.nontarget_params().kind == NonTargetKind.INTERFACE,
         subcenters=spec.subcenters)
     row = target_row(spec, x, target_cos, group, generator, state, update_state, counted)
-    params = spec.nontarget_params(row.state)
+    params = spec.nontarget_params()
     rows = row_inputs(spec, x, labels, target_cos, target_centre, group, generator, row)
     extra = spec.extra_loss(target_cos, row)
     if extra is not None:

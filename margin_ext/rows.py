@@ -2,7 +2,7 @@
 
 The head's kernels see a block of rows and a block of classes. Everything that is a
 property of a row rather than of a (row, class) pair -- the scale, the target logit and
-its derivative, InterFace's theta_y -- is prepared once, in O(B), by the head pipeline
+its derivative, the non-target kind's row values -- is prepared once, in O(B), by the head pipeline
 (:mod:`margin_ext.pipeline`) and handed to every backend in a :class:`RowInputs`.
 """
 
@@ -34,10 +34,14 @@ class RowInputs:
     target_logit: torch.Tensor
     #: (B,) d_i = d t_i / d c_y, detached
     target_grad: torch.Tensor
-    #: (B,) the detached per-row value the non-target kind reads (InterFace: theta_y)
+    #: (B,) the detached per-row value the non-target kind reads (InterFace: theta_y;
+    #: CurricularFace: the threshold cos(theta_y + m))
     nontarget_row: Optional[torch.Tensor] = None
     #: (B, D) detached normalized target class centres, for InterFace's dynamic phi
     target_centre: Optional[torch.Tensor] = None
+    #: (B,) or () detached, broadcast over the rows: the non-target kind's coefficient
+    #: (CurricularFace: the running t), a tensor so that no backend reads it on the host
+    nontarget_coeff: Optional[torch.Tensor] = None
 
 
 def normalize(t: torch.Tensor) -> torch.Tensor:

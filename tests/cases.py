@@ -33,8 +33,10 @@ SPEC_CASES = {
     # feature norms on both sides of [l_a, u_a] and inside: the margin's gradient to the norm
     "magface_norm_range": mx.MagFace(l_a=3.0, u_a=9.0, lambda_g=2.0),
     "curricularface": mx.CurricularFace(),
-    # a small margin: few hard classes per row, most rows with some
-    "curricularface_small_m": mx.CurricularFace(s=30.0, m=0.1),
+    # a large margin puts the threshold cos(theta_y + m) near 0: about half the non-target
+    # classes are hard (c (t + c)) and half easy, on nearly every row (the default m = 0.5
+    # leaves none hard once the features lie near their centres)
+    "curricularface_hard": mx.CurricularFace(s=30.0, m=1.0),
 }
 
 # Specs with k sub-centres per class: their weight has k rows per class, so they take
@@ -52,7 +54,7 @@ SUBCENTER_CASES = {
 # AdaFace (its margin depends on the detached feature norms and batch statistics) and
 # CurricularFace (its detached threshold and batch mean t).
 NOT_THE_DERIVATIVE = ("interface", "interface_static", "arcface_straight_through", "adaface", "adaface_batch_stats",
-                      "curricularface", "curricularface_small_m")
+                      "curricularface", "curricularface_hard")
 
 
 def make_inputs(n_rows, n_classes, dim, dtype=torch.float32, seed=0, ignore_rows=(), labels=None, subcenters=1):
@@ -232,7 +234,7 @@ def kernel_inputs(spec, x, w, y, generator=None):
     interface = spec.nontarget_params().kind == NonTargetKind.INTERFACE
     cos, centre = owner_target_cosine(x_hat, w, y, LOCAL, with_centre=interface, subcenters=spec.subcenters)
     row = target_row(spec, x, cos, LOCAL, generator)
-    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params(row.state)
+    return x_hat, row_inputs(spec, x, y, cos, centre, LOCAL, generator, row), spec.nontarget_params()
 
 
 def rows_to(rows, device=None, dtype=None):

@@ -1,7 +1,9 @@
 """AdaFace, MagFace and CurricularFace against their authors' heads written out as
 published, their running statistics, and their argument checks."""
 
+import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -168,6 +170,23 @@ def test_curricularface_is_the_authors(spec, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(7, 37, 24), (16, 100, 64), (33, 300, 128), (64, 1000, 512)])
+def test_curricularface_parity_case_has_hard_and_easy_classes(shape):
+    """The parity tests of every backend run SPEC_CASES["curricularface_hard"]: at their
+    shapes, rows with a target hold both hard (c (t + c)) and easy non-target classes."""
+    from cases import SPEC_CASES
+    from margin_ext.rows import normalize
+    spec = SPEC_CASES["curricularface_hard"]
+    x, w, y = make_inputs(*shape, torch.float64)
+    cos = normalize(x) @ normalize(w).T
+    threshold = spec.nontarget_row(cos.gather(1, y[:, None]).squeeze(1))
+    hard = cos > threshold[:, None]
+    hard[torch.arange(shape[0]), y] = False
+    non_targets = shape[0] * (shape[1] - 1)
+    assert 0.2 * non_targets < hard.sum() < 0.8 * non_targets
+    assert hard.any(dim=1).all()
+
+
 def test_curricularface_starts_from_zero_and_freezes():
     spec = mx.CurricularFace()
     x, w, y = make_inputs(6, 15, 8, torch.float64, seed=13, ignore_rows=(4,))
@@ -181,6 +200,38 @@ def test_curricularface_starts_from_zero_and_freezes():
     state.frozen = True
     mx.margin_cross_entropy(x, w, y, spec, backend="torch", state=state)
     assert state["t"].item() == pytest.approx(0.01 * cos_y.mean().item(), rel=1e-6)
+
+
+
+def host_reads_refused() -> contextlib.ExitStack:
+    """A context in which reading a tensor's value on the host (Tensor.item, float(),
+    tolist: on a GPU, a device sync) raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+
+    stack = contextlib.ExitStack()
+    for name in ("item", "__float__", "tolist"):
+        stack.enter_context(mock.patch.object(torch.Tensor, name, refuse))
+    return stack
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_curricularface_never_reads_t_on_the_host(backend, reduction):
+    """t reaches the kernels as a tensor (the ops' row_terms, the torch backend's
+    broadcast): a training step, forward and backward, with a running t reads no value
+    back to the host."""
+    spec = mx.CurricularFace(m=1.0)
+    x, w, y = make_inputs(6, 37, 16, torch.float32, seed=14, ignore_rows=(2,))
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    state = spec.initial_state()
+    state.update("t", torch.tensor(0.3), 1.0)
+    with host_reads_refused():
+        loss = mx.margin_cross_entropy(x, w, y, spec, backend=backend, state=state, reduction=reduction)
+        loss.sum().backward()
+    assert state["t"].item() != pytest.approx(0.3)  # updated with the batch, on the device side
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
 def test_intraloss_keeps_the_base_extra_term():

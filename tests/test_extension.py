@@ -147,7 +147,7 @@ def test_op_autograd_gradcheck(name, device):
         _, d = target_terms(spec, target_cos, row)
         t = t - d * (target_cos - target_cos.detach())
         return ext.head_forward(x_hat, w, RowInputs(rows.labels, scale, t, d, rows.nontarget_row,
-                                                    rows.target_centre), params, 4)
+                                                    rows.target_centre, rows.nontarget_coeff), params, 4)
 
     assert torch.autograd.gradcheck(stats, (x_hat, w, scale))
 
@@ -249,6 +249,8 @@ def test_host_checks_name_the_bad_argument():
         call(target_centre=None)
     with pytest.raises(RuntimeError, match="nontarget_coeffs=.*INTERFACE takes"):
         call(nontarget_coeffs=[0.1])
+    with pytest.raises(RuntimeError, match="nontarget_coeffs=.*CURRICULAR takes none"):
+        call(nontarget_kind=2, nontarget_coeffs=[0.3])  # its t is a row of row_terms
     with pytest.raises(RuntimeError, match="chunk_size=0"):
         torch.ops.margin_ext.head_forward(*args.values(), 0)
     with pytest.raises(RuntimeError, match="subcenters=0 is invalid"):

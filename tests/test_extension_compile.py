@@ -72,13 +72,14 @@ def test_op_with_its_autograd_compiles_with_inductor():
 @pytest.mark.xfail(not hasattr(functional, "_compiled_loss"), strict=True,
                    reason="margin_cross_entropy branches on label values (check_labels, ignore_index rows): "
                           "needs its data-independent path for torch.compile (functional._compiled_loss)")
-@pytest.mark.parametrize("spec", [mx.ArcFace(), mx.InterFace(), mx.SphereFace()], ids=repr)
+@pytest.mark.parametrize("spec", [mx.ArcFace(), mx.InterFace(), mx.SphereFace(), mx.CurricularFace()], ids=repr)
 def test_margin_cross_entropy_compiles_without_graph_breaks(spec):
     assert ext.is_built()
     torch._dynamo.reset()
     x, _, labels = make_inputs(6, 37, 12, torch.float32, seed=1, labels=[0, 7, -1, 36, 15, 16])
     eager, compiled = eager_and_compiled(TinyModel(spec, functional_head), x, labels, backend="aot_eager")
     assert_same(eager, compiled)
+
 
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"

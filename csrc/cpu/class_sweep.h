@@ -176,7 +176,7 @@ struct ClassSweep {
     rc.interface_margin = in.params.kind == kInterFace;
     rc.curricular_margin = in.params.kind == kCurricular;
     rc.theta_y = in.params.kind != kCosine ? in.template row<T>(kNonTargetRow) + r.first : nullptr;
-    rc.curricular_t = T(in.params.curricular_t);
+    rc.curricular_t = in.params.kind == kCurricular ? in.template row<T>(kNonTargetCoeff) + r.first : nullptr;
     rc.inter_dynamic = in.params.inter_dynamic;
     rc.inter_mu = T(in.params.inter_mu);
     rc.inter_alpha = T(in.params.inter_alpha);

@@ -25,7 +25,7 @@ struct RowChunk {
   const T* theta_y;      // InterFace: theta_y; CurricularFace: the threshold cos(theta_y + m)
   bool interface_margin; // non-target logit cos(theta - mhat) instead of cos
   bool curricular_margin;  // non-target logit c (t + c) where c > threshold, else c
-  T curricular_t;
+  const T* curricular_t;  // CurricularFace: t of each row
   bool inter_dynamic;
   T inter_mu;
   T inter_alpha;

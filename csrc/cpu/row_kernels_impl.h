@@ -124,7 +124,7 @@ void forward_rows(const RowChunk<T>& c, int64_t begin, int64_t end, T* chunk_max
     const int64_t t = c.target[i];
     V vmax(neg_inf);
     // CurricularFace's logit is cheap to form twice: like the cosine's it is not stored
-    const V threshold(c.curricular_margin ? c.theta_y[i] : T(0)), ct(c.curricular_t);
+    const V threshold(c.curricular_margin ? c.theta_y[i] : T(0)), ct(c.curricular_margin ? c.curricular_t[i] : T(0));
     auto curricular = [&](int64_t j, int64_t count) {
       const V cos = V::loadu(a + j, count) * V::loadu(c.inv_norm + j, count);
       return s * curricular_value(cos, threshold, ct, static_cast<V*>(nullptr));
@@ -182,7 +182,7 @@ void backward_rows(const RowChunk<T>& c, int64_t begin, int64_t end, const T* ls
     const int64_t t = c.target[i];
     V g_scale(T(0));
     if (c.curricular_margin) {
-      const V threshold(c.theta_y[i]), ct(c.curricular_t);
+      const V threshold(c.theta_y[i]), ct(c.curricular_t[i]);
       over_nontarget<T>(n, t, [&](int64_t j, int64_t count) {
         const V inv = V::loadu(c.inv_norm + j, count);
         V grad;

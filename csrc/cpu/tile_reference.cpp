@@ -49,11 +49,12 @@ struct TileProblem {
   const T* target;
   const T* target_grad;
   const T* theta_y;
+  const T* coeff;
   NonTargetParams params;
   bool tf32;  // product operands rounded to TF32
 
   tile::TileRow<T> row(int64_t i) const {
-    return {labels[i], scale[i], target[i], target_grad[i], theta_y ? theta_y[i] : T(0)};
+    return {labels[i], scale[i], target[i], target_grad[i], theta_y ? theta_y[i] : T(0), coeff ? coeff[i] : T(0)};
   }
   // A product operand: as stored, or rounded to TF32 (float32 centres on TF32 tensor cores).
   T operand(W v) const {
@@ -95,6 +96,7 @@ TileProblem<T, W> make_problem(const HeadInputs& in, const at::Tensor& x_w, cons
   p.target = in.row<T>(kTarget);
   p.target_grad = in.row<T>(kTargetGrad);
   p.theta_y = in.params.kind != kCosine ? in.row<T>(kNonTargetRow) : nullptr;
+  p.coeff = in.params.kind == kCurricular ? in.row<T>(kNonTargetCoeff) : nullptr;
   p.params = in.params;
   p.tf32 = tf32;
   return p;

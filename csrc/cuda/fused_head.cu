@@ -228,13 +228,19 @@ __device__ __forceinline__ void stage_rows(Storage<W>* dst, int ld, const Storag
   }
 }
 
-// The fused kernels take the cosine non-target only (InterFace runs the chunk loop): a
-// constant, so that no other kind's code is generated into them.
-__device__ constexpr NonTargetParams kCosineOnly{kCosine, 0.0, 0.0, true, 0.0, 1};
+// The non-target kind of an instantiation (kCosine or kCurricular; InterFace runs the
+// chunk loop), one centre per class: a constant, so that no other kind's code is
+// generated into a kernel.
+template <int kKind>
+__device__ constexpr NonTargetParams kNonTarget{kKind, 0.0, 0.0, true, 1};
 
+template <int kKind>
 __device__ __forceinline__ tile::TileRow<float> load_row(const FusedHead& h, int64_t i) {
-  if (i >= h.rows) return {-1, 0.f, 0.f, 0.f, 0.f};
-  return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], 0.f};
+  static_assert(kKind == kCosine || kKind == kCurricular, "the fused kernels take the cosine or CurricularFace");
+  if (i >= h.rows) return {-1, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (kKind == kCurricular)  // the row's threshold and t
+    return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], h.nontarget_row[i], h.nontarget_coeff[i]};
+  return {h.labels[i], h.scale[i], h.target[i], h.target_grad[i], 0.f, 0.f};
 }
 
 __device__ __forceinline__ tile::RowGrads<float> load_row_grads(const tile::TileRow<float>& row, const float* lse,
@@ -250,7 +256,7 @@ __device__ __forceinline__ float column_inv_norm(const FusedHead& h, int64_t col
 
 // ---- forward: one block per (row tile, class split) ----
 
-template <typename W>
+template <typename W, int kKind>
 __global__ void __launch_bounds__(kForwardThreads)
 fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restrict__ split_stats) {
   using S = Storage<W>;
@@ -272,7 +278,7 @@ fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restri
   tile::TileRow<float> row[2];
   tile::RowStats<float> stats[2];
   for (int hi = 0; hi < 2; ++hi) {
-    row[hi] = load_row(h, row0 + warp * 16 + lane / 4 + 8 * hi);
+    row[hi] = load_row<kKind>(h, row0 + warp * 16 + lane / 4 + 8 * hi);
     stats[hi] = tile::RowStats<float>::empty();
   }
   int64_t first, stop;
@@ -309,7 +315,7 @@ fused_forward_kernel(FusedHead h, tile::TileGrid grid, bool vec, float* __restri
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi) {
           if (c < n_cols && row0 + warp * 16 + lane / 4 + 8 * hi < h.rows) {
-            const float z = tile::logit(acc[nt][2 * hi + e], 0.f, inv, col0 + c, row[hi], kCosineOnly);
+            const float z = tile::logit(acc[nt][2 * hi + e], 0.f, inv, col0 + c, row[hi], kNonTarget<kKind>);
             stats[hi].push(z, c == target[hi]);
           }
         }
@@ -408,7 +414,7 @@ __device__ __forceinline__ int part_tiles(int64_t dim, int64_t d0) {
 // One tile of the chunk, recomputed once: G = dL/dcos in W into the chunk's
 // buffer, grad_scale's share per (class tile, row) and sum_i dL/dcos_ij cos_ij per
 // (row tile, class). Blocks: (class tile of the chunk, row tile).
-template <typename W>
+template <typename W, int kKind>
 __global__ void __launch_bounds__(kBackwardThreads)
 fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool vec) {
   using S = Storage<W>;
@@ -439,7 +445,7 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
   float grad_scale[2] = {0.f, 0.f};
   for (int hi = 0; hi < 2; ++hi) {
     const int64_t i = row0 + wm * 16 + lane / 4 + 8 * hi;
-    row[hi] = load_row(h, i);
+    row[hi] = load_row<kKind>(h, i);
     row_grads[hi] = load_row_grads(row[hi], g.lse, g.grad_lse, g.grad_target, h.rows, i);
   }
   auto* grad_cos = static_cast<S*>(chunk.grad_cos);
@@ -456,7 +462,8 @@ fused_cosine_grad_kernel(FusedHead h, RowGradients g, BackwardChunk chunk, bool 
         float grad = 0.f;  // zero past C and B: the products read whole tiles
         if (c < n_cols && row0 + wm * 16 + lane / 4 + 8 * hi < h.rows) {
           const float cos = acc[nt][2 * hi + e] * inv;
-          const tile::CosGrad<float> cg = tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], kCosineOnly);
+          const tile::CosGrad<float> cg =
+              tile::cosine_grad(cos, 0.f, col0 + c, row[hi], row_grads[hi], kNonTarget<kKind>);
           grad_scale[hi] += cg.grad_scale;
           radial[e] += cg.grad_cos * cos;
           grad = cg.grad_cos;
@@ -648,15 +655,15 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename W>
+template <typename W, int kKind>
 LaunchStatus launch_forward(const FusedHead& h, int splits, float* split_stats, float* lse, float* target,
                             cudaStream_t stream) {
   const tile::TileGrid grid = tile_grid(h, splits);
   const size_t smem = fused_forward_smem(h.dim, h.w_type);
-  cudaError_t err = allow_smem(fused_forward_kernel<W>, smem);
+  cudaError_t err = allow_smem(fused_forward_kernel<W, kKind>, smem);
   if (err != cudaSuccess) return {err, "fused_forward_kernel"};
-  fused_forward_kernel<W><<<dim3(static_cast<unsigned int>(grid.row_tiles()), splits), kForwardThreads, smem,
-                            stream>>>(h, grid, vector_loads(h), split_stats);
+  fused_forward_kernel<W, kKind><<<dim3(static_cast<unsigned int>(grid.row_tiles()), splits), kForwardThreads,
+                                   smem, stream>>>(h, grid, vector_loads(h), split_stats);
   if ((err = cudaGetLastError()) != cudaSuccess) return {err, "fused_forward_kernel"};
   merge_splits_kernel<<<blocks_for(h.rows, kMergeThreads), kMergeThreads, 0, stream>>>(split_stats, splits, h.rows,
                                                                                       lse, target);
@@ -664,7 +671,7 @@ LaunchStatus launch_forward(const FusedHead& h, int splits, float* split_stats, 
   return kOk;
 }
 
-template <typename W>
+template <typename W, int kKind>
 LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, const BackwardChunk& chunk,
                                    bool accumulate, float* grad_x, float* grad_scale, void* grad_w,
                                    cudaStream_t stream) {
@@ -673,7 +680,8 @@ LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, co
   const auto row_tiles = static_cast<unsigned int>(tile::cdiv(h.rows, kBM));
   const auto col_tiles = static_cast<unsigned int>(tile::cdiv(chunk.cols, kBN));
   const auto d_parts = static_cast<unsigned int>(tile::cdiv(h.dim, Operand<W>::kDPart));
-  fused_cosine_grad_kernel<W><<<dim3(col_tiles, row_tiles), kBackwardThreads, 0, stream>>>(h, g, chunk, vec);
+  fused_cosine_grad_kernel<W, kKind><<<dim3(col_tiles, row_tiles), kBackwardThreads, 0, stream>>>(h, g, chunk,
+                                                                                                  vec);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "fused_cosine_grad_kernel"};
   fused_grad_features_kernel<W><<<dim3(row_tiles, d_parts), kBackwardThreads, 0, stream>>>(h, chunk, vec, vec_g,
@@ -691,6 +699,33 @@ LaunchStatus launch_backward_chunk(const FusedHead& h, const RowGradients& g, co
 template <typename W>
 size_t forward_smem(int64_t dim) {
   return static_cast<size_t>(kBM * (padded_dim(dim) + kPad<W>) + kBN * (kBK + kPad<W>)) * sizeof(Storage<W>);
+}
+
+// The launchers of one non-target kind, by the centres' dtype.
+template <int kKind>
+LaunchStatus forward_of_kind(const FusedHead& head, int splits, float* split_stats, float* lse, float* target_logit,
+                             cudaStream_t stream) {
+  if (head.w_type == WeightType::kBFloat16)
+    return launch_forward<__nv_bfloat16, kKind>(head, splits, split_stats, lse, target_logit, stream);
+  if (head.w_type == WeightType::kFloat16)
+    return launch_forward<__half, kKind>(head, splits, split_stats, lse, target_logit, stream);
+  if (head.w_type == WeightType::kFloat32)
+    return launch_forward<float, kKind>(head, splits, split_stats, lse, target_logit, stream);
+  return {cudaErrorInvalidValue, "fused_forward_kernel"};
+}
+
+template <int kKind>
+LaunchStatus backward_chunk_of_kind(const FusedHead& head, const RowGradients& rows, const BackwardChunk& chunk,
+                                    bool accumulate, float* grad_x, float* grad_scale, void* grad_w,
+                                    cudaStream_t stream) {
+  if (head.w_type == WeightType::kBFloat16)
+    return launch_backward_chunk<__nv_bfloat16, kKind>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w,
+                                                       stream);
+  if (head.w_type == WeightType::kFloat16)
+    return launch_backward_chunk<__half, kKind>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
+  if (head.w_type == WeightType::kFloat32)
+    return launch_backward_chunk<float, kKind>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
+  return {cudaErrorInvalidValue, "fused_cosine_grad_kernel"};
 }
 
 }  // namespace
@@ -729,12 +764,10 @@ LaunchStatus centre_norms(const void* w, WeightType w_type, int64_t cols, int64_
 LaunchStatus fused_forward(const FusedHead& head, int splits, float* split_stats, float* lse, float* target_logit,
                            cudaStream_t stream) {
   if (head.rows == 0) return kOk;
-  if (head.w_type == WeightType::kBFloat16)
-    return launch_forward<__nv_bfloat16>(head, splits, split_stats, lse, target_logit, stream);
-  if (head.w_type == WeightType::kFloat16)
-    return launch_forward<__half>(head, splits, split_stats, lse, target_logit, stream);
-  if (head.w_type == WeightType::kFloat32)
-    return launch_forward<float>(head, splits, split_stats, lse, target_logit, stream);
+  if (head.nontarget_kind == kCosine)
+    return forward_of_kind<kCosine>(head, splits, split_stats, lse, target_logit, stream);
+  if (head.nontarget_kind == kCurricular)
+    return forward_of_kind<kCurricular>(head, splits, split_stats, lse, target_logit, stream);
   return {cudaErrorInvalidValue, "fused_forward_kernel"};
 }
 
@@ -744,12 +777,10 @@ LaunchStatus fused_backward_chunk(const FusedHead& head, const RowGradients& row
   if (head.rows == 0 || chunk.cols == 0) return kOk;
   if (chunk.start % kBN != 0 || chunk.capacity % kBN != 0 || chunk.cols > chunk.capacity)
     return {cudaErrorInvalidValue, "fused_cosine_grad_kernel"};
-  if (head.w_type == WeightType::kBFloat16)
-    return launch_backward_chunk<__nv_bfloat16>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
-  if (head.w_type == WeightType::kFloat16)
-    return launch_backward_chunk<__half>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
-  if (head.w_type == WeightType::kFloat32)
-    return launch_backward_chunk<float>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
+  if (head.nontarget_kind == kCosine)
+    return backward_chunk_of_kind<kCosine>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
+  if (head.nontarget_kind == kCurricular)
+    return backward_chunk_of_kind<kCurricular>(head, rows, chunk, accumulate, grad_x, grad_scale, grad_w, stream);
   return {cudaErrorInvalidValue, "fused_cosine_grad_kernel"};
 }
 

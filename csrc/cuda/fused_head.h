@@ -40,7 +40,11 @@ struct FusedHead {
   const float* scale;    // (B,) s_i, of the non-target logits
   const float* target;   // (B,) t_i, the target logit
   const float* target_grad;  // (B,) d_i = d t_i / d cos_y
-  // non-target kind: the plain cosine only (InterFace runs the chunk loop)
+  // The non-target kind: kCosine or kCurricular (InterFace runs the chunk loop), each its
+  // own instantiation of the forward and the cosine-gradient kernels.
+  int nontarget_kind;
+  const float* nontarget_row;    // (B,) kCurricular: the threshold cos(theta_y + m), else null
+  const float* nontarget_coeff;  // (B,) kCurricular: t, else null
 };
 
 // A launcher's result: the first failing kernel's error, or cudaSuccess.

@@ -168,14 +168,15 @@ forward_epilogue_kernel(const T* __restrict__ cos, ChunkRows<T> rows, T* __restr
   const T* c = cos + i * rows.row_stride();
   const T* cc = rows.class_cos ? rows.class_cos + i * n : nullptr;
   const T s = rows.scale[i];
-  const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0);
+  const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0), coeff = rows.coeff ? rows.coeff[i] : T(0);
   const int64_t t = rows.target_col(i);
   T m = math::neg_inf<T>(), sum = T(0);
   for (int64_t j = threadIdx.x; j < n; j += kBlock) {
     int q;
     const T cos_j = class_cosine(c, j, k, q);
     // the target column takes the row's target logit
-    const T z = j == t ? rows.target[i] : s * nontarget_transform(cos_j, theta_y, cc ? cc[j] : T(0), rows.params).value;
+    const T z =
+        j == t ? rows.target[i] : s * nontarget_transform(cos_j, theta_y, coeff, cc ? cc[j] : T(0), rows.params).value;
     if (j == t) target_logit[i] = z;
     lse_push(m, sum, z);
   }
@@ -194,7 +195,7 @@ backward_epilogue_kernel(T* __restrict__ cos, ChunkRows<T> rows, const T* __rest
   T* c = cos + i * rows.row_stride();
   const T* cc = rows.class_cos ? rows.class_cos + i * n : nullptr;
   const T s = rows.scale[i];
-  const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0);
+  const T theta_y = rows.theta_y ? rows.theta_y[i] : T(0), coeff = rows.coeff ? rows.coeff[i] : T(0);
   const T row_lse = lse[i], g_lse = grad_lse[i];
   const int64_t t = rows.target_col(i);
   T g_scale = T(0);
@@ -206,7 +207,7 @@ backward_epilogue_kernel(T* __restrict__ cos, ChunkRows<T> rows, const T* __rest
       // dL/dcos_y = dL/dt * d; the target logit carries its own dependence on the scale
       grad = (math::exp_(rows.target[i] - row_lse) * g_lse + grad_target[i]) * rows.target_grad[i];
     } else {
-      const ValueGrad<T> vg = nontarget_transform(cos_j, theta_y, cc ? cc[j] : T(0), rows.params);
+      const ValueGrad<T> vg = nontarget_transform(cos_j, theta_y, coeff, cc ? cc[j] : T(0), rows.params);
       const T g = math::exp_(vg.value * s - row_lse) * g_lse;
       g_scale += g * vg.value;
       grad = g * vg.grad * s;

@@ -12,9 +12,11 @@ The Python face of ``margin_ext._C`` (sources in ``csrc/``), which defines these
   chunk instead of 4 where ``logits_budget`` bytes hold a block of rows' cosines over
   every class (csrc/README.md, "The CPU sweep").
 
-``row_terms`` is (4, B): the scale s_i, the target logit t_i, its derivative d_i and the
-non-target kind's row value (InterFace's theta_y); ``nontarget_kind`` and
-``nontarget_coeffs`` are the spec's :class:`~margin_ext.margins.NonTargetParams`.
+``row_terms`` is (5, B): the scale s_i, the target logit t_i, its derivative d_i, the
+non-target kind's row value (InterFace's theta_y, CurricularFace's threshold) and its
+coefficient (CurricularFace's running t, the same on every row: a tensor, never read on
+the host); ``nontarget_kind`` and ``nontarget_coeffs`` are the spec's
+:class:`~margin_ext.margins.NonTargetParams` (its constants).
 :func:`op_args` builds them, the one place that does. This module gives the ops fake
 implementations (shapes, for torch.compile), makes ``head_forward`` differentiable (its
 backward is ``head_backward``) and wraps them in the
@@ -66,15 +68,16 @@ def cuda_is_built() -> bool:
 
 
 #: The rows of the ops' row_terms tensor.
-ROW_TERMS = ("scale", "target_logit", "target_grad", "nontarget_row")
+ROW_TERMS = ("scale", "target_logit", "target_grad", "nontarget_row", "nontarget_coeff")
 
 
 def op_args(x_hat: torch.Tensor, weight: torch.Tensor, rows: RowInputs, params: NonTargetParams) -> tuple:
     """The arguments every op starts with, in schema order: x_hat, weight, labels,
-    row_terms (4, B) in x_hat's dtype, target_centre, nontarget_kind, nontarget_coeffs, subcenters."""
-    nontarget_row = rows.target_logit.new_zeros(()) if rows.nontarget_row is None else rows.nontarget_row
-    terms = [rows.scale, rows.target_logit, rows.target_grad, nontarget_row]
-    row_terms = torch.stack([t.to(x_hat.dtype).expand(rows.labels.shape) for t in terms])
+    row_terms (5, B) in x_hat's dtype, target_centre, nontarget_kind, nontarget_coeffs, subcenters."""
+    zero = rows.target_logit.new_zeros(())
+    terms = [rows.scale, rows.target_logit, rows.target_grad, rows.nontarget_row, rows.nontarget_coeff]
+    row_terms = torch.stack([(zero if t is None else t).to(device=x_hat.device, dtype=x_hat.dtype)
+                             .expand(rows.labels.shape) for t in terms])
     return (x_hat, weight, rows.labels, row_terms, rows.target_centre, int(params.kind),
             [float(c) for c in params.coeffs], int(params.subcenters))
 
@@ -214,7 +217,7 @@ def _head_forward_backward(ctx, grad_lse, grad_target):
 
         grad_t = target_logit_grad(labels, row_terms[1], lse, grad_lse, grad_target)
         zero = torch.zeros_like(grad_t)
-        grads[3] = torch.stack([grad_scale.to(lse.dtype), grad_t, zero, zero]).to(row_terms.dtype)
+        grads[3] = torch.stack([grad_scale.to(lse.dtype), grad_t, zero, zero, zero]).to(row_terms.dtype)
     return tuple(grads)
 
 

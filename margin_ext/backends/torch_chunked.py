@@ -51,9 +51,10 @@ def _chunk_logits(x_hat, w_hat, rows: RowInputs, params, start: int):
     cos, pick = max_over_subcenters(x_hat @ w_hat.T, params.subcenters)
     class_cos = None if rows.target_centre is None else rows.target_centre.to(cos.dtype) @ w_hat.T
     theta_y = None if rows.nontarget_row is None else rows.nontarget_row.to(cos.dtype).unsqueeze(1)
+    coeff = None if rows.nontarget_coeff is None else rows.nontarget_coeff.to(cos).reshape(-1, 1)
     local = rows.labels - start
     hit = ((local >= 0) & (local < cos.shape[1])).nonzero().squeeze(1)
-    value, deriv = nontarget_transform(cos, theta_y, class_cos, params)
+    value, deriv = nontarget_transform(cos, theta_y, class_cos, params, coeff)
     return value, deriv, hit, local[hit], pick
 
 

@@ -37,7 +37,7 @@ from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_ro
 from .triton_forward import centre_norms, class_cosine_tile, even_k, load_rows, operand_width, split_range, table_name
 from ..rows import NORM_EPS as _NORM_EPS
 from ..saturate import saturate as saturate_to
-from .triton_margin import COSINE, INTERFACE, margin_logits, mma
+from .triton_margin import COSINE, CURRICULAR, INTERFACE, margin_logits, mma
 
 # a partial buffer of a split GEMM stays under this many bytes
 _PARTIAL_BYTES = 64 << 20
@@ -86,34 +86,40 @@ def _logit_grads_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # within the chunk [first_class, first_class + C)
     row_ok = rows < B
     col_ok = cols < C
-    label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
-                                            NONTARGET != COSINE)
+    label, scale, t, d, theta_y, coeff = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
+                                                   NONTARGET != COSINE, NONTARGET == CURRICULAR)
     # a target outside the chunk is no target here (it may fall in this tile's masked columns)
     label = tl.where((label >= first_class) & (label < first_class + C), label - first_class, -1)
     lse, grad_lse, grad_target = load_row_grads(Lse, GradLse, GradTarget, rows, B)
 
-    cos, class_cos, pick = class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride_w,
-                                             stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                                             NONTARGET == INTERFACE, DOT, SUBCENTERS)
-    z, dz, value, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
+    cos, class_cos, pick, inv_norm = class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x,
+                                                       stride_w, stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                                       NONTARGET == INTERFACE, DOT, SUBCENTERS)
+    z, dz, value, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, coeff, mu, alpha, first,
                                             NONTARGET, DYNAMIC)
     p, grad_z, grad_cos = logit_grads(z, dz, is_target, cols, C, lse, grad_lse, grad_target)
     tl.store(GradScalePart + pid_n.to(tl.int64) * B + rows, tl.sum(grad_z * value, axis=1), mask=row_ok)
     if SKIP:
         grad_cos = tl.where(tile_matters(p, is_target, skip_eps), grad_cos, 0.0)
-    # per sub-centre q (weight row j k + q; k = 1: the class's row), the gradient of the rows
-    # that picked it: w_hat . g for the normalization backward, from the tile's cosines,
-    # and G with 1 / |w| on the columns (both products then take the raw centres); the
-    # other sub-centres of a class get 0
-    for q in tl.static_range(SUBCENTERS):
-        centre_rows = cols * SUBCENTERS + q
-        _, inv_norm = centre_norms(Norms, centre_rows, C * SUBCENTERS)
-        grad_q = grad_cos if SUBCENTERS == 1 else tl.where(pick == q, grad_cos, 0.0)
-        tl.store(RadialPart + pid_m.to(tl.int64) * C * SUBCENTERS + centre_rows, tl.sum(grad_q * cos, axis=0),
-                 mask=col_ok)
-        grad_scaled = (grad_q * inv_norm[None, :]).to(GradCos.dtype.element_ty)
-        tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + centre_rows[None, :], grad_scaled,
+    if SUBCENTERS == 1:
+        # w_hat . g for the normalization backward, from the tile's cosines
+        tl.store(RadialPart + pid_m.to(tl.int64) * C + cols, tl.sum(grad_cos * cos, axis=0), mask=col_ok)
+        # 1 / |w_j| goes onto the columns: both products then take the raw centres
+        grad_scaled = (grad_cos * inv_norm[None, :]).to(GradCos.dtype.element_ty)
+        tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], grad_scaled,
                  mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        # the same per sub-centre q (weight row j k + q), from the rows that picked it; the
+        # other sub-centres of a class get 0
+        for q in tl.static_range(SUBCENTERS):
+            centre_rows = cols * SUBCENTERS + q
+            _, inv_q = centre_norms(Norms, centre_rows, C * SUBCENTERS)
+            grad_q = tl.where(pick == q, grad_cos, 0.0)
+            tl.store(RadialPart + pid_m.to(tl.int64) * C * SUBCENTERS + centre_rows,
+                     tl.sum(grad_q * cos, axis=0), mask=col_ok)
+            grad_scaled = (grad_q * inv_q[None, :]).to(GradCos.dtype.element_ty)
+            tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + centre_rows[None, :], grad_scaled,
+                     mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, centre_norm_blocks, max_splits,
                              num_sms, split_count, tuning)
-from .triton_margin import COSINE, INTERFACE, NORM_EPS, NORM_SCALE_LIMIT, margin_logits, mma
+from .triton_margin import COSINE, CURRICULAR, INTERFACE, NORM_EPS, NORM_SCALE_LIMIT, margin_logits, mma
 
 
 def _forward_autotuned(table_name, width):
@@ -80,7 +80,8 @@ def class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride
     """The cosines of a (rows x classes) tile (cols: classes < C), InterFace's class
     products, and the arg-max sub-centre q of each (row, class): with SUBCENTERS = k, the
     max over the class's k sub-centres (weight rows j k + q), the first q among ties.
-    k = 1: cosine_tile's cosines and q = 0."""
+    k = 1: cosine_tile's cosines and q = 0. Also returns 1 / |w| of sub-centre 0 (k = 1:
+    of the tile's classes)."""
     _, inv_norm = centre_norms(Norms, cols * SUBCENTERS, C * SUBCENTERS)
     cos, class_cos = cosine_tile(X, W, Centre, inv_norm, rows, cols * SUBCENTERS, B, C * SUBCENTERS, D, stride_x,
                                  stride_w, stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NEED_CLASS_COS, DOT)
@@ -92,12 +93,15 @@ def class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride
         better = cos_q > cos
         cos = tl.where(better, cos_q, cos)
         pick = tl.where(better, q, pick)
-    return cos, class_cos, pick
+    return cos, class_cos, pick, inv_norm
 
 
 @triton.jit
-def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl.constexpr):
-    """Per-row inputs; rows past B get label -1 and scale 0 (their logits are all 0)."""
+def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl.constexpr,
+              NEED_COEFF: tl.constexpr):
+    """Per-row inputs; rows past B get label -1 and scale 0 (their logits are all 0).
+    ThetaY holds the kind's row values: theta_y (B,), and with NEED_COEFF the kind's
+    coefficient in a second row of B (CurricularFace's t)."""
     row_ok = rows < B
     label = tl.load(Labels + rows, mask=row_ok, other=-1).to(tl.int32)  # C < 2**31
     scale = tl.load(Scale + rows, mask=row_ok, other=0.0)
@@ -107,7 +111,11 @@ def load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B, NEED_THETA: tl
         theta_y = tl.load(ThetaY + rows, mask=row_ok, other=0.0)
     else:
         theta_y = tl.zeros(scale.shape, dtype=tl.float32)
-    return label, scale, target, target_grad, theta_y
+    if NEED_COEFF:
+        coeff = tl.load(ThetaY + B + rows, mask=row_ok, other=0.0)
+    else:
+        coeff = tl.zeros(scale.shape, dtype=tl.float32)
+    return label, scale, target, target_grad, theta_y, coeff
 
 
 @triton.jit
@@ -184,18 +192,18 @@ def _forward_kernel(
     tile_start, tile_stop = split_range(tl.cdiv(C, BLOCK_N), split, tl.num_programs(1))
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    label, scale, t, d, theta_y = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
-                                            NONTARGET != COSINE)
+    label, scale, t, d, theta_y, coeff = load_rows(Labels, Scale, Target, TargetGrad, ThetaY, rows, B,
+                                                   NONTARGET != COSINE, NONTARGET == CURRICULAR)
 
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for tile in range(tile_start, tile_stop):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        cos, class_cos, _ = class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride_w,
-                                              stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                                              NONTARGET == INTERFACE, DOT, SUBCENTERS)
-        z, _, _, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, mu, alpha, first,
+        cos, class_cos, _, _ = class_cosine_tile(X, W, Norms, Centre, rows, cols, B, C, D, stride_x, stride_w,
+                                                 stride_centre, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                                 NONTARGET == INTERFACE, DOT, SUBCENTERS)
+        z, _, _, is_target = margin_logits(cos, class_cos, cols, label, scale, t, d, theta_y, coeff, mu, alpha, first,
                                            NONTARGET, DYNAMIC)
         z = tl.where(cols[None, :] < C, z, float("-inf"))
         target += tl.sum(tl.where(is_target, z, 0.0), axis=1)

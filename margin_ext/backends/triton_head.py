@@ -142,19 +142,23 @@ def _kernel_args(x_hat, weight, rows: RowInputs, params: NonTargetParams):
     interface = params.kind == NonTargetKind.INTERFACE
     if interface and (rows.nontarget_row is None or rows.target_centre is None):
         raise ValueError("InterFace needs rows.nontarget_row and rows.target_centre (see pipeline.row_inputs)")
-    if params.kind == NonTargetKind.CURRICULAR and rows.nontarget_row is None:
-        raise ValueError("CurricularFace needs rows.nontarget_row (see pipeline.row_inputs)")
+    if params.kind == NonTargetKind.CURRICULAR and (rows.nontarget_row is None or rows.nontarget_coeff is None):
+        raise ValueError("CurricularFace needs rows.nontarget_row and rows.nontarget_coeff (see pipeline.row_inputs)")
     # every product takes the features in the weight's dtype: round them once here, not
     # in each program for each class tile (and to nearest even, which the interpreter's
     # own float32 -> bfloat16 cast is not)
     x_hat = x_hat.to(weight.dtype)
-    # the kind's row value (InterFace's theta_y, CurricularFace's threshold); placeholders never read
+    # the kind's row values (InterFace's theta_y; CurricularFace's threshold and, in a second
+    # row, its t, broadcast on the device); placeholders never read
     theta_y = scale if rows.nontarget_row is None else rows.nontarget_row.detach().to(**f32).contiguous()
+    if params.kind == NonTargetKind.CURRICULAR:
+        t = rows.nontarget_coeff.detach().to(**f32).expand(theta_y.shape)
+        theta_y = torch.stack([theta_y, t]).contiguous()
     centre = rows.target_centre.detach().to(device=device, dtype=weight.dtype).contiguous() if interface else x_hat
     # |w_j|, one pass over the weight: the kernels divide their products by it
     norms = centre_norm_vector(weight)
-    # the scalars' slots (mu, alpha, dynamic): CurricularFace's t goes in mu's
-    mu, alpha, dynamic = params.coeffs if interface else (*params.coeffs, 0.0, 0.0, 0.0)[:3]
+    # the scalars' slots (mu, alpha, dynamic): InterFace's
+    mu, alpha, dynamic = params.coeffs if interface else (0.0, 0.0, 0.0)
     scalars = (float(mu), float(alpha), math.exp(-mu))
     margin_flags = (int(params.kind), bool(dynamic))
     return x_hat, weight, norms, centre, (labels, scale, target, target_grad, theta_y), scalars, margin_flags

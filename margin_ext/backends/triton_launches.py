@@ -54,8 +54,17 @@ class Launch:
     def id(self) -> str:
         import triton
 
-        text = "\n".join((triton.__version__, self.kernel, self.source, self.data))
+        text = "\n".join((triton.__version__, self.kernel, self.source, self.portable_data()))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def portable_data(self) -> str:
+        """``data`` without what depends on where triton is installed: its libraries are
+        named by file name, not by path, so a launch has one id in every environment."""
+        spec = self.spec()
+        options = spec.get("options", {})
+        if "extern_libs" in options:
+            options["extern_libs"] = [[name, os.path.basename(path)] for name, path in options["extern_libs"]]
+        return json.dumps(spec, sort_keys=True)
 
     def spec(self) -> dict:
         return json.loads(self.data)

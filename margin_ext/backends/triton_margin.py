@@ -103,18 +103,18 @@ def interface_transform(cos, theta_y, class_cos, mu, alpha, first, DYNAMIC: tl.c
 
 
 @triton.jit
-def margin_logits(cos, class_cos, cols, label, scale, target, target_grad, theta_y, mu, alpha, first,
+def margin_logits(cos, class_cos, cols, label, scale, target, target_grad, theta_y, coeff, mu, alpha, first,
                   NONTARGET: tl.constexpr, DYNAMIC: tl.constexpr):
     """Logits of a (rows x classes) tile of cosines, dz / dc, the non-target logits / s
     (0 on the target column, whose logit carries its own dependence on the scale) and
     the target mask. The target column takes the row's target logit and derivative.
-    CURRICULAR reads theta_y as the row's threshold cos(theta_y + m) and mu as t."""
+    CURRICULAR reads theta_y as the row's threshold cos(theta_y + m) and coeff as its t."""
     if NONTARGET == INTERFACE:
         value, deriv = interface_transform(cos, theta_y, class_cos, mu, alpha, first, DYNAMIC)
     elif NONTARGET == CURRICULAR:
         hard = cos > theta_y[:, None]
-        value = tl.where(hard, cos * (mu + cos), cos)
-        deriv = tl.where(hard, mu + 2.0 * cos, 1.0)
+        value = tl.where(hard, cos * (coeff[:, None] + cos), cos)
+        deriv = tl.where(hard, coeff[:, None] + 2.0 * cos, 1.0)
     else:
         value = cos
         deriv = tl.full(cos.shape, 1.0, tl.float32)

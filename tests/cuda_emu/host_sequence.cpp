@@ -35,11 +35,12 @@ struct EmuHeadCall {
   const void* row_target;       // t_i, the target logit
   const void* row_target_grad;  // d_i = d t_i / d cos_y
   const void* theta_y;        // the kind's row value (InterFace: theta_y; CurricularFace: threshold), else null
+  const void* coeff;          // the kind's row coefficient (CurricularFace: t), else null
   const void* target_centre;  // (B, D), InterFace only, else null
   const void* grad_lse;
   const void* grad_target;
   int32_t nontarget, inter_dynamic;
-  double inter_mu, inter_alpha, curricular_t;
+  double inter_mu, inter_alpha;
   // outputs, host arrays: (B,), (B,), (B, D), (C, D) in the weight's dtype, (B,)
   void* lse;
   void* target_logit;
@@ -50,8 +51,7 @@ struct EmuHeadCall {
 };
 
 NonTargetParams params_of(const EmuHeadCall& c) {
-  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0, c.curricular_t,
-          static_cast<int>(c.subcenters)};
+  return {c.nontarget, c.inter_mu, c.inter_alpha, c.inter_dynamic != 0, static_cast<int>(c.subcenters)};
 }
 
 size_t element_size(WeightType t) {
@@ -103,8 +103,13 @@ void fused_head(const EmuHeadCall& c) {
   const DeviceBuffer row_target("row_target", c.row_target, b * 4);
   const DeviceBuffer row_target_grad("row_target_grad", c.row_target_grad, b * 4);
   const DeviceBuffer norms("norms", n_cols * 4);
+  // the kind's row values: CurricularFace's threshold and t (ops_cuda.cpp's FusedOperands)
+  const bool curricular = c.nontarget == kCurricular;
+  const DeviceBuffer theta_y("theta_y", curricular ? c.theta_y : c.scale, b * 4);
+  const DeviceBuffer coeff("coeff", curricular ? c.coeff : c.scale, b * 4);
   gpu::FusedHead head{b, n_cols, d, x.get(), w.get(), w_type, norms.get<float>(), labels.get<int64_t>(),
-                      scale.get<float>(), row_target.get<float>(), row_target_grad.get<float>()};
+                      scale.get<float>(), row_target.get<float>(), row_target_grad.get<float>(), c.nontarget,
+                      curricular ? theta_y.get<float>() : nullptr, curricular ? coeff.get<float>() : nullptr};
   check(gpu::centre_norms(head.w, head.w_type, head.cols, head.dim, norms.get<float>(), nullptr));
   emu::device_read_only(norms.get());
 
@@ -167,6 +172,8 @@ void chunk_loop(const EmuHeadCall& c) {
   const DeviceBuffer scale("scale", c.scale, b * t), row_target("row_target", c.row_target, b * t);
   const DeviceBuffer row_target_grad("row_target_grad", c.row_target_grad, b * t);
   const DeviceBuffer theta_y("theta_y", row_value ? c.theta_y : c.scale, b * t);
+  const bool curricular = params.kind == kCurricular;
+  const DeviceBuffer coeff("coeff", curricular ? c.coeff : c.scale, b * t);
   const DeviceBuffer centre("target_centre", inter ? c.target_centre : c.x, b * d * t);
   const int64_t chunk = std::min(c.chunk * k, n_cols);
   const DeviceBuffer w_hat("w_hat", chunk * d * t), norms("norms", chunk * t), cos("cos", b * chunk * t);
@@ -181,6 +188,7 @@ void chunk_loop(const EmuHeadCall& c) {
     r.target = row_target.get<T>();
     r.target_grad = row_target_grad.get<T>();
     r.theta_y = row_value ? theta_y.get<T>() : nullptr;
+    r.coeff = curricular ? coeff.get<T>() : nullptr;
     r.class_cos = inter ? class_cos.get<T>() : nullptr;
     r.params = params;
     return r;

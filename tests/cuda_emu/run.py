@@ -44,14 +44,19 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1])]
 from build_emulated import build  # noqa: E402
 from cases import SPEC_CASES as FAMILY_CASES, SUBCENTER_CASES, make_inputs, round_to_tf32  # noqa: E402
-from margin_ext.margins import NonTargetKind, TargetRow  # noqa: E402
+from margin_ext.margins import CurricularFace, NonTargetKind, TargetRow  # noqa: E402
 from margin_ext.rows import NORM_EPS, normalize, target_terms  # noqa: E402
 from cases import DEGENERATE_CENTRES, with_degenerate_centres  # noqa: E402
 from margin_ext.saturate import saturate  # noqa: E402
 
 WEIGHT_TYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# CurricularFace with about half of the non-target classes hard: the features of the
+# cases lie near their centres (theta_y ~ 0.6), so a margin of 1 puts the threshold
+# cos(theta_y + m) near 0, the middle of the other classes' cosines. With m = 0.5 (the
+# default) few classes are hard at these D; those cases check the easy side.
+CURRICULAR_HALF_HARD = {"curricularface_half_hard": CurricularFace(s=30.0, m=1.0)}
 # every spec case; the sub-centre ones (k centres per class) run the chunk loop only
-SPEC_CASES = {**FAMILY_CASES, **SUBCENTER_CASES}
+SPEC_CASES = {**FAMILY_CASES, **SUBCENTER_CASES, **CURRICULAR_HALF_HARD}
 
 
 class EmuHeadCall(ctypes.Structure):
@@ -60,9 +65,9 @@ class EmuHeadCall(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("dim", ctypes.c_int64),
                 ("w_type", ctypes.c_int32), ("splits", ctypes.c_int32), ("chunk", ctypes.c_int64)]
     _fields_ += [(n, ctypes.c_void_p) for n in ("x", "w", "labels", "scale", "row_target", "row_target_grad",
-                                                 "theta_y", "target_centre", "grad_lse", "grad_target")]
+                                                 "theta_y", "coeff", "target_centre", "grad_lse", "grad_target")]
     _fields_ += [(n, ctypes.c_int32) for n in ("nontarget", "inter_dynamic")]
-    _fields_ += [(n, ctypes.c_double) for n in ("inter_mu", "inter_alpha", "curricular_t")]
+    _fields_ += [(n, ctypes.c_double) for n in ("inter_mu", "inter_alpha")]
     _fields_ += [(n, ctypes.c_void_p) for n in ("lse", "target_logit", "grad_x", "grad_w", "grad_scale")]
     _fields_ += [("subcenters", ctypes.c_int64)]
 
@@ -125,6 +130,17 @@ def cases(quick: bool = False) -> list[Case]:
         for spec in (COSINE_SPECS if not quick else COSINE_SPECS[:3]):
             if spec not in FEW_SPECS:
                 out.append(Case("fused", dtype, spec, 70, 130, 72, seed=1))
+        # CurricularFace's kind (hard classes and easy ones in every case): B = 1 with C and
+        # D under a tile, B, C and D ending mid-tile, D = 100 over 4 splits and one-tile
+        # backward chunks, 3 row tiles over chunks of 2 tiles; the default m on the last
+        if not quick:
+            for b, c, d, splits, tiles in shapes[1:5]:
+                chunk = tiles * one_tile_chunks(b, dtype) if tiles else 0
+                out.append(Case("fused", dtype, "curricularface_half_hard", b, c, d, splits, chunk, seed=7))
+            out.append(Case("fused", dtype, "curricularface", 70, 130, 72, seed=7))
+    if quick:  # the mutation check's: CurricularFace's fused kind once
+        out.append(Case("fused", torch.float16, "curricularface_half_hard", 33, 300, 100, 4,
+                        one_tile_chunks(33, torch.float16), seed=7))
     # the chunk loop: every spec, InterFace included, over chunks ending mid-way
     for spec in (FAMILY_CASES if not quick else ["arcface", "interface"]):
         out.append(Case("chunk", torch.float32, spec, 9, 37, 24, chunk=16, seed=2))
@@ -192,12 +208,16 @@ def op_inputs(case: Case) -> dict:
     inputs = dict(x_hat=x_hat, w=w_stored, labels=labels, scale=scale.detach().to(compute).double(),
                   row_target=t.detach().to(compute).double(), row_target_grad=d.to(compute).double(),
                   grad_lse=grad_lse.to(compute).double(),
-                  grad_target=grad_target.to(compute).double(), theta_y=None, target_centre=None)
+                  grad_target=grad_target.to(compute).double(), theta_y=None, coeff=None, target_centre=None)
     if spec.nontarget_params().kind == NonTargetKind.INTERFACE:
         inputs["theta_y"] = torch.acos(target_cos.clamp(-1, 1)).to(compute).double()
         inputs["target_centre"] = target_centre.to(compute).double()
     if spec.nontarget_params().kind == NonTargetKind.CURRICULAR:
-        inputs["theta_y"] = spec.nontarget_row(target_cos).to(compute).double()  # the threshold
+        threshold = spec.nontarget_row(target_cos).to(compute).double()
+        inputs["theta_y"] = threshold
+        inputs["coeff"] = spec.nontarget_coeff(curricular_state(spec)).to(compute).double().expand(case.rows)
+        if case.spec == "curricularface_half_hard":
+            check_hard_and_easy(case, x_hat, w_values, labels, has_target, threshold)
     return inputs
 
 
@@ -205,12 +225,23 @@ def op_inputs(case: Case) -> dict:
 CURRICULAR_T = 0.25
 
 
-def nontarget_params(spec):
-    """The spec's packed non-target coefficients, with CURRICULAR_T for a running t."""
+def curricular_state(spec):
+    """CurricularFace's running statistics with t = CURRICULAR_T."""
     state = spec.initial_state()
-    if state is not None and "t" in state.state_dict():
-        state.load_state_dict({"t": CURRICULAR_T})
-    return spec.nontarget_params(state), state
+    state.load_state_dict({"t": CURRICULAR_T})
+    return state
+
+
+def check_hard_and_easy(case: Case, x_hat, w, labels, has_target, threshold) -> None:
+    """A CurricularFace case must hold hard and easy non-target classes among its rows
+    with a target, else it would not test the kind's two branches."""
+    cos = x_hat @ normalize(w).T
+    rows = has_target.nonzero().squeeze(1)
+    other = torch.ones_like(cos, dtype=torch.bool)
+    other[rows, labels[rows]] = False
+    hard = (cos > threshold.unsqueeze(1))[rows][other[rows]]
+    if not 0 < int(hard.sum()) < hard.numel():
+        raise ValueError(f"{case.name}: {int(hard.sum())} of {hard.numel()} non-target classes are hard")
 
 
 # ---- the reference ----
@@ -236,15 +267,15 @@ def reference(spec, inp: dict, x_product=None, w_product=None, dtype=torch.float
     per_class = cos.view(cos.shape[0], -1, k).max(dim=2).values if k > 1 else cos  # the max over sub-centres
     n_cols = w.shape[0] // k
     hit = ((labels >= 0) & (labels < n_cols)).nonzero().squeeze(1)
-    params, state = nontarget_params(spec_)
+    params = spec_.nontarget_params()
     if params.kind == NonTargetKind.INTERFACE:
         w_hat = (w / norm.clamp_min(NORM_EPS).unsqueeze(1)).detach()
         class_cos = inp["target_centre"].to(dtype) @ w_hat.T
         logits_over_s = spec_.nontarget(cos, torch.cos(inp["theta_y"].to(dtype)), class_cos)
     elif params.kind == NonTargetKind.CURRICULAR:  # the kernels' threshold, as they receive it
-        hard = cos > inp["theta_y"].to(dtype).unsqueeze(1)
-        t = state["t"].to(dtype)
-        logits_over_s = torch.where(hard, cos * (t + cos), cos)
+        hard = per_class > inp["theta_y"].to(dtype).unsqueeze(1)
+        t = inp["coeff"].to(dtype).unsqueeze(1)
+        logits_over_s = torch.where(hard, per_class * (t + per_class), per_class)
     else:
         logits_over_s = spec_.nontarget(per_class, None, None)
     # the target column: the row's t, with dL/dcos_y through d (the kernels' inputs)
@@ -295,18 +326,18 @@ def run_emulated(lib, case: Case, inp: dict):
     fused = case.path == "fused"
     x = inp["x_hat"].to(compute).to(case.dtype if fused else compute).contiguous()
     keep = dict(x=x, w=inp["w"].contiguous(), labels=inp["labels"].contiguous())
-    for name in ("scale", "row_target", "row_target_grad", "theta_y", "target_centre", "grad_lse", "grad_target"):
+    for name in ("scale", "row_target", "row_target_grad", "theta_y", "coeff", "target_centre", "grad_lse",
+                 "grad_target"):
         keep[name] = None if inp[name] is None else inp[name].to(compute).contiguous()
     b, c, d = case.rows, case.cols, case.dim
     out = dict(lse=torch.empty(b, dtype=compute), target_logit=torch.empty(b, dtype=compute),
                grad_x=torch.empty(b, d, dtype=compute), grad_w=torch.empty(c * case.subcenters, d, dtype=case.dtype),
                grad_scale=torch.empty(b, dtype=compute))
-    p, _ = nontarget_params(SPEC_CASES[case.spec])
+    p = SPEC_CASES[case.spec].nontarget_params()
     mu, alpha, dynamic = p.coeffs if p.kind == NonTargetKind.INTERFACE else (0.0, 0.0, 0.0)
-    t = p.coeffs[0] if p.kind == NonTargetKind.CURRICULAR else 0.0
     call = EmuHeadCall(rows=b, cols=c, dim=d, w_type=WEIGHT_TYPES[case.dtype], splits=case.splits, chunk=case.chunk,
                        nontarget=int(p.kind), inter_dynamic=int(dynamic), inter_mu=mu, inter_alpha=alpha,
-                       curricular_t=t, subcenters=case.subcenters)
+                       subcenters=case.subcenters)
     for name, t in list(keep.items()) + list(out.items()):
         setattr(call, name, _pointer(t))
     error = ctypes.create_string_buffer(2048)
