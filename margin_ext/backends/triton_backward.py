@@ -34,7 +34,8 @@ import triton.language as tl
 
 from .triton_configs import (UNSPECIALIZED, SplitGrid, bucket_classes, bucket_rows, max_splits, num_sms, split_count,
                              tuning)
-from .triton_forward import centre_norms, class_cosine_tile, even_k, load_rows, operand_width, split_range, table_name
+from .triton_forward import (TILE_VARIANTS, centre_norms, class_cosine_tile, even_k, load_rows, operand_width,
+                             split_range, table_name)
 from ..rows import NORM_EPS as _NORM_EPS
 from ..saturate import saturate as saturate_to
 from .triton_margin import COSINE, CURRICULAR, INTERFACE, margin_logits, mma
@@ -216,7 +217,7 @@ def _autotuned(kernel, name, width, key, heuristics=None, restore=None):
 
 LOGIT_GRADS = {(name, w): _autotuned(_logit_grads_kernel, name, w, ["D", "B_BIN", "C_BIN", "NONTARGET", "SUBCENTERS"],
                                      {"EVEN_K": even_k})
-               for name in ("logit_grads", "logit_grads_interface", "logit_grads_subcenters") for w in ("16", "32")}
+               for name in (f"logit_grads{variant}" for variant in TILE_VARIANTS) for w in ("16", "32")}
 GRAD_FEATURES = {w: _autotuned(_grad_features_kernel, "grad_features", w, ["D", "B_BIN", "C_BIN"],
                                restore=["GradX"]) for w in ("16", "32")}
 GRAD_WEIGHT = {w: _autotuned(_grad_weight_kernel, "grad_weight", w, ["D", "B_BIN", "C_BIN"]) for w in ("16", "32")}

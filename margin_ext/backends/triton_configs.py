@@ -47,12 +47,16 @@ INTERPRETER_CONFIG = (8, 16, 16, 1, 1)
 _SUBCENTER_TILES = {"16": {"hopper": [(32, 64, 32, 4, 3)], "ampere": [(32, 64, 32, 4, 3)]},
                     "32": {"hopper": [(32, 32, 32, 4, 3)], "ampere": [(32, 32, 16, 8, 1)]}}
 
+_FORWARD_16 = {"hopper": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
+               "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]}
+_LOGIT_GRADS_16 = {"hopper": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)],
+                   "ampere": [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4)]}
+
 # forward / logit_grads: M = rows, N = classes, K = features.
 # grad_features: M = rows, N = features, K = classes. grad_weight: M = classes, N = features, K = rows.
 TABLES = {
     "forward": {
-        "16": {"hopper": [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
-               "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]},
+        "16": _FORWARD_16,
         # sm_90 over 8 warps: over 4, ptxas held the tf32 tile to 128 registers and spilled
         "32": {"hopper": [(32, 64, 32, 8, 3)],
                "ampere": [(32, 64, 32, 4, 3)]},
@@ -65,8 +69,7 @@ TABLES = {
                "ampere": [(32, 64, 32, 8, 2)]},
     },
     "logit_grads": {
-        "16": {"hopper": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)],
-               "ampere": [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4)]},
+        "16": _LOGIT_GRADS_16,
         "32": {"hopper": [(64, 64, 32, 4, 3)],
                "ampere": [(64, 64, 32, 8, 3), (32, 64, 32, 4, 3)]},
     },
@@ -75,6 +78,20 @@ TABLES = {
                "ampere": [(32, 32, 32, 4, 3)]},
         "32": {"hopper": [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
                "ampere": [(32, 32, 32, 4, 3)]},
+    },
+    # CurricularFace's epilogue (the row's threshold and t; a compare, a multiply-add and a
+    # select per element): the cosine tiles but for sm_90's float32 ones, where 32 x 64 over
+    # 8 warps spilled 8-32 B in the forward (32 x 32 over 4, 8 B; 64 x 32 over 8, 24 B) and
+    # 64 x 64 over 4 warps 60 B in logit_grads
+    "forward_curricular": {
+        "16": _FORWARD_16,
+        "32": {"hopper": [(64, 64, 32, 8, 3), (32, 32, 32, 8, 3)],
+               "ampere": [(32, 64, 32, 4, 3)]},
+    },
+    "logit_grads_curricular": {
+        "16": _LOGIT_GRADS_16,
+        "32": {"hopper": [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
+               "ampere": [(64, 64, 32, 8, 3), (32, 64, 32, 4, 3)]},
     },
     # sub-centres: k products per tile, each beside the running max cosine and its arg-max
     # (the 128 x 128 forward and the 64 x 64 logit_grads tiles spilled on sm_80): small
@@ -104,20 +121,27 @@ TABLES = {
 # the rows; sm_80's float32 cosine tiles spilled with every pipelined config tried, so
 # they take 16-wide K chunks over 8 warps, unpipelined (over 4, ptxas held some to 128
 # registers and spilled). InterFace's float32 cosine tiles, two accumulators and the
-# margin's acos / exp / cos / sin, hold half the classes as well. One row per table:
-# each is a compile per specialization.
+# margin's acos / exp / cos / sin, hold half the classes as well; on sm_80 16 x 32 over 4
+# warps, unpipelined (static InterFace's 32 x 32 x 16 spilled 24 B, and 32 x 64 x 16, 8-32
+# B). One row per table: each is a compile per specialization.
 _RAGGED_16 = {"hopper": [(64, 64, 32, 8, 3)], "ampere": [(64, 64, 32, 8, 3)]}
 _RAGGED_HALF = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 32, 8, 3)]}
 _RAGGED_32_COSINES = {"hopper": [(32, 64, 32, 8, 3)], "ampere": [(32, 64, 16, 8, 1)]}
-_RAGGED_32_INTERFACE = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(32, 32, 16, 4, 1)]}
-_RAGGED_SUBCENTERS = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(32, 32, 16, 8, 1)]}
+_RAGGED_32_INTERFACE = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(16, 32, 32, 4, 1)]}
+# sub-centres' k products: 32 x 32 tiles over 8 warps; unpipelined 16-wide K chunks where a
+# pipelined one spilled (sm_80 in both widths; float32 on sm_90, 32 B with tf32x3's split
+# operands over 32-wide chunks)
+_RAGGED_SUBCENTERS_16 = {"hopper": [(32, 32, 32, 8, 3)], "ampere": [(32, 32, 16, 8, 1)]}
+_RAGGED_SUBCENTERS_32 = {"hopper": [(32, 32, 16, 8, 1)], "ampere": [(32, 32, 16, 8, 1)]}
 RAGGED_TABLES = {
     "forward": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
     "forward_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
     "logit_grads": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
     "logit_grads_interface": {"16": _RAGGED_HALF, "32": _RAGGED_32_INTERFACE},
-    "forward_subcenters": {"16": _RAGGED_SUBCENTERS, "32": _RAGGED_SUBCENTERS},
-    "logit_grads_subcenters": {"16": _RAGGED_SUBCENTERS, "32": _RAGGED_SUBCENTERS},
+    "forward_curricular": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
+    "logit_grads_curricular": {"16": _RAGGED_16, "32": _RAGGED_32_COSINES},
+    "forward_subcenters": {"16": _RAGGED_SUBCENTERS_16, "32": _RAGGED_SUBCENTERS_32},
+    "logit_grads_subcenters": {"16": _RAGGED_SUBCENTERS_16, "32": _RAGGED_SUBCENTERS_32},
     "grad_features": {"16": _RAGGED_16, "32": _RAGGED_HALF},
     "grad_weight": {"16": _RAGGED_16, "32": _RAGGED_HALF},
 }

@@ -218,16 +218,18 @@ def _forward_kernel(
     tl.store(TargetOut + out, target, mask=row_ok)
 
 
+# the config tables of a tile kernel: its name with one of these (see table_name)
+TILE_VARIANTS = ("", "_interface", "_curricular", "_subcenters")
 FORWARD = {(name, width): _forward_autotuned(name, width)
-           for name in ("forward", "forward_interface", "forward_subcenters") for width in ("16", "32")}
+           for name in (f"forward{variant}" for variant in TILE_VARIANTS) for width in ("16", "32")}
 
 
 def table_name(kernel: str, nontarget: int, subcenters: int = 1) -> str:
-    """The config table of a tile kernel: InterFace's two products and sub-centres' k
-    products (with their max and arg-max tiles) take their own."""
+    """The config table of a tile kernel: InterFace's two products, CurricularFace's
+    epilogue and sub-centres' k products (with their max and arg-max tiles) take their own."""
     if subcenters > 1:
         return f"{kernel}_subcenters"
-    return f"{kernel}_interface" if nontarget == INTERFACE.value else kernel
+    return kernel + {INTERFACE.value: "_interface", CURRICULAR.value: "_curricular"}.get(nontarget, "")
 
 
 def operand_width(dtype: torch.dtype) -> str:

@@ -308,5 +308,6 @@ def _convert(name, key, text, hint):
             return int(text)
         return float(text)
     except ValueError:
-        kind = "true or false" if base is bool else ("a number or none" if allows_none else "a number")
+        kind = {bool: "true or false", int: "an integer"}.get(base, "a number")
+        kind = f"{kind} or none" if allows_none else kind
         raise OptionError(f"margin {name!r} parameter {key}={text!r} is invalid: expected {kind}") from None
