@@ -160,6 +160,14 @@ def assert_within_reference_error(actual, ref, ref_lowp, what, scale, factor=2.0
             f"low-precision error {own:.3g} + float32 floor {floor:.3g}")
 
 
+def assert_float32_result(got, x, w, labels, spec, what):
+    """A head's (loss, grad_x, grad_w) over float32 inputs within the float32 reference's
+    own error of the float64 reference."""
+    ref64 = reference_loss_and_grads(x, w, labels, spec, torch.float64)
+    ref32 = reference_loss_and_grads(x, w, labels, spec, torch.float32)
+    assert_within_reference_error(got, ref64, ref32, what, logit_scale(spec, x))
+
+
 @contextlib.contextmanager
 def tf32_matmuls(allowed):
     """torch.backends.cuda.matmul.allow_tf32 set to ``allowed`` inside, restored after

@@ -102,25 +102,21 @@ def _logit_grads_kernel(
     tl.store(GradScalePart + pid_n.to(tl.int64) * B + rows, tl.sum(grad_z * value, axis=1), mask=row_ok)
     if SKIP:
         grad_cos = tl.where(tile_matters(p, is_target, skip_eps), grad_cos, 0.0)
-    if SUBCENTERS == 1:
-        # w_hat . g for the normalization backward, from the tile's cosines
-        tl.store(RadialPart + pid_m.to(tl.int64) * C + cols, tl.sum(grad_cos * cos, axis=0), mask=col_ok)
-        # 1 / |w_j| goes onto the columns: both products then take the raw centres
-        grad_scaled = (grad_cos * inv_norm[None, :]).to(GradCos.dtype.element_ty)
-        tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], grad_scaled,
-                 mask=row_ok[:, None] & col_ok[None, :])
-    else:
-        # the same per sub-centre q (weight row j k + q), from the rows that picked it; the
-        # other sub-centres of a class get 0
-        for q in tl.static_range(SUBCENTERS):
-            centre_rows = cols * SUBCENTERS + q
+    # per weight row j k + q (k = 1: the class's row), from the rows whose arg-max is q; the
+    # other sub-centres of a class get 0. w_hat . g for the normalization backward, from the
+    # tile's cosines; 1 / |w| goes onto G's columns: both products then take the raw centres
+    for q in tl.static_range(SUBCENTERS):
+        centre_rows = cols * SUBCENTERS + q
+        if q == 0:  # loaded with the tile (reloading it cost k = 1 kernels registers)
+            inv_q = inv_norm
+        else:
             _, inv_q = centre_norms(Norms, centre_rows, C * SUBCENTERS)
-            grad_q = tl.where(pick == q, grad_cos, 0.0)
-            tl.store(RadialPart + pid_m.to(tl.int64) * C * SUBCENTERS + centre_rows,
-                     tl.sum(grad_q * cos, axis=0), mask=col_ok)
-            grad_scaled = (grad_q * inv_q[None, :]).to(GradCos.dtype.element_ty)
-            tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + centre_rows[None, :], grad_scaled,
-                     mask=row_ok[:, None] & col_ok[None, :])
+        grad_q = grad_cos if SUBCENTERS == 1 else tl.where(pick == q, grad_cos, 0.0)
+        tl.store(RadialPart + pid_m.to(tl.int64) * C * SUBCENTERS + centre_rows, tl.sum(grad_q * cos, axis=0),
+                 mask=col_ok)
+        grad_scaled = (grad_q * inv_q[None, :]).to(GradCos.dtype.element_ty)
+        tl.store(GradCos + rows.to(tl.int64)[:, None] * stride_g + centre_rows[None, :], grad_scaled,
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
